@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The README's test command: install (building the CUDA extension for one arch where nvcc and a CUDA
+# build of torch exist, which proves the build) and run the whole test suite. GPU tests skip without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q "torch==2.14.1"
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
+  python -m pip install -q --no-build-isolation -e ".[test]"
+# Refuse a build that silently lost the extension where it should exist.
+python - <<'PY'
+import shutil, torch, hf_int4
+if torch.version.cuda and shutil.which("nvcc"):
+    assert hf_int4.extension_available(), "the CUDA extension did not build"
+print("hf_int4", hf_int4.__version__, "extension:", hf_int4.extension_available())
+PY
+# -p no:cacheprovider: a clean clone stays clean. Exit 5 (no tests collected) is a failure here.
+python -m pytest -p no:cacheprovider -q tests "$@"

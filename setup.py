@@ -1,0 +1,69 @@
+"""Build hf_int4 with its CUDA extension `hf_int4._C` where a CUDA build of torch and nvcc exist.
+
+Without them the package installs as pure Python and runs the exact reference path.
+Archs come from TORCH_CUDA_ARCH_LIST (default: Ampere + Hopper).
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
+
+
+def cuda_extension():
+    """The CUDAExtension, or None (with the reason) when this machine cannot build it."""
+    if os.environ.get("HF_INT4_NO_CUDA") == "1":
+        return None, "HF_INT4_NO_CUDA=1"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return None, "torch is not installed at build time (use --no-build-isolation)"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU build"
+    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return None, "nvcc was not found"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(
+        os.path.relpath(p, here)
+        for p in glob.glob(os.path.join(here, "hf_int4", "csrc", "*.cpp")) + glob.glob(os.path.join(here, "hf_int4", "csrc", "*.cu"))
+    )
+    ext = CUDAExtension(
+        name="hf_int4._C",
+        sources=sources,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+        py_limited_api=False,
+    )
+    return (ext, BuildExtension.with_options(use_ninja=True)), None
+
+
+built, why_not = cuda_extension()
+if built is None:
+    print(f"hf_int4: building without the CUDA extension ({why_not}); the reference path will be used.")
+    ext_modules, cmdclass = [], {}
+else:
+    ext_modules, cmdclass = [built[0]], {"build_ext": built[1]}
+
+setup(
+    name="hf_int4",
+    version="0.1.0",
+    description="Fast 4-bit GPTQ inference in Hugging Face transformers at every batch size",
+    packages=find_packages(include=["hf_int4", "hf_int4.*"]),
+    package_data={"hf_int4": ["csrc/*"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "transformers>=5.0", "accelerate", "safetensors", "tqdm"],
+    extras_require={
+        "test": ["pytest", "gguf"],
+        "demo": ["gguf"],
+        "optimum": ["optimum"],
+    },
+    entry_points={"console_scripts": ["hf-int4=hf_int4.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
