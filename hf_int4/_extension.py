@@ -45,4 +45,4 @@ def _warn_missing_extension():
 @functools.lru_cache(maxsize=None)
 def warn_reference_path_once(reason: str):
     """One clear warning per reason that the slow reference path serves a model."""
-    warnings.warn(f"hf_int4: {reason}; using the exact reference path (correct but slow).", stacklevel=3)
+    warnings.warn(f"hf_int4: {reason}; using the exact reference path (correct but slow).", stacklevel=2)

@@ -1,0 +1,56 @@
+"""`HfInt4Config`: the transformers quantization config of the `hf_int4` method."""
+import dataclasses
+
+from transformers.quantizers.auto import register_quantization_config
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from hf_int4.formats.gptq import GPTQConfig
+
+QUANT_METHOD = "hf_int4"
+
+
+@register_quantization_config(QUANT_METHOD)
+class HfInt4Config(QuantizationConfigMixin):
+    """Load 4-bit GPTQ weights with hf_int4's kernels.
+
+    Passed to `from_pretrained` on a GPTQ checkpoint, it takes the checkpoint's own GPTQ settings
+    (bits, group_size, sym, desc_act, checkpoint_format); the arguments here only matter for
+    checkpoints that carry no quantization config of their own.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        desc_act: bool = False,
+        checkpoint_format: str = "gptq",
+        modules_to_not_convert=None,
+        **kwargs,
+    ):
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.desc_act = desc_act
+        self.checkpoint_format = checkpoint_format
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.gptq_config()  # validates the settings now, not at the first layer
+
+    def gptq_config(self) -> GPTQConfig:
+        return GPTQConfig.from_dict(
+            {
+                "quant_method": "gptq",
+                "bits": self.bits,
+                "group_size": self.group_size,
+                "sym": self.sym,
+                "desc_act": self.desc_act,
+                "checkpoint_format": self.checkpoint_format,
+            }
+        )
+
+    @classmethod
+    def from_gptq_dict(cls, gptq: dict, modules_to_not_convert=None) -> "HfInt4Config":
+        """Take over a GPTQ checkpoint's quantization_config (as a dict)."""
+        parsed = GPTQConfig.from_dict(gptq)
+        return cls(**dataclasses.asdict(parsed), modules_to_not_convert=modules_to_not_convert)

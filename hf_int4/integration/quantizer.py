@@ -1,0 +1,72 @@
+"""`HfInt4Quantizer`: swaps linear layers for `HfInt4Linear` before loading, repacks them after.
+
+transformers refuses a `quantization_config` argument whose class differs from the checkpoint's
+(`AutoHfQuantizer.merge_quantization_configs`). The least invasive way to let `HfInt4Config` take over
+a GPTQ checkpoint is to wrap that one classmethod: when the argument is an `HfInt4Config` and the
+checkpoint says `quant_method: gptq`, the result is an `HfInt4Config` built from the checkpoint's GPTQ
+settings; every other case goes to transformers unchanged.
+"""
+import torch
+from tqdm.auto import tqdm
+from transformers.quantizers.auto import AutoHfQuantizer, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+
+from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
+from hf_int4.modules import HfInt4Linear, replace_linear_layers
+
+
+@register_quantizer(QUANT_METHOD)
+class HfInt4Quantizer(HfQuantizer):
+    requires_calibration = True  # we load GPTQ checkpoints; we do not quantize float weights
+
+    def __init__(self, quantization_config: HfInt4Config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert = []
+
+    def update_dtype(self, dtype):
+        # The kernels take 16-bit activations; fp16 is what GPTQ checkpoints were made for.
+        return torch.float16 if dtype is None else dtype
+
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, self.quantization_config.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
+        )
+        replace_linear_layers(
+            model,
+            self.quantization_config.gptq_config(),
+            self.modules_to_not_convert,
+            dtype=model.dtype,
+        )
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        layers = [m for m in model.modules() if isinstance(m, HfInt4Linear)]
+        for module in tqdm(layers, desc="hf_int4: packing layers", disable=len(layers) < 8, leave=False):
+            module.finalize()
+        return model
+
+    def is_serializable(self, **kwargs):
+        return False  # packed checkpoints: see issue 5
+
+    @property
+    def is_trainable(self):
+        return False
+
+    @property
+    def is_compileable(self):
+        return True
+
+
+_transformers_merge = AutoHfQuantizer.merge_quantization_configs.__func__
+
+
+def _merge_quantization_configs(cls, quantization_config, quantization_config_from_args):
+    if isinstance(quantization_config_from_args, HfInt4Config):
+        checkpoint = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+        if checkpoint.get("quant_method") == "gptq":
+            return HfInt4Config.from_gptq_dict(
+                checkpoint, modules_to_not_convert=quantization_config_from_args.modules_to_not_convert
+            )
+    return _transformers_merge(cls, quantization_config, quantization_config_from_args)
+
+
+AutoHfQuantizer.merge_quantization_configs = classmethod(_merge_quantization_configs)

@@ -1,0 +1,95 @@
+"""transformers integration: a GPTQ checkpoint loaded with HfInt4Config computes the dequantized model."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+import hf_int4
+from hf_int4 import GPTQConfig, GPTQFormatError, HfInt4Config, HfInt4Linear
+from hf_int4.formats.gptq import read_gptq_checkpoint
+from hf_int4.formats.gptq_writer import tiny_llama_config, write_gptq_checkpoint
+from hf_int4.reference import dequantize_gptq
+
+VARIANTS = [
+    GPTQConfig(group_size=128, sym=True, desc_act=False, checkpoint_format="gptq"),
+    GPTQConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq_v2"),
+    GPTQConfig(group_size=-1, sym=True, desc_act=True, checkpoint_format="gptq"),
+    GPTQConfig(group_size=64, sym=False, desc_act=False, checkpoint_format="gptq_v2"),
+]
+
+
+def _write_tiny(tmp_path, config, seed=0):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config())
+    out = str(tmp_path / "gptq")
+    write_gptq_checkpoint(model, out, config, progress=False)
+    return out
+
+
+def _dequantized_float_model(checkpoint):
+    """The oracle: the same Llama with every quantized layer's fp32 dequantized weight (from the GPTQ tensors)."""
+    _, layers, others = read_gptq_checkpoint(checkpoint)
+    state = dict(others)
+    for name, layer in layers.items():
+        state[name + ".weight"] = dequantize_gptq(layer).t().contiguous()
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.load_state_dict(state, strict=True)
+    return model.eval(), layers
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: f"g{c.group_size}-sym{c.sym}-act{c.desc_act}-{c.checkpoint_format}")
+def test_from_pretrained_matches_dequantized_model_cpu(tmp_path, config):
+    checkpoint = _write_tiny(tmp_path, config)
+    with pytest.warns(UserWarning, match="reference path"):
+        hf_int4._extension.warn_reference_path_once.cache_clear()
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
+    oracle, layers = _dequantized_float_model(checkpoint)
+
+    swapped = {n for n, m in model.named_modules() if isinstance(m, HfInt4Linear)}
+    assert swapped == set(layers), "every quantized layer (and nothing else) becomes an HfInt4Linear"
+    assert not isinstance(model.lm_head, HfInt4Linear)
+    qc = model.config.quantization_config
+    assert (qc.group_size, qc.sym, qc.desc_act, qc.checkpoint_format) == (
+        config.group_size, config.sym, config.desc_act, config.checkpoint_format
+    ), "HfInt4Config takes over the checkpoint's own GPTQ settings"
+
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model(ids).logits, oracle(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_cpu(tmp_path):
+    checkpoint = _write_tiny(tmp_path, VARIANTS[1])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
+    oracle, _ = _dequantized_float_model(checkpoint)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), oracle.generate(ids, **kwargs))
+
+
+def test_checkpoint_with_unsupported_bits_names_the_setting(tmp_path):
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])
+    path = os.path.join(checkpoint, "config.json")
+    cfg = json.load(open(path))
+    cfg["quantization_config"]["bits"] = 3
+    json.dump(cfg, open(path, "w"))
+    with pytest.raises(GPTQFormatError, match="bits=3"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())
+
+
+def test_float_checkpoint_is_refused(tmp_path):
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.save_pretrained(tmp_path / "float")
+    with pytest.raises(ValueError, match="pre-quantized"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=HfInt4Config())
+
+
+def test_other_quantization_configs_still_go_to_transformers():
+    """The merge wrapper only acts for HfInt4Config + a GPTQ checkpoint."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    merged = AutoHfQuantizer.merge_quantization_configs({"quant_method": "hf_int4", "group_size": 64}, None)
+    assert isinstance(merged, HfInt4Config) and merged.group_size == 64
