@@ -1,0 +1,173 @@
+"""Kernel benchmark: hf_int4 vs fp16 cuBLAS (F.linear) and torch's built-in int4, side by side.
+
+    python -m hf_int4.bench [--shapes 4096x4096,...] [--ms 1,2,4,...] [--json out.json]
+
+Method: every path is timed as a CUDA graph of many calls that rotate over enough weight copies
+(> 4x the L2 size in total) that the weights stream from HBM, not L2; each graph is replayed several
+times and the median per-call time is reported. Ratios are fp16_us / path_us from the same run.
+"""
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+LLAMA3_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 8192)]
+DEFAULT_MS = [2**i for i in range(14)]  # 1 .. 8192
+TINYGEMM_MAX_M = 512
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
+    src = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / statistics.median(times)
+
+
+def time_rotating(fn, copies: int, calls: int = 0, replays: int = 7) -> float:
+    """Median microseconds per call of fn(i) over a CUDA graph of `calls` calls, i rotating over copies."""
+    calls = calls or max(copies * 2, 20)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):  # warm-up: lazy init, autotuning, workspace
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % copies)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def copies_for(bytes_per_copy: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, -(-4 * l2 // bytes_per_copy) + 1)
+
+
+class Shape:
+    """One layer shape with its weight copies for every path; built once, timed at every M."""
+
+    def __init__(self, K: int, N: int, group_size: int, dtype: torch.dtype):
+        from hf_int4.formats import GPTQConfig
+        from hf_int4.formats.gptq_writer import random_gptq_layer
+        from hf_int4.packing import PackedInt4Weight, pack_gptq_layer
+
+        self.K, self.N, self.dtype = K, N, dtype
+        layer, _ = random_gptq_layer(K, N, GPTQConfig(group_size=group_size, sym=True), seed=0, device="cuda")
+        packed = pack_gptq_layer(layer, dtype)
+        self.int4_bytes = sum(t.numel() * t.element_size() for t in packed.tensors().values())
+        self.packed = [packed] + [
+            PackedInt4Weight.from_tensors(
+                {k: v.clone() for k, v in packed.tensors().items()}, in_features=K, out_features=N, group_size=group_size
+            )
+            for _ in range(1, copies_for(self.int4_bytes))
+        ]
+        w = torch.randn(N, K, device="cuda", dtype=torch.float16) / K**0.5
+        self.fp16 = [w] + [w.clone() for _ in range(1, copies_for(w.numel() * 2))]
+        self.tinygemm = self._tinygemm(w, group_size)
+
+    def _tinygemm(self, w, group_size):
+        """torch's built-in int4 (bf16): weights from a random fp16 matrix; None where this torch lacks it."""
+        try:
+            gs = group_size if group_size > 0 else 256
+            q = torch.randint(0, 16, (self.N, self.K), dtype=torch.int32, device="cuda")
+            packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            wq = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+            sz = torch.rand(self.K // gs, self.N, 2, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(1, self.K, device="cuda", dtype=torch.bfloat16)
+            torch.ops.aten._weight_int4pack_mm(x, wq, gs, sz)
+            n = copies_for(wq.numel() * wq.element_size())
+            return gs, [wq] + [wq.clone() for _ in range(1, n)], sz
+        except (RuntimeError, AttributeError) as exc:
+            print(f"torch int4 unavailable: {exc}", file=sys.stderr)
+            return None
+
+    def run(self, M: int) -> dict:
+        from hf_int4.ops import int4_gemm
+
+        x = torch.randn(M, self.K, device="cuda", dtype=self.dtype)
+        x16 = x.to(torch.float16)
+        row = {"K": self.K, "N": self.N, "M": M}
+        row["fp16_us"] = time_rotating(lambda i: F.linear(x16, self.fp16[i]), len(self.fp16))
+        row["hf_int4_us"] = time_rotating(lambda i: int4_gemm(x, self.packed[i]), len(self.packed))
+        if self.tinygemm is not None and M <= TINYGEMM_MAX_M:  # it is far behind beyond; keep the run short
+            gs, wqs, sz = self.tinygemm
+            xb = x.to(torch.bfloat16)
+            row["torch_int4_us"] = time_rotating(
+                lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs)
+            )
+        row["flops"] = 2 * M * self.K * self.N
+        row["hf_int4_bytes"] = self.int4_bytes + 2 * M * (self.K + self.N)
+        return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in LLAMA3_8B_SHAPES), help="KxN,...")
+    parser.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--json", help="write all rows here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    bandwidth = copy_bandwidth()
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "copy_bandwidth_TBps": bandwidth / 1e12,
+        "group_size": args.group_size,
+        "dtype": args.dtype,
+    }
+    print(f"# {meta['device']}, torch {meta['torch']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
+          f"group {args.group_size}, {args.dtype}")
+    print(f"{'K':>6} {'N':>6} {'M':>5} {'fp16_us':>9} {'ours_us':>9} {'ours_x':>7} {'tiny_x':>7} {'%bw':>5} {'TFLOP/s':>8}")
+    rows = []
+    for spec in args.shapes.split(","):
+        K, N = map(int, spec.split("x"))
+        shape = Shape(K, N, args.group_size, dtype)
+        for M in map(int, args.ms.split(",")):
+            r = shape.run(M)
+            r["hf_int4_x"] = r["fp16_us"] / r["hf_int4_us"]
+            r["torch_int4_x"] = r["fp16_us"] / r["torch_int4_us"] if "torch_int4_us" in r else None
+            r["hf_int4_pct_bw"] = 100 * r["hf_int4_bytes"] / (r["hf_int4_us"] * 1e-6) / bandwidth
+            r["hf_int4_tflops"] = r["flops"] / (r["hf_int4_us"] * 1e-6) / 1e12
+            rows.append(r)
+            tiny = f"{r['torch_int4_x']:7.2f}" if r["torch_int4_x"] else "      -"
+            print(f"{K:>6} {N:>6} {M:>5} {r['fp16_us']:9.1f} {r['hf_int4_us']:9.1f} {r['hf_int4_x']:7.2f} {tiny} "
+                  f"{r['hf_int4_pct_bw']:5.0f} {r['hf_int4_tflops']:8.1f}", flush=True)
+        del shape
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
+# and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
+#
+#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [demo]     (no argument: all but demo)
+#   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (extra pytest args), BENCH_ARGS (extra bench args)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out/gpu_check}"
+mkdir -p "$OUT"
+stages="${*:-build test sanitize bench}"
+status=0
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried for packages the GPU machine lacks
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failure, keep going
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc in $((SECONDS - t0)) s"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+for stage in $stages; do
+  case $stage in
+    build)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/env.txt" 2>&1
+      python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/env.txt"
+      cat "$OUT/env.txt"
+      rm -f hf_int4/_C*.so
+      run build env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+        python3 setup.py -q build_ext --inplace
+      so=$(ls hf_int4/_C*.so 2>/dev/null | head -1)
+      [ -n "$so" ] && cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p > "$OUT/resource_usage.txt"
+      ;;
+    test)
+      run tests python3 -m pytest -p no:cacheprovider -q -rs tests ${TEST_ARGS:-} ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        run "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+          python3 scripts/sanitize_check.py
+      done ;;
+    bench)
+      run bench python3 -m hf_int4.bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
+    demo)
+      run demo python3 examples/demo.py ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+exit $status

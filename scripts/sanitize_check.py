@@ -1,0 +1,39 @@
+"""A few small kernel calls for compute-sanitizer (memcheck, racecheck): every path, odd shapes.
+
+Also checks the results against the reference, so a run that is clean but wrong still fails.
+"""
+import torch
+
+from hf_int4.formats import GPTQConfig
+from hf_int4.formats.gptq_writer import random_gptq_layer
+from hf_int4.ops import int4_gemm
+from hf_int4.packing import pack_gptq_layer
+from hf_int4.reference import gptq_matmul_reference
+
+CASES = [  # (K, N, M, config, dtype)
+    (576, 1536, 1, GPTQConfig(group_size=128), torch.float16),
+    (576, 1536, 17, GPTQConfig(group_size=128, sym=False, checkpoint_format="gptq_v2"), torch.bfloat16),
+    (1024, 264, 65, GPTQConfig(group_size=32, sym=False, desc_act=True), torch.float16),
+    (2048, 2048, 129, GPTQConfig(group_size=-1), torch.bfloat16),
+]
+
+
+def main():
+    worst = 0.0
+    for i, (K, N, M, config, dtype) in enumerate(CASES):
+        layer, _ = random_gptq_layer(K, N, config, seed=i, device="cuda", with_bias=True)
+        packed = pack_gptq_layer(layer, dtype)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        bias = layer.bias.to(dtype)
+        out = int4_gemm(x, packed, bias)
+        ref = gptq_matmul_reference(x.float(), layer)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        worst = max(worst, err)
+        print(f"K={K} N={N} M={M} {config} {dtype}: rel err {err:.2e}")
+    torch.cuda.synchronize()
+    assert worst < 2e-2, worst
+    print("sanitize_check: ok")
+
+
+if __name__ == "__main__":
+    main()
