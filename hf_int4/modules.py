@@ -12,9 +12,11 @@ from torch import nn
 
 from hf_int4 import _extension
 from hf_int4.formats.gptq import GPTQConfig, GPTQLayer
+from hf_int4.packing import SUPPORTED_DTYPES, kernel_group_size, pack_gptq_layer
 from hf_int4.reference import gptq_matmul_reference
 
 GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+PACKED_PREFIX = "int4_"  # packed buffers get their own names: a state dict never mixes up the two layouts
 
 
 class HfInt4Linear(nn.Module):
@@ -39,7 +41,7 @@ class HfInt4Linear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-        self.packed = None  # PackedInt4Weight once finalized on a GPU with kernels
+        self.is_packed = False  # True once finalized on a GPU: the buffers are then PACKED_PREFIX + layout names
 
     def gptq_layer(self) -> GPTQLayer:
         return GPTQLayer(
@@ -57,28 +59,43 @@ class HfInt4Linear(nn.Module):
         """Validate the loaded GPTQ tensors and, on a GPU with kernels, repack them (freeing the originals)."""
         layer = self.gptq_layer()
         layer.validate()
-        if not _extension.kernels_usable(self.qweight.device):
-            if self.qweight.device.type == "cpu":
+        device = self.qweight.device
+        if not _extension.kernels_usable(device):
+            if device.type == "cpu":
                 _extension.warn_reference_path_once("no CUDA device holds the model")
             return
-        from hf_int4.packing import pack_gptq_layer
+        if self.dtype not in SUPPORTED_DTYPES:
+            _extension.warn_reference_path_once(f"the GPU kernels take float16/bfloat16 activations, not {self.dtype}")
+            return
 
-        self.packed = pack_gptq_layer(layer, self.dtype)
+        packed = pack_gptq_layer(layer, self.dtype)
         for tensor_name in GPTQ_TENSOR_NAMES:
             delattr(self, tensor_name)
-        for tensor_name, tensor in self.packed.tensors().items():
-            self.register_buffer(tensor_name, tensor)
+        for tensor_name, tensor in packed.tensors().items():
+            self.register_buffer(PACKED_PREFIX + tensor_name, tensor)
+        self.is_packed = True
+
+    def packed_weight(self):
+        """The PackedInt4Weight view of this layer's buffers (rebuilt per call so that .to() / .cuda() stay valid)."""
+        from hf_int4.packing import PackedInt4Weight
+
+        return PackedInt4Weight(
+            *(getattr(self, PACKED_PREFIX + name, None) for name in PackedInt4Weight.TENSOR_NAMES),
+            self.in_features,
+            self.out_features,
+            kernel_group_size(self.config.group_size),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.is_packed:
             from hf_int4.ops import int4_gemm
 
-            return int4_gemm(x, self.packed, self.bias)
+            return int4_gemm(x, self.packed_weight(), self.bias)
         return gptq_matmul_reference(x, self.gptq_layer())
 
     def extra_repr(self) -> str:
         cfg = self.config
-        path = "kernel" if self.packed is not None else "reference"
+        path = "kernel" if self.is_packed else "reference"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"group_size={cfg.group_size}, sym={cfg.sym}, desc_act={cfg.desc_act}, path={path}"
