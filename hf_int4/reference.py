@@ -31,8 +31,23 @@ def gptq_matmul_reference(x: torch.Tensor, layer: GPTQLayer, weight: Optional[to
         weight = dequantize_gptq(layer)
     elif tuple(weight.shape) != (K, N):
         raise GPTQFormatError(f"layer {layer.name}: precomputed weight has shape {tuple(weight.shape)}, expected ({K}, {N})")
+    return matmul_reference(x, weight, layer.bias)
+
+
+def matmul_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x[..., K] @ weight[K, N] (+ bias) in fp32 (float64 for float64 x), returned in x.dtype."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = x.to(compute) @ weight.to(device=x.device, dtype=compute)
-    if layer.bias is not None:
-        out = out + layer.bias.to(device=x.device, dtype=compute)
+    if bias is not None:
+        out = out + bias.to(device=x.device, dtype=compute)
     return out.to(x.dtype)
+
+
+def dequantize_packed(packed) -> torch.Tensor:
+    """fp32 [K, N] of a weight already in the kernel layout (a PackedInt4Weight), in GPTQ row order:
+    the same exact formula, scales[g] * (q - zero[g]), for packed checkpoints used on the CPU."""
+    from hf_int4.packing import unpack_to_int_weight
+
+    u = unpack_to_int_weight(packed)
+    g = u["group"]
+    return u["scales"][g] * (u["intweight"] - u["zeros"][g]).float()

@@ -93,3 +93,25 @@ def test_other_quantization_configs_still_go_to_transformers():
 
     merged = AutoHfQuantizer.merge_quantization_configs({"quant_method": "hf_int4", "group_size": 64}, None)
     assert isinstance(merged, HfInt4Config) and merged.group_size == 64
+
+
+@pytest.mark.parametrize("config", VARIANTS[:2], ids=["g128-sym-v1", "g32-asym-act-v2"])
+def test_save_pretrained_writes_packed_checkpoint_that_reloads_cpu(tmp_path, config):
+    checkpoint = _write_tiny(tmp_path, config)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float16)
+    saved = tmp_path / "packed"
+    model.save_pretrained(saved)
+    qc = json.load(open(saved / "config.json"))["quantization_config"]
+    assert qc["quant_method"] == "hf_int4" and qc["weight_format"] == "packed" and qc["packed_dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(str(saved / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.int4_qweight" in keys
+    assert not any(k.endswith((".qweight", ".qzeros", ".g_idx")) for k in keys), "no GPTQ tensors in a packed checkpoint"
+
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float16)  # no quantization_config needed
+    assert all(m.is_packed for m in reloaded.modules() if isinstance(m, HfInt4Linear))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # both compute each layer in fp32 from the same fp16 scales: identical logits
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

@@ -33,6 +33,11 @@ class GPTQFormatError(ValueError):
     """A GPTQ checkpoint or config we cannot (or must not) load; the message names the layer and setting."""
 
 
+def is_excluded_module(name: str, modules_to_not_convert) -> bool:
+    """True when module `name` is one of (or inside, or ends with) the names in modules_to_not_convert."""
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in modules_to_not_convert)
+
+
 def _fail(layer: str, msg: str):
     raise GPTQFormatError(f"layer {layer}: {msg}" if layer else msg)
 
@@ -273,7 +278,7 @@ class GPTQLayer:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _safetensors_files(checkpoint_dir) -> list:
+def safetensors_files(checkpoint_dir) -> list:
     index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -290,14 +295,14 @@ def _split(key: str) -> Tuple[str, str]:
     return prefix, suffix
 
 
-def _iter_checkpoint(checkpoint_dir, device, config, with_tensors=True) -> Iterator[Tuple[str, str, object]]:
+def iter_checkpoint(checkpoint_dir, device, config, with_tensors=True) -> Iterator[Tuple[str, str, object]]:
     """Yield ("layer", name, GPTQLayer) and ("tensor", name, Tensor) reading one shard at a time.
 
     Headers are read first so that we know every tensor of every layer; a layer is yielded as soon as
     the shard holding its last tensor has been read, so memory stays bounded by about one shard."""
     from safetensors import safe_open
 
-    files = _safetensors_files(checkpoint_dir)
+    files = safetensors_files(checkpoint_dir)
     where: Dict[str, str] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
@@ -339,7 +344,7 @@ def read_gptq_checkpoint(checkpoint_dir, device="cpu"):
     """-> (GPTQConfig, {layer name: GPTQLayer}, {name: Tensor} of every non-quantized tensor)."""
     config = load_gptq_config(checkpoint_dir)
     layers, others = {}, {}
-    for kind, name, obj in _iter_checkpoint(checkpoint_dir, device, config):
+    for kind, name, obj in iter_checkpoint(checkpoint_dir, device, config):
         (layers if kind == "layer" else others)[name] = obj
     return config, layers, others
 
@@ -347,5 +352,5 @@ def read_gptq_checkpoint(checkpoint_dir, device="cpu"):
 def iter_gptq_layers(checkpoint_dir, device="cpu") -> Iterator[GPTQLayer]:
     """Yield the validated quantized layers shard by shard (non-quantized tensors are skipped)."""
     config = load_gptq_config(checkpoint_dir)
-    for _, _, layer in _iter_checkpoint(checkpoint_dir, device, config, with_tensors=False):
+    for _, _, layer in iter_checkpoint(checkpoint_dir, device, config, with_tensors=False):
         yield layer

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
-import tempfile
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, _fail
+from hf_int4.formats.files import ShardWriter, atomic_output_dir
+from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, _fail, is_excluded_module
 
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)
 MAXQ = 15
@@ -210,53 +208,13 @@ def random_gptq_layer(
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _is_excluded(name: str, modules_to_not_convert) -> bool:
-    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in modules_to_not_convert)
-
-
-def _parse_size(size: Union[int, str]) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '500MB' / '2GB'")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(m.group(1)) * base ** {"B": 0, "K": 1, "M": 2, "G": 3}[unit[0]])
-
-
-def _save_shards(tensors: Dict[str, torch.Tensor], out_dir: str, max_shard_size) -> None:
-    from safetensors.torch import save_file
-
-    if max_shard_size is None:
-        save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        return
-    limit = _parse_size(max_shard_size)
-    shards, size = [{}], 0
-    for key, t in tensors.items():  # greedy, tensor by tensor: a layer may span two shards, as in HF
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
 @torch.no_grad()
 def quantize_model_state(model: nn.Module, config: GPTQConfig, modules_to_not_convert=("lm_head",), *, seed: int = 0, progress: bool = True) -> Dict[str, torch.Tensor]:
     """The checkpoint's tensors: every nn.Linear not excluded as GPTQ tensors, the rest as they are."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_excluded(n, modules_to_not_convert)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_excluded_module(n, modules_to_not_convert)]
     out: Dict[str, torch.Tensor] = {}
     done = set()
     for name, module in tqdm(linears, desc="RTN-quantizing", unit="layer", disable=not progress):
@@ -298,16 +256,12 @@ def write_gptq_checkpoint(
     the generation config and the tokenizer when given. Everything goes to a temporary directory next
     to out_dir that is renamed at the end, so out_dir is never half-written. An existing non-empty
     out_dir is replaced only with overwrite=True. Returns out_dir."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    exists = os.path.exists(out_dir)
-    if exists and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         tensors = quantize_model_state(model, config, modules_to_not_convert, seed=seed, progress=progress)
-        _save_shards(tensors, tmp, max_shard_size)
+        writer = ShardWriter(tmp, max_shard_size)
+        for key, tensor in tensors.items():
+            writer.add(key, tensor)
+        writer.finish()
         cfg = model.config.to_dict()
         cfg["quantization_config"] = config.to_dict()
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -319,17 +273,7 @@ def write_gptq_checkpoint(
             gen_cfg.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if exists:
-            old = tmp + "-old"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(os.fspath(out_dir))
 
 
 def tiny_llama_config(**overrides):

@@ -7,6 +7,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from hf_int4.formats.gptq import GPTQConfig
 
 QUANT_METHOD = "hf_int4"
+PACKED_LAYOUT = "marlin16x64-v1"  # bump when hf_int4.packing changes the bytes it writes
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -26,6 +27,9 @@ class HfInt4Config(QuantizationConfigMixin):
         desc_act: bool = False,
         checkpoint_format: str = "gptq",
         modules_to_not_convert=None,
+        weight_format: str = "gptq",
+        packed_dtype=None,
+        packed_layout=None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -35,7 +39,25 @@ class HfInt4Config(QuantizationConfigMixin):
         self.desc_act = desc_act
         self.checkpoint_format = checkpoint_format
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        # What the checkpoint on disk holds: "gptq" tensors (repacked on load) or our "packed" layout
+        # (written by save_pretrained / `hf-int4 repack`), whose scales are in `packed_dtype`.
+        self.weight_format = weight_format
+        self.packed_dtype = packed_dtype
+        self.packed_layout = packed_layout
         self.gptq_config()  # validates the settings now, not at the first layer
+        if weight_format not in ("gptq", "packed"):
+            raise ValueError(f"HfInt4Config: weight_format must be 'gptq' or 'packed', got {weight_format!r}")
+        if weight_format == "packed" and packed_layout != PACKED_LAYOUT:
+            raise ValueError(
+                f"this checkpoint's packed_layout is {packed_layout!r}; this hf_int4 reads {PACKED_LAYOUT!r}: "
+                "repack it from the original GPTQ checkpoint with `hf-int4 repack`"
+            )
+
+    def mark_packed(self, dtype) -> None:
+        """Describe a checkpoint written in our packed layout with scales of `dtype`."""
+        self.weight_format = "packed"
+        self.packed_dtype = str(dtype).removeprefix("torch.")
+        self.packed_layout = PACKED_LAYOUT
 
     def gptq_config(self) -> GPTQConfig:
         return GPTQConfig.from_dict(

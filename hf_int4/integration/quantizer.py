@@ -10,9 +10,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers.quantizers.auto import AutoHfQuantizer, register_quantizer
 from transformers.quantizers.base import HfQuantizer
+from transformers.utils import logging
 
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
 from hf_int4.modules import HfInt4Linear, replace_linear_layers
+
+logger = logging.get_logger(__name__)
 
 
 @register_quantizer(QUANT_METHOD)
@@ -24,18 +27,24 @@ class HfInt4Quantizer(HfQuantizer):
         self.modules_to_not_convert = []
 
     def update_dtype(self, dtype):
+        config = self.quantization_config
+        if config.weight_format == "packed":
+            # The packed scales are in the activation dtype they were packed for.
+            packed = getattr(torch, config.packed_dtype)
+            if dtype is not None and dtype != packed:
+                logger.warning(f"hf_int4: this checkpoint was packed for {packed}; loading it as {packed}, not {dtype}")
+            return packed
         # The kernels take 16-bit activations; fp16 is what GPTQ checkpoints were made for.
         return torch.float16 if dtype is None else dtype
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        config = self.quantization_config
         self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, self.quantization_config.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
+            model, config.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
         )
         replace_linear_layers(
-            model,
-            self.quantization_config.gptq_config(),
-            self.modules_to_not_convert,
-            dtype=model.dtype,
+            model, config.gptq_config(), self.modules_to_not_convert, dtype=model.dtype,
+            packed=config.weight_format == "packed",
         )
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -45,7 +54,19 @@ class HfInt4Quantizer(HfQuantizer):
         return model
 
     def is_serializable(self, **kwargs):
-        return False  # packed checkpoints: see issue 5
+        return True
+
+    def get_state_dict_and_metadata(self, model):
+        """Every HfInt4Linear is saved in the packed layout, so the checkpoint loads without repacking."""
+        state = model.state_dict()
+        for name, module in model.named_modules():
+            if isinstance(module, HfInt4Linear):
+                prefix = name + "."
+                for key in [k for k in state if k.startswith(prefix)]:
+                    del state[key]
+                state.update(module.packed_state_dict(prefix))
+        self.quantization_config.mark_packed(model.dtype)
+        return state, {}
 
     @property
     def is_trainable(self):

@@ -1,0 +1,100 @@
+"""Offline checkpoint tools behind the `hf-int4` CLI: repack a GPTQ checkpoint, inspect a checkpoint."""
+import json
+import os
+import shutil
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_int4 import _extension
+from hf_int4.formats.files import ShardWriter, atomic_output_dir
+from hf_int4.formats.gptq import iter_checkpoint, load_gptq_config, safetensors_files
+from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
+from hf_int4.modules import PACKED_PREFIX, pack_for_module
+
+WEIGHT_FILES = ("config.json", "quantize_config.json", "model.safetensors.index.json")
+
+
+def _count_layers(checkpoint_dir) -> int:
+    from safetensors import safe_open
+
+
+    count = 0
+    for path in safetensors_files(checkpoint_dir):
+        with safe_open(path, framework="pt") as f:
+            count += sum(key.endswith(".qweight") for key in f.keys())
+    return count
+
+
+def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=False, max_shard_size="4GB", progress=True):
+    """Convert the GPTQ checkpoint `src` into a packed hf_int4 checkpoint `dst`, shard by shard.
+
+    Reads one input shard at a time and writes output shards of at most `max_shard_size`, so memory
+    stays bounded; packs on the GPU when one is available. `dst` appears only when complete; `src` is
+    never written."""
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    if dst == src or dst.startswith(src + os.sep):
+        raise ValueError(f"the output {dst} must not be (inside) the input checkpoint {src}")
+    gptq = load_gptq_config(src)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and _extension.extension_available() else "cpu"
+    total = _count_layers(src)
+    with atomic_output_dir(dst, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_size)
+        bar = tqdm(total=total, desc="hf-int4 repack", unit="layer", disable=not progress)
+        for kind, name, obj in iter_checkpoint(src, device, gptq):
+            if kind == "tensor":
+                writer.add(name, obj)
+                continue
+            for key, tensor in pack_for_module(obj, dtype).tensors().items():
+                writer.add(f"{name}.{PACKED_PREFIX}{key}", tensor)
+            if obj.bias is not None:
+                writer.add(f"{name}.bias", obj.bias.to(dtype))
+            bar.update()
+        bar.close()
+        writer.finish()
+        with open(os.path.join(src, "config.json")) as f:
+            model_config = json.load(f)
+        packed = HfInt4Config.from_gptq_dict(gptq.to_dict())
+        packed.mark_packed(dtype)
+        model_config["quantization_config"] = packed.to_dict()
+        model_config["dtype"] = str(dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model_config, f, indent=2, sort_keys=True)
+        for entry in sorted(os.listdir(src)):  # tokenizer, generation config, license, ...
+            path = os.path.join(src, entry)
+            if os.path.isfile(path) and entry not in WEIGHT_FILES and not entry.endswith(".safetensors"):
+                shutil.copy2(path, os.path.join(tmp, entry))
+    return dst
+
+
+def describe_checkpoint(checkpoint_dir) -> dict:
+    """Format, settings, layer count and size of a GPTQ or packed hf_int4 checkpoint."""
+    from safetensors import safe_open
+
+
+    with open(os.path.join(checkpoint_dir, "config.json")) as f:
+        model_config = json.load(f)
+    qc = model_config.get("quantization_config") or {}
+    files = safetensors_files(checkpoint_dir)
+    layers, tensors = 0, 0
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+        tensors += len(keys)
+        layers += sum(k.endswith((".qweight", f".{PACKED_PREFIX}qweight")) for k in keys)
+    method = qc.get("quant_method", "none")
+    return {
+        "path": os.path.abspath(checkpoint_dir),
+        "architecture": (model_config.get("architectures") or ["?"])[0],
+        "format": f"hf_int4 packed ({qc.get('packed_layout')}, {qc.get('packed_dtype')})" if method == QUANT_METHOD
+        else f"GPTQ ({qc.get('checkpoint_format', 'gptq')})" if method == "gptq" else method,
+        "bits": qc.get("bits"),
+        "group_size": qc.get("group_size"),
+        "sym": qc.get("sym"),
+        "desc_act": qc.get("desc_act"),
+        "quantized_layers": layers,
+        "tensors": tensors,
+        "shards": len(files),
+        "size_bytes": sum(os.path.getsize(p) for p in files),
+    }

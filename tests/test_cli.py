@@ -1,0 +1,90 @@
+"""`hf-int4 repack` and `hf-int4 inspect` on checkpoints written by the fixture writer."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from hf_int4 import GPTQConfig, HfInt4Config, HfInt4Linear
+from hf_int4.cli import main
+from hf_int4.formats.gptq_writer import tiny_llama_config, write_gptq_checkpoint
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ckpt") / "gptq"
+    config = GPTQConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq_v2")
+    write_gptq_checkpoint(LlamaForCausalLM(tiny_llama_config()), out, config, max_shard_size="40KB", progress=False)
+    (out / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    return out
+
+
+def _digest(directory):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        h.update(name.encode())
+        h.update(open(os.path.join(directory, name), "rb").read())
+    return h.hexdigest()
+
+
+def test_repack_loads_without_repacking_and_matches_gptq_load(gptq_dir, tmp_path):
+    before = _digest(gptq_dir)
+    out = tmp_path / "packed"
+    assert main(["repack", str(gptq_dir), str(out), "--max-shard-size", "30KB"]) == 0
+    assert _digest(gptq_dir) == before, "the input checkpoint is never touched"
+    assert (out / "tokenizer_config.json").exists() and (out / "generation_config.json").exists()
+    assert (out / "model.safetensors.index.json").exists(), "bounded shards"
+    qc = json.load(open(out / "config.json"))["quantization_config"]
+    assert (qc["quant_method"], qc["weight_format"], qc["group_size"], qc["sym"]) == ("hf_int4", "packed", 32, False)
+
+    packed = AutoModelForCausalLM.from_pretrained(out)
+    assert packed.dtype == torch.float16
+    assert all(m.is_packed for m in packed.modules() if isinstance(m, HfInt4Linear))
+    gptq = AutoModelForCausalLM.from_pretrained(gptq_dir, quantization_config=HfInt4Config(), dtype=torch.float16)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, gptq(ids).logits)
+
+
+def test_repack_refuses_non_empty_output_unless_overwrite(gptq_dir, tmp_path, capsys):
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["repack", str(gptq_dir), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+    assert main(["repack", str(gptq_dir), str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_repack_failure_leaves_nothing_behind(gptq_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(gptq_dir):
+        (bad / name).write_bytes((gptq_dir / name).read_bytes())
+    cfg = json.load(open(bad / "config.json"))
+    cfg["quantization_config"]["sym"] = True  # the zeros are asymmetric: the first layer must be refused
+    json.dump(cfg, open(bad / "config.json", "w"))
+    out = tmp_path / "out"
+    assert main(["repack", str(bad), str(out)]) == 2
+    assert "sym=True" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad"], "no output and no temporary directory left"
+
+
+def test_repack_refuses_output_inside_input(gptq_dir, capsys):
+    assert main(["repack", str(gptq_dir), str(gptq_dir / "sub")]) == 2
+    assert "must not be" in capsys.readouterr().err
+
+
+def test_inspect(gptq_dir, tmp_path, capsys):
+    assert main(["inspect", str(gptq_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "GPTQ (gptq_v2)" in text and "quantized_layers: 14" in text and "group_size: 32" in text
+    out = tmp_path / "packed"
+    main(["repack", str(gptq_dir), str(out)])
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "hf_int4 packed" in capsys.readouterr().out
