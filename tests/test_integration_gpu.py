@@ -1,0 +1,68 @@
+"""The transformers integration on a GPU: kernels in the model, against the CPU reference."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from hf_int4 import GPTQConfig, HfInt4Config, HfInt4Linear, extension_available
+from hf_int4.formats.gptq_writer import tiny_llama_config, write_gptq_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not extension_available(), reason="needs a CUDA GPU and the hf_int4 extension"
+)
+
+CONFIGS = {
+    "g128-sym-v1": GPTQConfig(group_size=128, sym=True),
+    "g32-asym-act-v2": GPTQConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq_v2"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    torch.manual_seed(0)
+    # hidden 256 / intermediate 352: K = 352 is not a multiple of the kernel's tiles, N = 352 neither.
+    model = LlamaForCausalLM(tiny_llama_config(hidden_size=256, intermediate_size=352))
+    out = tmp_path_factory.mktemp("ckpt") / request.param
+    write_gptq_checkpoint(model, out, CONFIGS[request.param], progress=False)
+    return out
+
+
+def _load(checkpoint, device, dtype):
+    return AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=HfInt4Config(), device_map=device, dtype=dtype
+    ).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_logits_match_cpu_reference(checkpoint, dtype):
+    gpu = _load(checkpoint, "cuda", dtype)
+    assert all(m.is_packed for m in gpu.modules() if isinstance(m, HfInt4Linear)), "kernels serve every layer"
+    cpu = _load(checkpoint, "cpu", torch.float32)
+    ids = torch.randint(0, 256, (3, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = gpu(ids.cuda()).logits.float().cpu()
+        want = cpu(ids).logits
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3), rel
+
+
+def test_generate_static_cache_and_compile(checkpoint):
+    model = _load(checkpoint, "cuda", torch.float16)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic, static)
+    compiled = torch.compile(model.forward, fullgraph=True)
+    with torch.no_grad():
+        eager = model(ids).logits
+        graph = compiled(ids).logits
+    torch.testing.assert_close(graph, eager, rtol=2e-3, atol=2e-3)
+
+
+def test_packed_checkpoint_roundtrip_on_gpu(checkpoint, tmp_path):
+    model = _load(checkpoint, "cuda", torch.float16)
+    model.save_pretrained(tmp_path / "packed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", device_map="cuda").eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits), "same packed bytes, same kernel, same logits"
