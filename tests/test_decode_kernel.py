@@ -1,0 +1,479 @@
+"""GPU tests of the int4 GEMM (torch.ops.hf_int4.int4_gemm) and the GPU repack.
+
+The oracle is float64 math on the unpacked GPTQ integers returned by the fixture writer:
+    W = scales[g_idx] * (intweight - zeros[g_idx]),  ref = x @ W (+ bias)
+
+Run `python tests/test_decode_kernel.py` for a diagnostic table (errors per variant / tile / M), and
+`python tests/test_decode_kernel.py --bench [--sweep]` for timings against fp16 cuBLAS.
+"""
+import itertools
+import math
+import sys
+
+import pytest
+import torch
+
+from hf_int4._extension import extension_available
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not extension_available(),
+    reason="needs a CUDA GPU and the built hf_int4._C extension",
+)
+
+from hf_int4 import ops  # noqa: E402
+from hf_int4.formats.gptq import GPTQConfig  # noqa: E402
+from hf_int4.formats.gptq_writer import random_gptq_layer  # noqa: E402
+from hf_int4.packing import PackedInt4Weight, dequantize_packed, pack_gptq_layer, pack_gptq_layer_cpu  # noqa: E402
+
+F16, BF16 = torch.float16, torch.bfloat16
+DTYPES = [F16, BF16]
+TOL = {F16: 2e-3, BF16: 1.5e-2}
+M_ALL = [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 33, 64, 65, 127, 128, 129, 1000]
+TILES = [(128, 128), (256, 64), (128, 64)]  # (thread_n, thread_k)
+VARIANTS = list(itertools.product(["gptq", "gptq_v2"], [True, False], [False, True], [32, 64, 128, -1]))  # fmt, sym, desc_act, gs
+
+
+def _cfg(fmt="gptq", sym=True, desc_act=False, gs=128):
+    return GPTQConfig(group_size=gs, sym=sym, desc_act=desc_act, checkpoint_format=fmt)
+
+
+_LAYERS = {}
+_PACKED = {}
+
+
+def get_layer(K, N, cfg, *, bias=False, seed=0):
+    key = (K, N, cfg, bias, seed)
+    if key not in _LAYERS:
+        _LAYERS[key] = random_gptq_layer(K, N, cfg, seed=seed, with_bias=bias, device="cuda")
+    return _LAYERS[key]
+
+
+def get_packed(K, N, cfg, dtype, *, bias=False, seed=0):
+    key = (K, N, cfg, dtype, bias, seed)
+    if key not in _PACKED:
+        layer, _ = get_layer(K, N, cfg, bias=bias, seed=seed)
+        _PACKED[key] = pack_gptq_layer(layer, dtype)
+    return _PACKED[key]
+
+
+def oracle(raw, x, bias=None):
+    g = raw["g_idx"].long()
+    W = raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()
+    ref = x.reshape(-1, x.shape[-1]).double() @ W
+    if bias is not None:
+        ref = ref + bias.double()
+    return ref.reshape(*x.shape[:-1], W.shape[1])
+
+
+def poison_allocator(nbytes, device="cuda", copies=4):
+    """Leave NaN-filled blocks of about `nbytes` in the caching allocator, so that a fresh output buffer
+    most likely starts as NaN: every element the kernel fails to write then shows up."""
+    bufs = [torch.full((max(nbytes // 2, 1),), float("nan"), dtype=F16, device=device) for _ in range(copies)]
+    del bufs
+
+
+def run(x, packed, bias=None, **kw):
+    poison_allocator(x[..., :1].numel() * packed.out_features * 2)
+    return ops.int4_gemm(x, packed, bias, **kw)
+
+
+def check(out, ref, dtype, ctx=""):
+    """Relative Frobenius error below TOL[dtype], no NaN; on failure, say where the errors are."""
+    out2 = out.reshape(-1, out.shape[-1]).double()
+    ref2 = ref.reshape(-1, ref.shape[-1]).double()
+    assert out.shape == ref.shape, f"{ctx}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    finite = torch.isfinite(out2)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        rows, cols = bad[:, 0].unique(), bad[:, 1].unique()
+        pytest.fail(
+            f"{ctx}: {bad.shape[0]} non-finite outputs (unwritten or overflow); rows {rows[:10].tolist()}"
+            f"{'...' if rows.numel() > 10 else ''} ({rows.numel()} rows), cols {cols[:10].tolist()}"
+            f"{'...' if cols.numel() > 10 else ''} ({cols.numel()} cols)"
+        )
+    err = ((out2 - ref2).norm() / ref2.norm().clamp_min(1e-30)).item()
+    if not err < TOL[dtype]:
+        col_err = (out2 - ref2).norm(dim=0) / ref2.norm(dim=0).clamp_min(1e-30)
+        row_err = (out2 - ref2).norm(dim=1) / ref2.norm(dim=1).clamp_min(1e-30)
+        wc = torch.topk(col_err, min(8, col_err.numel())).indices.tolist()
+        wr = torch.topk(row_err, min(8, row_err.numel())).indices.tolist()
+        frac_cols = (col_err > TOL[dtype]).float().mean().item()
+        frac_rows = (row_err > TOL[dtype]).float().mean().item()
+        pytest.fail(
+            f"{ctx}: relative error {err:.3e} >= {TOL[dtype]:.1e}; bad columns {frac_cols:.1%} (worst {wc}, "
+            f"col % 64 = {[c % 64 for c in wc]}), bad rows {frac_rows:.1%} (worst {wr})"
+        )
+    return err
+
+
+# --------------------------------------------------------------------------- smoke / layout debugging
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("sym", [True, False])
+def test_identity_input_recovers_dequantized_weight_exactly(dtype, tile, sym):
+    """x = I: out[i] is row i of the dequantized weight, exactly (a single product per output).
+
+    The first test to look at when anything fails: a mismatch pinpoints (k, n) and thus the lane / nibble."""
+    K, N = 256, 256
+    cfg = _cfg(sym=sym, gs=64)
+    packed = get_packed(K, N, cfg, dtype)
+    want = dequantize_packed(packed).to(dtype)
+    for m0 in range(0, K, 64):
+        x = torch.zeros(64, K, dtype=dtype, device="cuda")
+        x[torch.arange(64), m0 + torch.arange(64)] = 1
+        out = run(x, packed, thread_n=tile[0], thread_k=tile[1])
+        bad = (out != want[m0:m0 + 64]).nonzero()
+        if bad.numel():
+            k, n = (bad[:8, 0] + m0).tolist(), bad[:8, 1].tolist()
+            info = [f"(k={a}, n={b}: lane {4 * (b % 8) + (a % 8) // 2}, word {(b % 64) // 16}, "
+                    f"slot {4 * (a % 2) + 2 * ((b % 16) // 8) + (a % 16) // 8})" for a, b in zip(k, n)]
+            pytest.fail(f"{bad.shape[0]} of {64 * N} weights wrong in rows {m0}..{m0 + 63}, first: {info}; "
+                        f"got {out[bad[0, 0], bad[0, 1]].item()} want {want[m0 + bad[0, 0], bad[0, 1]].item()}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_smallest_problem(dtype):
+    layer, raw = get_layer(64, 8, _cfg(gs=-1))
+    packed = get_packed(64, 8, _cfg(gs=-1), dtype)
+    x = torch.randn(1, 64, dtype=dtype, device="cuda")
+    check(run(x, packed), oracle(raw, x), dtype, "K=64 N=8 M=1")
+
+
+# ------------------------------------------------------------------------------------------ variants
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vi", range(len(VARIANTS)), ids=[f"{f}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}-g{g}" for f, s, a, g in VARIANTS])
+def test_variants(vi, dtype):
+    fmt, sym, desc_act, gs = VARIANTS[vi]
+    cfg = _cfg(fmt, sym, desc_act, gs)
+    K, N = [(576, 1536), (768, 1280), (352, 264)][vi % 3]
+    layer, raw = get_layer(K, N, cfg, seed=vi)
+    packed = get_packed(K, N, cfg, dtype, seed=vi)
+    offset = vi * 3 + (dtype == BF16)
+    for r in range(3):
+        M = M_ALL[(offset + 7 * r) % len(M_ALL)]
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        check(run(x, packed), oracle(raw, x), dtype, f"{VARIANTS[vi]} K={K} N={N} M={M}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,N", [(576, 1536), (4096, 4096), (1536, 192), (256, 264), (128, 8), (4104, 1000)])
+def test_shapes_all_m(K, N, dtype):
+    cfg = _cfg("gptq", False, True, 128)
+    layer, raw = get_layer(K, N, cfg, bias=True, seed=K + N)
+    packed = get_packed(K, N, cfg, dtype, bias=True, seed=K + N)
+    bias = raw["bias"].to(dtype)
+    for M in M_ALL:
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"K={K} N={N} M={M}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,N", [(14336, 4096), (4096, 14336)])
+def test_llm_shapes(K, N, dtype):
+    cfg = _cfg("gptq", True, False, 128)
+    layer, raw = get_layer(K, N, cfg)
+    packed = get_packed(K, N, cfg, dtype)
+    for M in (1, 16, 64, 128):
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        check(run(x, packed), oracle(raw, x), dtype, f"K={K} N={N} M={M}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("gs", [32, 128, -1])
+def test_every_tile_and_m_block(tile, gs, dtype):
+    """All 12 kernels per dtype (3 tiles x m-blocks 1..4), with and without forced cross-block reductions."""
+    K, N = 1024, 768
+    cfg = _cfg("gptq_v2", False, gs != -1, gs)
+    layer, raw = get_layer(K, N, cfg, seed=21)
+    packed = get_packed(K, N, cfg, dtype, seed=21)
+    for M in (1, 17, 40, 64, 65, 200):
+        for sms in (-1, 3, 16):
+            x = torch.randn(M, K, dtype=dtype, device="cuda")
+            out = run(x, packed, thread_n=tile[0], thread_k=tile[1], sms=sms)
+            check(out, oracle(raw, x), dtype, f"tile={tile} gs={gs} M={M} sms={sms}")
+
+
+@pytest.mark.parametrize("sms", [1, 2, 7, 13, 100])
+def test_long_stripes_and_reductions(sms):
+    K, N = 2048, 512
+    cfg = _cfg("gptq", False, False, 64)
+    layer, raw = get_layer(K, N, cfg, seed=31)
+    packed = get_packed(K, N, cfg, F16, seed=31)
+    for M in (1, 64, 200):
+        x = torch.randn(M, K, dtype=F16, device="cuda")
+        check(run(x, packed, sms=sms), oracle(raw, x), F16, f"sms={sms} M={M}")
+
+
+def test_group_size_not_power_of_two():
+    K, N = 336, 136  # group 48 is re-expressed as 16; K=336 is 7 groups of 48
+    cfg = _cfg("gptq", False, True, 48)
+    layer, raw = get_layer(K, N, cfg, seed=41)
+    for dtype in DTYPES:
+        packed = get_packed(K, N, cfg, dtype, seed=41)
+        for M in (1, 33):
+            x = torch.randn(M, K, dtype=dtype, device="cuda")
+            check(run(x, packed), oracle(raw, x), dtype, f"g48 M={M}")
+
+
+def test_leading_dims_noncontiguous_and_empty():
+    K, N = 576, 1536
+    cfg = _cfg()
+    layer, raw = get_layer(K, N, cfg)
+    packed = get_packed(K, N, cfg, F16)
+    x = torch.randn(2, 3, K, dtype=F16, device="cuda")
+    out = run(x, packed)
+    assert out.shape == (2, 3, N)
+    check(out, oracle(raw, x), F16, "3-D input")
+    xt = torch.randn(K, 5, dtype=F16, device="cuda").t()  # non-contiguous
+    check(run(xt, packed), oracle(raw, xt), F16, "transposed input")
+    xo = torch.randn(4 * K + 1, dtype=F16, device="cuda")[1:].view(4, K)  # 2-byte offset: misaligned base
+    check(run(xo, packed), oracle(raw, xo), F16, "misaligned input")
+    assert run(torch.empty(0, K, dtype=F16, device="cuda"), packed).shape == (0, N)
+
+
+# ------------------------------------------------------------------------------------------- repack
+
+
+@pytest.mark.parametrize("K,N,gs,desc_act", [(576, 1536, 128, False), (576, 1536, 128, True), (352, 264, 32, True), (4096, 4096, 128, True), (200, 192, -1, False)])
+def test_gpu_repack_is_bit_identical_to_cpu_packer(K, N, gs, desc_act):
+    cfg = _cfg("gptq", False, desc_act, gs)
+    gpu_layer, _ = random_gptq_layer(K, N, cfg, seed=K, device="cuda")
+    cpu_layer, _ = random_gptq_layer(K, N, cfg, seed=K, device="cpu")
+    for dtype in DTYPES:
+        g = pack_gptq_layer(gpu_layer, dtype)
+        c = pack_gptq_layer_cpu(cpu_layer, dtype)
+        assert g.qweight.is_cuda
+        assert set(g.tensors()) == set(c.tensors())
+        for name, t in c.tensors().items():
+            assert torch.equal(g.tensors()[name].cpu(), t), name
+
+
+# ----------------------------------------------------------------------- determinism, graphs, compile
+
+
+def test_deterministic():
+    K, N = 4096, 1024
+    cfg = _cfg("gptq", False, False, 128)
+    layer, raw = get_layer(K, N, cfg, seed=51)
+    for dtype in DTYPES:
+        packed = get_packed(K, N, cfg, dtype, seed=51)
+        for M, sms in ((1, -1), (1, 5), (64, 7), (300, -1)):
+            x = torch.randn(M, K, dtype=dtype, device="cuda")
+            a, b = run(x, packed, sms=sms), run(x, packed, sms=sms)
+            assert torch.equal(a, b), f"M={M} sms={sms} {dtype}"
+
+
+COUNTER_INTS = 1 << 16  # kCounterInts in decode_gemm.h
+
+
+@pytest.mark.parametrize("partial_slots", [2 * 9, 1])
+def test_explicit_workspace_counters_are_left_zero(partial_slots):
+    """An explicit workspace: counters first (must be zero), then fp32 partial tiles (64 x 256 floats per slot).
+    With room for fewer than two slots the kernel falls back to one block (no split columns)."""
+    K, N = 2048, 512
+    cfg = _cfg()
+    layer, raw = get_layer(K, N, cfg)
+    packed = get_packed(K, N, cfg, F16)
+    ws = torch.zeros(COUNTER_INTS + partial_slots * 64 * 256, dtype=torch.int32, device="cuda")
+    x = torch.randn(100, K, dtype=F16, device="cuda")
+    out = torch.ops.hf_int4.int4_gemm(x, packed.qweight, packed.scales, None, ws, N, K, packed.group_size, None, -1, -1, 9)
+    check(out, oracle(raw, x), F16, "explicit workspace")
+    assert int(ws[:COUNTER_INTS].abs().sum()) == 0
+    with pytest.raises(RuntimeError, match="workspace has"):
+        torch.ops.hf_int4.int4_gemm(x, packed.qweight, packed.scales, None, ws[:1000], N, K, packed.group_size, None)
+
+
+@pytest.mark.parametrize("fresh_stream", [False, True])
+def test_cuda_graph(fresh_stream):
+    K, N = 1536, 576
+    cfg = _cfg("gptq_v2", False, True, 64)
+    layer, raw = get_layer(K, N, cfg, bias=True, seed=61)
+    packed = get_packed(K, N, cfg, BF16, bias=True, seed=61)
+    bias = raw["bias"].to(BF16)
+    static_x = torch.randn(5, K, dtype=BF16, device="cuda")
+    stream = torch.cuda.Stream()
+    if not fresh_stream:  # the usual recipe: warm up on the capture stream first
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            ops.int4_gemm(static_x, packed, bias, sms=11)
+        torch.cuda.current_stream().wait_stream(stream)
+    # fresh_stream: the first call on `stream` happens during capture (workspace created in the graph)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=stream):
+        static_out = ops.int4_gemm(static_x, packed, bias, sms=11)
+        static_out2 = ops.int4_gemm(static_x * 2, packed, bias, sms=11)
+    for _ in range(3):
+        new_x = torch.randn(5, K, dtype=BF16, device="cuda")
+        static_x.copy_(new_x)
+        g.replay()
+        torch.cuda.synchronize()
+        check(static_out, oracle(raw, new_x, bias), BF16, "graph replay")
+        check(static_out2, oracle(raw, new_x * 2, bias), BF16, "graph replay 2")
+        assert torch.equal(static_out, ops.int4_gemm(new_x, packed, bias, sms=11))
+    with torch.cuda.stream(stream):  # eager use of the capture stream afterwards
+        out = ops.int4_gemm(new_x, packed, bias, sms=11)
+    torch.cuda.current_stream().wait_stream(stream)
+    check(out, oracle(raw, new_x, bias), BF16, "eager on the capture stream")
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_torch_compile_fullgraph(mode):
+    K, N = 576, 1536
+    cfg = _cfg("gptq", False, True, 128)
+    layer, raw = get_layer(K, N, cfg, bias=True, seed=71)
+    packed = get_packed(K, N, cfg, F16, bias=True, seed=71)
+    bias = raw["bias"].to(F16)
+
+    def f(x):
+        return torch.nn.functional.silu(ops.int4_gemm(x, packed, bias)) * 2
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, mode=mode)
+    for M in (1, 3, 1, 17):
+        x = torch.randn(M, K, dtype=F16, device="cuda")
+        for _ in range(3):  # reduce-overhead records a graph on a later call
+            got = cf(x)
+        torch.testing.assert_close(got, f(x), rtol=1e-3, atol=1e-3)
+
+
+def test_fake_impl_opcheck():
+    K, N = 576, 1536
+    cfg = _cfg("gptq", False, False, 128)
+    packed = get_packed(K, N, cfg, F16)
+    x = torch.randn(3, K, dtype=F16, device="cuda")
+    args = (x, packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size, None)
+    torch.library.opcheck(torch.ops.hf_int4.int4_gemm.default, args, test_utils=("test_schema", "test_faketensor"))
+    layer, _ = get_layer(K, N, cfg)
+    torch.library.opcheck(torch.ops.hf_int4.repack_gptq.default, (layer.qweight, None, K, N), test_utils=("test_schema", "test_faketensor"))
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_clear_errors():
+    K, N = 576, 1536
+    cfg = _cfg()
+    packed = get_packed(K, N, cfg, F16)
+    x = torch.randn(2, K, dtype=F16, device="cuda")
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        ops.int4_gemm(x.float(), packed)
+    with pytest.raises(ValueError, match="packed for torch.float16"):
+        ops.int4_gemm(x.bfloat16(), packed)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 576\]"):
+        ops.int4_gemm(torch.randn(2, 512, dtype=F16, device="cuda"), packed)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        ops.int4_gemm(x.cpu(), packed)
+    with pytest.raises(ValueError, match="packed weight is on cpu"):
+        ops.int4_gemm(x, packed.to("cpu"))
+    with pytest.raises(ValueError, match="bias"):
+        ops.int4_gemm(x, packed, torch.zeros(N + 8, dtype=F16, device="cuda"))
+    op = torch.ops.hf_int4.int4_gemm
+    with pytest.raises(RuntimeError, match="activation has K=512"):
+        op(torch.randn(2, 512, dtype=F16, device="cuda"), packed.qweight, packed.scales, None, None, N, K, 128, None)
+    with pytest.raises(RuntimeError, match="scales have shape"):
+        op(x, packed.qweight, packed.scales[:2], None, None, N, K, 128, None)
+    with pytest.raises(RuntimeError, match="b_packed has shape"):
+        op(x, packed.qweight[:4], packed.scales, None, None, N, K, 128, None)
+    with pytest.raises(RuntimeError, match="CUDA tensors only"):
+        op(x.cpu(), packed.qweight.cpu(), packed.scales.cpu(), None, None, N, K, 128, None)
+    with pytest.raises(RuntimeError, match="thread_n/thread_k tile is not available"):
+        op(x, packed.qweight, packed.scales, None, None, N, K, 128, None, 128, 128, -1)  # 576 % 128 != 0
+
+
+# -------------------------------------------------------------------------------- diagnostics / bench
+
+
+def _diagnose():
+    """A compact table for humans: relative errors over variants, tiles and M."""
+    print(f"device: {torch.cuda.get_device_name()}  sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
+    rows = []
+    for dtype in DTYPES:
+        for (fmt, sym, act, gs), (K, N) in itertools.product(VARIANTS[::3], [(576, 1536), (1024, 768)]):
+            cfg = _cfg(fmt, sym, act, gs)
+            layer, raw = get_layer(K, N, cfg)
+            packed = get_packed(K, N, cfg, dtype)
+            for tile in [None] + TILES:
+                for M in (1, 16, 33, 64, 129):
+                    kw = {} if tile is None else {"thread_n": tile[0], "thread_k": tile[1]}
+                    x = torch.randn(M, K, dtype=dtype, device="cuda")
+                    try:
+                        out = ops.int4_gemm(x, packed, **kw)
+                        ref = oracle(raw, x)
+                        err = ((out.double() - ref).norm() / ref.norm()).item()
+                        nan = int((~torch.isfinite(out)).sum())
+                        status = "ok" if err < TOL[dtype] and nan == 0 else "FAIL"
+                    except RuntimeError as e:
+                        err, nan, status = float("nan"), -1, f"n/a ({str(e).splitlines()[0][:60]})"
+                    rows.append((str(dtype)[6:], f"{fmt}/{'sym' if sym else 'asym'}/{'act' if act else '-'}/g{gs}", f"{K}x{N}", str(tile), M, err, nan, status))
+    for r in rows:
+        print(f"{r[0]:9s} {r[1]:26s} {r[2]:10s} tile={r[3]:11s} M={r[4]:4d} err={r[5]:.2e} nan={r[6]} {r[7]}")
+    print(f"{sum(r[7] == 'FAIL' for r in rows)} failures of {len(rows)}")
+
+
+def _bench(sweep=False):
+    """GPU time per call vs fp16 cuBLAS, measured on CUDA-graph replays of 24 calls (no launch overhead) that
+    rotate over weight copies larger than L2 (cold weights, as in decode)."""
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    calls = 24
+
+    def timeit(fn):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(calls):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            for i in range(calls):
+                fn(i)
+        times = []
+        for _ in range(15):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) * 1e3 / calls)
+        return sorted(times)[len(times) // 2]  # us per call
+
+    print(f"device: {torch.cuda.get_device_name()}")
+    for K, N in [(8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]:
+        cfg = _cfg("gptq", True, False, 128)
+        layer, raw = random_gptq_layer(K, N, cfg, seed=0, device="cuda")
+        p0 = pack_gptq_layer(layer, F16)
+        copies = max(2, math.ceil(3 * l2 / (K * N // 2)))
+        packs = [p0] + [PackedInt4Weight(p0.qweight.clone(), p0.scales.clone(), None, None, K, N, p0.group_size) for _ in range(copies - 1)]
+        wcopies = max(2, math.ceil(3 * l2 / (K * N * 2)))
+        ws = [torch.randn(K, N, dtype=F16, device="cuda") for _ in range(wcopies)]
+        for M in (1, 2, 4, 8, 16, 32, 64, 128):
+            x = torch.randn(M, K, dtype=F16, device="cuda")
+            t_cublas = timeit(lambda i: torch.matmul(x, ws[i % wcopies]))
+            t_int4 = timeit(lambda i: ops.int4_gemm(x, packs[i % copies]))
+            best = ""
+            if sweep:
+                res = []
+                for (tn, tk), sms in itertools.product(TILES, (-1, 66, 264)):
+                    try:
+                        t = timeit(lambda i: ops.int4_gemm(x, packs[i % copies], thread_n=tn, thread_k=tk, sms=sms))
+                        res.append((t, tn, tk, sms))
+                    except RuntimeError:
+                        pass
+                t, tn, tk, sms = min(res)
+                best = f"  best {t:7.1f} us: tile {tn}x{tk} sms={sms} ({t_cublas / t:.2f}x)"
+            gbs = (K * N / 2 + M * K * 2 + M * N * 2) / (t_int4 * 1e-6) / 1e9
+            print(f"{K:6d}x{N:<6d} M={M:4d}  cublas {t_cublas:7.1f} us  int4 {t_int4:7.1f} us  "
+                  f"speedup {t_cublas / t_int4:5.2f}x  ({gbs:6.0f} GB/s){best}", flush=True)
+
+
+if __name__ == "__main__":
+    if "--bench" in sys.argv:
+        _bench(sweep="--sweep" in sys.argv)
+    else:
+        _diagnose()
