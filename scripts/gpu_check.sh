@@ -3,7 +3,7 @@
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
 #   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [demo]     (no argument: all but demo)
-#   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (extra pytest args), BENCH_ARGS (extra bench args)
+#   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS (extra bench args)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
@@ -47,7 +47,7 @@ for stage in $stages; do
       [ -n "$so" ] && cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p > "$OUT/resource_usage.txt"
       ;;
     test)
-      run tests python3 -m pytest -p no:cacheprovider -q -rs tests ${TEST_ARGS:-} ;;
+      run tests python3 -m pytest -p no:cacheprovider -q -rs ${TEST_ARGS:-tests} ;;
     sanitize)
       for tool in memcheck racecheck; do
         run "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \

@@ -100,16 +100,17 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem));
 }
 
-// Weights are streamed exactly once: evict them first so that A, scales and C stay in L2.
-__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "l"(policy));
-}
-
-__device__ __forceinline__ uint64_t make_evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
+// Weights are streamed exactly once: evict them first so that A, scales and C stay in L2. The policy is
+// created inside the same asm block: a policy register kept live across the kernel ends up in a uniform
+// register, and the copy then faults with "illegal instruction" on H100 once a block runs several slices.
+__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem) {
+  asm volatile(
+      "{\n"
+      "  .reg .b64 p;\n"
+      "  createpolicy.fractional.L2::evict_first.b64 p, 1.0;\n"
+      "  cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, p;\n"
+      "}\n" ::"r"(smem_u32(smem)),
+      "l"(gmem));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -240,7 +241,6 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
   const int gshift = p.group_shift;
   const bool has_zp = p.zeros != nullptr;
   const int s_rows = (TK - 1) >> gshift ? TK >> gshift : 1;  // groups per tile
-  const uint64_t policy = make_evict_first_policy();
 
   // Symmetric weights: fill the zeros region once with magic + 8; it is never overwritten.
   if (!has_zp) {
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
         if (a_row_ok[it]) cp_async16_zfill(sa + it * kThreads, k_ok ? a_next + it * a_it_stride : p.a, k_ok);
       int4* sb = sh + L::SM_B + stage * B_STAGE + tid;
 #pragma unroll
-      for (int it = 0; it < B_ITERS; ++it) cp_async16_stream(sb + it * kThreads, b_next + it * b_it_stride, policy);
+      for (int it = 0; it < B_ITERS; ++it) cp_async16_stream(sb + it * kThreads, b_next + it * b_it_stride);
       if (s_loader) {
         const int grp = ((kt_next * TK) >> gshift) + s_ld_row;
         const int off = grp * s_stride + nc * S_ROW + s_ld_col;

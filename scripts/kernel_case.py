@@ -1,0 +1,44 @@
+"""Run one int4_gemm case against the float64 oracle from the unpacked GPTQ ints (kernel debugging).
+
+    python scripts/kernel_case.py K N M [--group-size 128] [--asym] [--act-order] [--bf16] [--tile TNxTK] [--sms S]
+"""
+import argparse
+
+import torch
+
+from hf_int4.formats import GPTQConfig
+from hf_int4.formats.gptq_writer import random_gptq_layer
+from hf_int4.ops import int4_gemm
+from hf_int4.packing import pack_gptq_layer
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("K", type=int)
+    p.add_argument("N", type=int)
+    p.add_argument("M", type=int)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--asym", action="store_true")
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--tile", default=None)
+    p.add_argument("--sms", type=int, default=-1)
+    a = p.parse_args()
+    cfg = GPTQConfig(group_size=a.group_size, sym=not a.asym, desc_act=a.act_order)
+    dtype = torch.bfloat16 if a.bf16 else torch.float16
+    layer, raw = random_gptq_layer(a.K, a.N, cfg, seed=1, device="cuda")
+    packed = pack_gptq_layer(layer, dtype)
+    x = torch.randn(a.M, a.K, device="cuda", dtype=dtype)
+    tn, tk = map(int, a.tile.split("x")) if a.tile else (-1, -1)
+    out = int4_gemm(x, packed, thread_n=tn, thread_k=tk, sms=a.sms)
+    torch.cuda.synchronize()
+    g = raw["g_idx"].long()
+    w = raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()
+    ref = x.double() @ w
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    bad_rows = ((out.double() - ref).abs().amax(1) > 0.05 * ref.abs().amax()).nonzero().flatten().tolist()
+    print(f"K={a.K} N={a.N} M={a.M} {cfg} {dtype} tile={a.tile} sms={a.sms}: rel err {err:.3e} bad rows {bad_rows[:10]}{'...' if len(bad_rows) > 10 else ''}")
+
+
+if __name__ == "__main__":
+    main()
