@@ -40,7 +40,10 @@ namespace gemm {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // cp.async pipeline depth (a tuning knob: Tile::STAGES may depend on the tile; must keep STAGES * SUB even)
-constexpr int kStages = 4;
+#ifndef HF_INT4_STAGES
+#define HF_INT4_STAGES 4
+#endif
+constexpr int kStages = HF_INT4_STAGES;
 constexpr int kMaxPar = 16;  // 64-row problems per launch
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
