@@ -49,9 +49,11 @@ def cuda_extension():
     ext = CUDAExtension(
         name="hf_int4._C",
         sources=sources,
+        # No -std here: BuildExtension adds the standard the installed torch was built with, and a
+        # different one can break the C++ ABI shared with libtorch (e.g. exceptions crossing it).
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++20"],  # torch >= 2.10 headers need C++20
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
         py_limited_api=False,
     )

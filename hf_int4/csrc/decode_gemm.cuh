@@ -584,27 +584,37 @@ inline const char* pick_cfg(int mb, const Int4GemmArgs& a, int max_smem, TileCfg
   return "hf_int4: no int4 GEMM tile fits this shape / group size / shared memory";
 }
 
+// Grid: `forced_blocks` when given (tests, tuning), else as many blocks as fit on the GPU at once (several per
+// SM where registers and shared memory allow: more warps in flight hide the latency of the dequant + mma
+// chain), never more than the tiles or the workspace's partial slots (two per block).
 template <typename T, int MB, int TN, int TK>
-inline const char* launch_one(const KernelParams& kp, int blocks, int device, cudaStream_t stream) {
+inline const char* launch_one(const KernelParams& kp, int sms, int forced_blocks, int64_t total, int64_t slot_pairs,
+                              int device, cudaStream_t stream) {
   auto kernel = int4_gemm_kernel<T, MB, TN, TK>;
   constexpr int smem = Tile<MB, TN, TK>::SMEM_BYTES;
-  static bool attr_set[64] = {};
-  if (!attr_set[device]) {
+  static int per_sm[64] = {};  // resident blocks per SM; 0: not yet configured on this device
+  if (per_sm[device] == 0) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
       return "hf_int4: cudaFuncSetAttribute(MaxDynamicSharedMemorySize) failed";
-    attr_set[device] = true;
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem) != cudaSuccess || n < 1)
+      return "hf_int4: cudaOccupancyMaxActiveBlocksPerMultiprocessor failed";
+    per_sm[device] = n;
   }
+  const int64_t want = forced_blocks > 0 ? forced_blocks : int64_t(sms) * per_sm[device];
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, total, slot_pairs})));
   kernel<<<blocks, kThreads, smem, stream>>>(kp);
   return nullptr;
 }
 
 template <typename T, int TN, int TK>
-inline const char* launch_mb(int mb, const KernelParams& kp, int blocks, int device, cudaStream_t stream) {
+inline const char* launch_mb(int mb, const KernelParams& kp, int sms, int forced_blocks, int64_t total,
+                             int64_t slot_pairs, int device, cudaStream_t stream) {
   switch (mb) {
-    case 1: return launch_one<T, 1, TN, TK>(kp, blocks, device, stream);
-    case 2: return launch_one<T, 2, TN, TK>(kp, blocks, device, stream);
-    case 3: return launch_one<T, 3, TN, TK>(kp, blocks, device, stream);
-    case 4: return launch_one<T, 4, TN, TK>(kp, blocks, device, stream);
+    case 1: return launch_one<T, 1, TN, TK>(kp, sms, forced_blocks, total, slot_pairs, device, stream);
+    case 2: return launch_one<T, 2, TN, TK>(kp, sms, forced_blocks, total, slot_pairs, device, stream);
+    case 3: return launch_one<T, 3, TN, TK>(kp, sms, forced_blocks, total, slot_pairs, device, stream);
+    case 4: return launch_one<T, 4, TN, TK>(kp, sms, forced_blocks, total, slot_pairs, device, stream);
     default: return "hf_int4: internal error (m blocks)";
   }
 }
@@ -621,7 +631,6 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
   if (!one_group)
     for (group_shift = 4; (1 << group_shift) < a.group_size; ++group_shift) {
     }
-  const int sms = a.sms > 0 ? a.sms : info.sms;
   const auto* A = static_cast<const uint16_t*>(a.a);
   auto* C = static_cast<uint16_t*>(a.c);
   int rows_done = 0;
@@ -660,18 +669,16 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
     kp.n_pad = a.n_pad;
     kp.k_pad = a.k_pad;
     kp.group_shift = group_shift;
-    const int total = (a.k_pad / cfg.tk) * n_tiles * par;
+    const int64_t total = int64_t(a.k_pad / cfg.tk) * n_tiles * par;
     // every block needs two partial slots (a single block never splits a column)
-    const int64_t slots = (a.workspace_size - kCounterInts) / (16 * mb * cfg.tn);
-    const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({sms, total, slots / 2})));
-
+    const int64_t slot_pairs = (a.workspace_size - kCounterInts) / (16 * mb * cfg.tn) / 2;
     const char* err;
     if (cfg.tn == 128 && cfg.tk == 128)
-      err = launch_mb<T, 128, 128>(mb, kp, blocks, a.device, a.stream);
+      err = launch_mb<T, 128, 128>(mb, kp, info.sms, a.sms, total, slot_pairs, a.device, a.stream);
     else if (cfg.tn == 256 && cfg.tk == 64)
-      err = launch_mb<T, 256, 64>(mb, kp, blocks, a.device, a.stream);
+      err = launch_mb<T, 256, 64>(mb, kp, info.sms, a.sms, total, slot_pairs, a.device, a.stream);
     else
-      err = launch_mb<T, 128, 64>(mb, kp, blocks, a.device, a.stream);
+      err = launch_mb<T, 128, 64>(mb, kp, info.sms, a.sms, total, slot_pairs, a.device, a.stream);
     if (err) return err;
     rows_done += rows;
   }
