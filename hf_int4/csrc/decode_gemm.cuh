@@ -584,24 +584,20 @@ inline const char* pick_cfg(int mb, const Int4GemmArgs& a, int max_smem, TileCfg
   return "hf_int4: no int4 GEMM tile fits this shape / group size / shared memory";
 }
 
-// Grid: `forced_blocks` when given (tests, tuning), else as many blocks as fit on the GPU at once (several per
-// SM where registers and shared memory allow: more warps in flight hide the latency of the dequant + mma
-// chain), never more than the tiles or the workspace's partial slots (two per block).
+// Grid: `forced_blocks` when given (tests, tuning), else one block per SM (measured on H100: 2-4 blocks per
+// SM were no faster, up to 50% slower), never more than the tiles or the workspace's partial slots (two per block).
 template <typename T, int MB, int TN, int TK>
 inline const char* launch_one(const KernelParams& kp, int sms, int forced_blocks, int64_t total, int64_t slot_pairs,
                               int device, cudaStream_t stream) {
   auto kernel = int4_gemm_kernel<T, MB, TN, TK>;
   constexpr int smem = Tile<MB, TN, TK>::SMEM_BYTES;
-  static int per_sm[64] = {};  // resident blocks per SM; 0: not yet configured on this device
-  if (per_sm[device] == 0) {
+  static bool attr_set[64] = {};
+  if (!attr_set[device]) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
       return "hf_int4: cudaFuncSetAttribute(MaxDynamicSharedMemorySize) failed";
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem) != cudaSuccess || n < 1)
-      return "hf_int4: cudaOccupancyMaxActiveBlocksPerMultiprocessor failed";
-    per_sm[device] = n;
+    attr_set[device] = true;
   }
-  const int64_t want = forced_blocks > 0 ? forced_blocks : int64_t(sms) * per_sm[device];
+  const int64_t want = forced_blocks > 0 ? forced_blocks : sms;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, total, slot_pairs})));
   kernel<<<blocks, kThreads, smem, stream>>>(kp);
   return nullptr;

@@ -61,8 +61,18 @@ at::Tensor cached_workspace(const at::Device& device, cudaStream_t stream) {
     WorkspaceEntry e;
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+    // Plain cudaMalloc, not torch's caching allocator: created during a capture, a caching-allocator block
+    // would belong to that graph's private pool and outlive it (torch.compile's CUDA-graph trees reject
+    // that). cudaMalloc is allowed during a capture in relaxed mode. The buffer lives as long as the process.
+    const int64_t ints = int4_gemm_workspace_ints(sms);
+    void* ptr = nullptr;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    const cudaError_t alloc = cudaMalloc(&ptr, ints * sizeof(int));
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    C10_CUDA_CHECK(alloc);
+    e.t = at::from_blob(ptr, {ints}, [](void*) {}, at::TensorOptions().dtype(at::kInt).device(device));
     // only the counters need zeroing; the partials are written before they are read
-    e.t = at::empty({int4_gemm_workspace_ints(sms)}, at::TensorOptions().dtype(at::kInt).device(device));
     e.t.narrow(0, 0, kCounterInts).zero_();  // on `stream`
     e.clean = !capturing;
     e.zeroed_in_capture = capturing ? capture_id : 0;
