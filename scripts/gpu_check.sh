@@ -40,8 +40,12 @@ for stage in $stages; do
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/env.txt" 2>&1
       python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/env.txt"
       cat "$OUT/env.txt"
-      rm -f hf_int4/_C*.so
-      run build env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+      rm -rf build hf_int4/_C*.so
+      # The GPU image points CC/CXX at /opt/gcc, and an extension built with it segfaults whenever a
+      # TORCH_CHECK message is formatted; the system gcc (the one torch was built with, 13.3) is fine.
+      compilers=()
+      [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ] && compilers=(CC=/usr/bin/gcc CXX=/usr/bin/g++)
+      run build env "${compilers[@]}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
         python3 setup.py -q build_ext --inplace
       so=$(ls hf_int4/_C*.so 2>/dev/null | head -1)
       [ -n "$so" ] && cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p > "$OUT/resource_usage.txt"
