@@ -16,14 +16,14 @@ from typing import Optional
 import torch
 
 from hf_int4._extension import extension_available
-from hf_int4.packing import PAD_K, PAD_N, SUPPORTED_DTYPES, PackedInt4Weight
+from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight
 
 
 _HAS_EXTENSION = extension_available()  # a constant, so that torch.compile does not trace the lru_cache
 
 
-def _round_up(x, m):
-    return (x + m - 1) // m * m
+def _packed_shape(size_k: int, size_n: int):
+    return PackedInt4Weight.shapes(size_k, size_n, -1)["qweight"]
 
 
 def _fail(msg: str):
@@ -91,11 +91,11 @@ if _HAS_EXTENSION:
         torch._check(a.shape[1] == size_k, lambda: f"hf_int4::int4_gemm: activation K={a.shape[1]} != size_k={size_k}")
         torch._check(scales.dtype == a.dtype, lambda: "hf_int4::int4_gemm: scales dtype != activation dtype")
         torch._check(
-            tuple(b_packed.shape) == (_round_up(size_k, PAD_K) // 16, _round_up(size_n, PAD_N) * 2),
+            tuple(b_packed.shape) == _packed_shape(size_k, size_n),
             lambda: f"hf_int4::int4_gemm: b_packed shape {tuple(b_packed.shape)} does not match size_k={size_k}, size_n={size_n}",
         )
         return a.new_empty((a.shape[0], size_n))
 
     @torch.library.register_fake("hf_int4::repack_gptq")
     def _repack_gptq_fake(qweight, perm, size_k, size_n):
-        return qweight.new_empty((_round_up(size_k, PAD_K) // 16, _round_up(size_n, PAD_N) * 2))
+        return qweight.new_empty(_packed_shape(size_k, size_n))

@@ -31,7 +31,7 @@ Padding: weight nibbles 8, scales 0, zeros magic + 8. The kernel zero-fills A be
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_int4.formats.gptq import GPTQConfig, GPTQLayer
+from hf_int4.formats.gptq import GPTQConfig
 from hf_int4.formats.gptq_writer import make_gptq_layer, random_gptq_layer
 from hf_int4.packing import (
     PackedInt4Weight,

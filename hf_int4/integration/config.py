@@ -60,15 +60,12 @@ class HfInt4Config(QuantizationConfigMixin):
         self.packed_layout = PACKED_LAYOUT
 
     def gptq_config(self) -> GPTQConfig:
-        return GPTQConfig.from_dict(
-            {
-                "quant_method": "gptq",
-                "bits": self.bits,
-                "group_size": self.group_size,
-                "sym": self.sym,
-                "desc_act": self.desc_act,
-                "checkpoint_format": self.checkpoint_format,
-            }
+        return GPTQConfig(
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            desc_act=self.desc_act,
+            checkpoint_format=self.checkpoint_format,
         )
 
     @classmethod
