@@ -59,6 +59,7 @@ class HfInt4Linear(nn.Module):
             self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
             self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.derive_g_idx = False  # set when the checkpoint has no g_idx for this layer
 
     def gptq_layer(self) -> GPTQLayer:
         return GPTQLayer(
@@ -86,6 +87,8 @@ class HfInt4Linear(nn.Module):
             self.packed_weight().validate()
             self._check_kernel_path()
             return
+        if self.derive_g_idx:
+            self.g_idx.copy_(self.config.group_of_rows(self.in_features, device=self.g_idx.device))
         layer = self.gptq_layer()
         layer.validate()
         if self._check_kernel_path():

@@ -115,3 +115,46 @@ def test_save_pretrained_writes_packed_checkpoint_that_reloads_cpu(tmp_path, con
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():  # both compute each layer in fp32 from the same fp16 scales: identical logits
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def _rewrite_checkpoint(checkpoint, edit):
+    """Apply edit(dict of tensors) to a single-file checkpoint in place."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(checkpoint, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor_names_the_layer(tmp_path):
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])
+    _rewrite_checkpoint(checkpoint, lambda t: t.pop("model.layers.1.mlp.up_proj.qzeros"))
+    with pytest.raises(GPTQFormatError, match=r"layer model\.layers\.1\.mlp\.up_proj: the checkpoint has no .*qzeros"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())
+
+
+def test_misshapen_tensor_names_the_layer(tmp_path):
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])
+    key = "model.layers.0.self_attn.o_proj.scales"
+    _rewrite_checkpoint(checkpoint, lambda t: t.update({key: t[key][:, :64].contiguous()}))
+    with pytest.raises(GPTQFormatError, match=r"layer model\.layers\.0\.self_attn\.o_proj: .*scales has shape"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())
+
+
+def test_missing_g_idx_is_derived(tmp_path):
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])  # no act-order: g_idx is k // group_size
+    _rewrite_checkpoint(checkpoint, lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".g_idx")]])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
+    oracle, _ = _dequantized_float_model(_write_tiny(tmp_path / "again", VARIANTS[0]))
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_corrupt_sym_zeros_name_the_layer(tmp_path):
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])
+    key = "model.layers.0.mlp.down_proj.qzeros"
+    _rewrite_checkpoint(checkpoint, lambda t: t[key].__setitem__((0, 0), 0x12345678))
+    with pytest.raises(GPTQFormatError, match=r"layer model\.layers\.0\.mlp\.down_proj: checkpoint says sym=True"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())

@@ -12,6 +12,7 @@ from transformers.quantizers.auto import AutoHfQuantizer, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 
+from hf_int4.formats.gptq import GPTQFormatError
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
 from hf_int4.modules import HfInt4Linear, replace_linear_layers
 
@@ -46,6 +47,7 @@ class HfInt4Quantizer(HfQuantizer):
             model, config.gptq_config(), self.modules_to_not_convert, dtype=model.dtype,
             packed=config.weight_format == "packed",
         )
+        check_checkpoint_tensors(model, kwargs.get("checkpoint_files"))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         layers = [m for m in model.modules() if isinstance(m, HfInt4Linear)]
@@ -75,6 +77,43 @@ class HfInt4Quantizer(HfQuantizer):
     @property
     def is_compileable(self):
         return True
+
+
+def check_checkpoint_tensors(model, checkpoint_files):
+    """Before loading: every tensor each HfInt4Linear expects is in the checkpoint with its shape.
+
+    transformers would otherwise leave a missing tensor uninitialised (a warning, then garbage output).
+    Reads only the safetensors headers. A layer none of whose tensors appear under its name is left to
+    transformers (its weight-renaming rules may map other names onto it). A missing g_idx is allowed:
+    finalize() derives it as k // group_size, as GPTQ readers do."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in checkpoint_files or ():
+        if str(path).endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    if not shapes:
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, HfInt4Linear):
+            continue
+        expected = {f"{name}.{buf}": tuple(t.shape) for buf, t in module.named_buffers(recurse=False)}
+        if not any(key in shapes for key in expected):
+            continue
+        for key, shape in expected.items():
+            if key not in shapes:
+                if key.endswith(".g_idx"):
+                    module.derive_g_idx = True
+                    continue
+                raise GPTQFormatError(f"layer {name}: the checkpoint has no {key} (expected shape {shape})")
+            if shapes[key] != shape:
+                cfg = module.config
+                raise GPTQFormatError(
+                    f"layer {name}: {key} has shape {shapes[key]} in the checkpoint, expected {shape} for "
+                    f"in_features={module.in_features}, out_features={module.out_features}, "
+                    f"group_size={cfg.group_size}"
+                )
 
 
 _transformers_merge = AutoHfQuantizer.merge_quantization_configs.__func__
