@@ -66,3 +66,20 @@ def test_packed_checkpoint_roundtrip_on_gpu(checkpoint, tmp_path):
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits), "same packed bytes, same kernel, same logits"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_device_map_auto_across_two_gpus(checkpoint):
+    """accelerate splits the layers over two GPUs; each device's layers run the kernels with its own workspace."""
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=HfInt4Config(), device_map="auto", dtype=torch.float16,
+        max_memory={0: "600KB", 1: "10GB"},
+    ).eval()
+    devices = {m.int4_qweight.device for m in model.modules() if isinstance(m, HfInt4Linear)}
+    assert devices == {torch.device("cuda", 0), torch.device("cuda", 1)}, devices
+    cpu = _load(checkpoint, "cpu", torch.float32)
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(ids.to("cuda:0")).logits.float().cpu()
+        want = cpu(ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 5e-3
