@@ -1,10 +1,15 @@
-"""Decode-kernel grid size sweep: per-call time (CUDA graph over rotating weights) for forced block counts."""
+"""Decode-kernel tuning sweep: per-call time (CUDA graph over rotating weights) for each tile and grid size.
+
+    python scripts/sweep_grid.py 8192x8192,4096x4096 1,16,64
+"""
 import sys
 
 import torch
 
 from hf_int4.bench import Shape, time_rotating
 from hf_int4.ops import int4_gemm
+
+TILES = [(-1, -1), (128, 128), (256, 64), (128, 64)]
 
 for spec in sys.argv[1].split(","):
     K, N = map(int, spec.split("x"))
@@ -13,7 +18,12 @@ for spec in sys.argv[1].split(","):
     for M in map(int, sys.argv[2].split(",")):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         row = []
-        for blocks in (-1, sms, 2 * sms, 3 * sms, 4 * sms):
-            us = time_rotating(lambda i: int4_gemm(x, shape.packed[i], sms=blocks), len(shape.packed))
-            row.append(f"{blocks:>4}:{us:6.1f}")
-        print(f"{K}x{N} M={M:<4}", "  ".join(row), flush=True)
+        for tn, tk in TILES:
+            for blocks in (sms, 2 * sms):
+                try:
+                    us = time_rotating(lambda i: int4_gemm(x, shape.packed[i], thread_n=tn, thread_k=tk, sms=blocks),
+                                       len(shape.packed))
+                    row.append(f"{tn}x{tk}/{blocks}:{us:5.1f}")
+                except RuntimeError:
+                    row.append(f"{tn}x{tk}/{blocks}:  -  ")
+        print(f"{K}x{N} M={M:<3}", " ".join(row), flush=True)
