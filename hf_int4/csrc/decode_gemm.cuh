@@ -559,7 +559,7 @@ inline bool cfg_valid(TileCfg c, int mb, const Int4GemmArgs& a, int max_smem) {
 
 // Tile choice: small batches favour more, thinner column slices (better spread over the SMs);
 // larger batches favour wide tiles (fewer A reloads).
-inline const char* pick_cfg(int mb, const Int4GemmArgs& a, int max_smem, TileCfg* out) {
+inline const char* pick_cfg(int mb, bool many_problems, const Int4GemmArgs& a, int max_smem, TileCfg* out) {
   if (a.thread_n > 0 || a.thread_k > 0) {
     for (const TileCfg& c : kCfgs) {
       if ((a.thread_n <= 0 || c.tn == a.thread_n) && (a.thread_k <= 0 || c.tk == a.thread_k) &&
@@ -572,11 +572,12 @@ inline const char* pick_cfg(int mb, const Int4GemmArgs& a, int max_smem, TileCfg
            "(tiles: 128x128, 256x64, 128x64 (thread_n x thread_k); thread_n must divide the padded N, "
            "thread_k the padded K, and the group size must be a multiple or divisor of thread_k)";
   }
-  // Measured on H100 (scripts/sweep_grid.py): with several m-blocks, 256-wide tiles win on wide layers
-  // (N = 8192, 28672) but leave too few column slices on N <= 4096, where 128 x 128 is up to 1.3x faster.
+  // Measured on H100 (scripts/sweep_grid.py, hf_int4.bench): for one problem of up to 64 rows, 256-wide
+  // tiles win on wide layers (N = 8192, 28672) but leave too few column slices on N <= 4096, where
+  // 128 x 128 is up to 1.3x faster; with several 64-row problems per launch 256-wide tiles win everywhere.
   static const TileCfg small_pref[] = {{128, 128}, {128, 64}, {256, 64}};
   static const TileCfg large_pref[] = {{256, 64}, {128, 128}, {128, 64}};
-  const TileCfg* pref = mb == 1 || a.n_pad <= 4096 ? small_pref : large_pref;
+  const TileCfg* pref = mb == 1 || (!many_problems && a.n_pad <= 4096) ? small_pref : large_pref;
   for (int i = 0; i < 3; ++i) {
     if (cfg_valid(pref[i], mb, a, max_smem)) {
       *out = pref[i];
@@ -643,7 +644,7 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
       par = 1;
     }
     TileCfg cfg;
-    if (const char* err = pick_cfg(mb, a, info.max_smem, &cfg)) return err;
+    if (const char* err = pick_cfg(mb, rem > 64, a, info.max_smem, &cfg)) return err;
     const int n_tiles = a.n_pad / cfg.tn;
     if (a.workspace_size < kCounterInts) return "hf_int4: the workspace is smaller than its counter block";
     const int par_ws = kCounterInts / n_tiles;
