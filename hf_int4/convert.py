@@ -8,22 +8,11 @@ from tqdm.auto import tqdm
 
 from hf_int4 import _extension
 from hf_int4.formats.files import ShardWriter, atomic_output_dir
-from hf_int4.formats.gptq import iter_checkpoint, load_gptq_config, safetensors_files
+from hf_int4.formats.gptq import iter_checkpoint, load_gptq_config, safetensors_files, tensor_shapes
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
-from hf_int4.modules import PACKED_PREFIX, pack_for_module
+from hf_int4.modules import PACKED_PREFIX, pack_for_module, packed_state_dict
 
 WEIGHT_FILES = ("config.json", "quantize_config.json", "model.safetensors.index.json")
-
-
-def _count_layers(checkpoint_dir) -> int:
-    from safetensors import safe_open
-
-
-    count = 0
-    for path in safetensors_files(checkpoint_dir):
-        with safe_open(path, framework="pt") as f:
-            count += sum(key.endswith(".qweight") for key in f.keys())
-    return count
 
 
 def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=False, max_shard_size="4GB", progress=True):
@@ -38,7 +27,7 @@ def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=F
     gptq = load_gptq_config(src)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and _extension.extension_available() else "cpu"
-    total = _count_layers(src)
+    total = sum(key.endswith(".qweight") for key in tensor_shapes(safetensors_files(src)))
     with atomic_output_dir(dst, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         bar = tqdm(total=total, desc="hf-int4 repack", unit="layer", disable=not progress)
@@ -46,10 +35,9 @@ def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=F
             if kind == "tensor":
                 writer.add(name, obj)
                 continue
-            for key, tensor in pack_for_module(obj, dtype).tensors().items():
-                writer.add(f"{name}.{PACKED_PREFIX}{key}", tensor)
-            if obj.bias is not None:
-                writer.add(f"{name}.bias", obj.bias.to(dtype))
+            bias = None if obj.bias is None else obj.bias.to(dtype)
+            for key, tensor in packed_state_dict(pack_for_module(obj, dtype), bias, f"{name}.").items():
+                writer.add(key, tensor)
             bar.update()
         bar.close()
         writer.finish()
@@ -70,19 +58,13 @@ def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=F
 
 def describe_checkpoint(checkpoint_dir) -> dict:
     """Format, settings, layer count and size of a GPTQ or packed hf_int4 checkpoint."""
-    from safetensors import safe_open
-
-
     with open(os.path.join(checkpoint_dir, "config.json")) as f:
         model_config = json.load(f)
     qc = model_config.get("quantization_config") or {}
     files = safetensors_files(checkpoint_dir)
-    layers, tensors = 0, 0
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-        tensors += len(keys)
-        layers += sum(k.endswith((".qweight", f".{PACKED_PREFIX}qweight")) for k in keys)
+    keys = tensor_shapes(files)
+    tensors = len(keys)
+    layers = sum(k.endswith((".qweight", f".{PACKED_PREFIX}qweight")) for k in keys)
     method = qc.get("quant_method", "none")
     return {
         "path": os.path.abspath(checkpoint_dir),

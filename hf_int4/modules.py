@@ -29,6 +29,14 @@ def pack_for_module(layer: GPTQLayer, dtype: torch.dtype) -> PackedInt4Weight:
     return packed
 
 
+def packed_state_dict(packed: PackedInt4Weight, bias, prefix: str = "") -> dict:
+    """The state-dict entries of one layer in the packed layout (what packed checkpoints hold)."""
+    state = {prefix + PACKED_PREFIX + k: v for k, v in packed.tensors().items()}
+    if bias is not None:
+        state[prefix + "bias"] = bias
+    return state
+
+
 class HfInt4Linear(nn.Module):
     def __init__(
         self,
@@ -118,10 +126,7 @@ class HfInt4Linear(nn.Module):
                     f"layer {self.name}: packed checkpoints hold float16 or bfloat16 scales; this model is {self.dtype}"
                 )
             packed = pack_for_module(self.gptq_layer(), self.dtype)
-        state = {prefix + PACKED_PREFIX + k: v for k, v in packed.tensors().items()}
-        if self.bias is not None:
-            state[prefix + "bias"] = self.bias
-        return state
+        return packed_state_dict(packed, self.bias, prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_packed:

@@ -350,11 +350,11 @@ def pack_gptq_layer(layer, dtype: torch.dtype = torch.float16) -> PackedInt4Weig
     return PackedInt4Weight(qweight, scales, zeros, perm, K, N, kgs).validate()
 
 
-# ------------------------------------------------------------------------------- debugging / test helpers
+# ------------------------------------------------------------------------------------------ unpacking
 
 
 def unpack_to_int_weight(packed: PackedInt4Weight) -> Dict[str, Optional[torch.Tensor]]:
-    """TEST / DEBUG HELPER (not used by the kernels): undo the packing.
+    """Undo the packing (for the CPU path of packed checkpoints, hf_int4.reference.dequantize_packed, and tests).
 
     Returns intweight int32 [K, N] (in GPTQ row order, i.e. with act-order undone), zeros int32 [G_pad, N]
     (true zero points; all 8 when symmetric), scales float32 [G_pad, N] and the row -> group map
@@ -379,8 +379,9 @@ def unpack_to_int_weight(packed: PackedInt4Weight) -> Dict[str, Optional[torch.T
     return {"intweight": intweight, "zeros": zeros, "scales": scales, "group": group}
 
 
-def dequantize_packed(packed: PackedInt4Weight) -> torch.Tensor:
-    """TEST / DEBUG HELPER: float32 [K, N] weight that the kernel multiplies by (x @ W, GPTQ row order).
+def dequantize_like_kernel(packed: PackedInt4Weight) -> torch.Tensor:
+    """TEST HELPER: float32 [K, N] weight that the kernel multiplies by (x @ W, GPTQ row order); unlike
+    hf_int4.reference.dequantize_packed (exact fp32), it rounds to the activation dtype as the kernel does.
 
     The scale is applied in the activation dtype, exactly as the kernel does: ((q - z) * s) rounded."""
     u = unpack_to_int_weight(packed)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 from hf_int4 import ops  # noqa: E402
 from hf_int4.formats.gptq import GPTQConfig  # noqa: E402
 from hf_int4.formats.gptq_writer import random_gptq_layer  # noqa: E402
-from hf_int4.packing import PackedInt4Weight, dequantize_packed, pack_gptq_layer, pack_gptq_layer_cpu  # noqa: E402
+from hf_int4.packing import PackedInt4Weight, dequantize_like_kernel, pack_gptq_layer, pack_gptq_layer_cpu  # noqa: E402
 
 F16, BF16 = torch.float16, torch.bfloat16
 DTYPES = [F16, BF16]
@@ -119,7 +119,7 @@ def test_identity_input_recovers_dequantized_weight_exactly(dtype, tile, sym):
     K, N = 256, 256
     cfg = _cfg(sym=sym, gs=64)
     packed = get_packed(K, N, cfg, dtype)
-    want = dequantize_packed(packed).to(dtype)
+    want = dequantize_like_kernel(packed).to(dtype)
     for m0 in range(0, K, 64):
         x = torch.zeros(64, K, dtype=dtype, device="cuda")
         x[torch.arange(64), m0 + torch.arange(64)] = 1

@@ -12,7 +12,7 @@ from hf_int4.formats.gptq_writer import make_gptq_layer, random_gptq_layer
 from hf_int4.packing import (
     PackedInt4Weight,
     act_order_perm,
-    dequantize_packed,
+    dequantize_like_kernel,
     kernel_group_size,
     pack_gptq_layer,
     pack_gptq_layer_cpu,
@@ -134,7 +134,7 @@ def test_dequantized_packed_matches_oracle(group_size, desc_act, sym, fmt, dtype
     K, N = (352, 264) if group_size != 48 else (336, 136)
     layer, raw = _layer(K, N, group_size=group_size, sym=sym, desc_act=desc_act, fmt=fmt, seed=11)
     packed = pack_gptq_layer_cpu(layer, dtype)
-    W = dequantize_packed(packed).double()
+    W = dequantize_like_kernel(packed).double()
     ref = _oracle(raw)
     err = ((W - ref).norm() / ref.norm()).item()
     assert err < (1e-3 if dtype == torch.float16 else 8e-3), err

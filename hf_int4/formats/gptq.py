@@ -290,6 +290,17 @@ def safetensors_files(checkpoint_dir) -> list:
     return [os.path.join(checkpoint_dir, n) for n in names]
 
 
+def tensor_shapes(paths) -> Dict[str, Tuple[int, ...]]:
+    """{tensor name: shape} of safetensors files, from their headers only (no tensor data is read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
+
+
 def _split(key: str) -> Tuple[str, str]:
     prefix, _, suffix = key.rpartition(".")
     return prefix, suffix

@@ -12,7 +12,7 @@ from transformers.quantizers.auto import AutoHfQuantizer, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 
-from hf_int4.formats.gptq import GPTQFormatError
+from hf_int4.formats.gptq import GPTQFormatError, tensor_shapes
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
 from hf_int4.modules import HfInt4Linear, replace_linear_layers
 
@@ -86,13 +86,7 @@ def check_checkpoint_tensors(model, checkpoint_files):
     Reads only the safetensors headers. A layer none of whose tensors appear under its name is left to
     transformers (its weight-renaming rules may map other names onto it). A missing g_idx is allowed:
     finalize() derives it as k // group_size, as GPTQ readers do."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for path in checkpoint_files or ():
-        if str(path).endswith(".safetensors"):
-            with safe_open(path, framework="pt") as f:
-                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    shapes = tensor_shapes([p for p in checkpoint_files or () if str(p).endswith(".safetensors")])
     if not shapes:
         return
     for name, module in model.named_modules():
