@@ -72,7 +72,7 @@ setup(
     version="0.1.0",
     description="Fast 4-bit GPTQ inference in Hugging Face transformers at every batch size",
     packages=find_packages(include=["hf_int4", "hf_int4.*"]),
-    package_data={"hf_int4": ["csrc/*"]},
+    package_data={"hf_int4": ["csrc/*", "tables/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "transformers>=5.0", "accelerate", "safetensors", "tqdm"],
     extras_require={

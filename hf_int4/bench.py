@@ -1,6 +1,10 @@
-"""Kernel benchmark: hf_int4 vs fp16 cuBLAS (F.linear) and torch's built-in int4, side by side.
+"""Kernel benchmark: hf_int4 (dispatched, and each path forced) vs fp16 cuBLAS (F.linear) and torch's
+built-in int4, side by side.
 
     python -m hf_int4.bench [--shapes 4096x4096,...] [--ms 1,2,4,...] [--json out.json]
+
+`path` is the path the dispatch plan chose; decode_x / dequant_x are the forced paths. Also prints the
+dequantize pass alone per shape, as a percentage of the measured copy bandwidth.
 
 Method: every path is timed as a CUDA graph of many calls that rotate over enough weight copies
 (> 4x the L2 size in total) that the weights stream from HBM, not L2; each graph is replayed several
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 LLAMA3_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 8192)]
-DEFAULT_MS = [2**i for i in range(14)]  # 1 .. 8192
+DEFAULT_MS = sorted([2**i for i in range(14)] + [3, 48, 96, 192, 384, 768, 1536])  # 1 .. 8192
 TINYGEMM_MAX_M = 512
 
 
@@ -107,22 +111,39 @@ class Shape:
             print(f"torch int4 unavailable: {exc}", file=sys.stderr)
             return None
 
-    def run(self, M: int) -> dict:
-        from hf_int4.ops import int4_gemm
+    def time_dequantize(self) -> float:
+        """us per dequantize pass of the whole weight (the extra cost of the dequant path)."""
+        from hf_int4.ops import dequantize
+
+        return time_rotating(lambda i: dequantize(self.packed[i]), len(self.packed))
+
+    def time_paths(self, M: int, paths) -> dict:
+        """Median us per call of each named path at M rows: fp16 (F.linear), torch_int4, hf_int4's own paths
+        (hf_int4.dispatch.PATHS, forced) and dispatched (the path this layer's plan picks for M)."""
+        from hf_int4 import dispatch
 
         x = torch.randn(M, self.K, device="cuda", dtype=self.dtype)
-        x16 = x.to(torch.float16)
-        row = {"K": self.K, "N": self.N, "M": M}
-        row["fp16_us"] = time_rotating(lambda i: F.linear(x16, self.fp16[i]), len(self.fp16))
-        row["hf_int4_us"] = time_rotating(lambda i: int4_gemm(x, self.packed[i]), len(self.packed))
-        if self.tinygemm is not None and M <= TINYGEMM_MAX_M:  # it is far behind beyond; keep the run short
-            gs, wqs, sz = self.tinygemm
-            xb = x.to(torch.bfloat16)
-            row["torch_int4_us"] = time_rotating(
-                lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs)
-            )
-        row["flops"] = 2 * M * self.K * self.N
-        row["hf_int4_bytes"] = self.int4_bytes + 2 * M * (self.K + self.N)
+        row = {"K": self.K, "N": self.N, "M": M, "flops": 2 * M * self.K * self.N}
+        for name in paths:
+            if name == "fp16":
+                x16 = x.to(torch.float16)
+                row["fp16_us"] = time_rotating(lambda i: F.linear(x16, self.fp16[i]), len(self.fp16))
+            elif name == "torch_int4":
+                if self.tinygemm is None or M > TINYGEMM_MAX_M:  # it is far behind beyond; keep the run short
+                    continue
+                gs, wqs, sz = self.tinygemm
+                xb = x.to(torch.bfloat16)
+                row["torch_int4_us"] = time_rotating(
+                    lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs)
+                )
+            else:
+                if name == "dispatched":
+                    plan = dispatch.plan_for(dispatch.LinearSpec.of(self.packed[0]), x.device)
+                    path = plan.path(M)
+                    row["chosen"] = path.name
+                else:
+                    path = dispatch.PATHS[name]
+                row[f"{name}_us"] = time_rotating(lambda i: path.run(x, self.packed[i], None), len(self.packed))
         return row
 
 
@@ -146,26 +167,34 @@ def main(argv=None):
     }
     print(f"# {meta['device']}, torch {meta['torch']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"group {args.group_size}, {args.dtype}")
-    print(f"{'K':>6} {'N':>6} {'M':>5} {'fp16_us':>9} {'ours_us':>9} {'ours_x':>7} {'tiny_x':>7} {'%bw':>5} {'TFLOP/s':>8}")
-    rows = []
+    print(f"{'K':>6} {'N':>6} {'M':>5} {'fp16_us':>9} {'ours_us':>9} {'ours_x':>7} {'path':>8} {'decode_x':>8} "
+          f"{'dequant_x':>9} {'tiny_x':>7} {'%bw':>5} {'TFLOP/s':>8}")
+    rows, passes = [], []
     for spec in args.shapes.split(","):
         K, N = map(int, spec.split("x"))
         shape = Shape(K, N, args.group_size, dtype)
+        pass_us = shape.time_dequantize()
+        pass_pct = 100 * (shape.int4_bytes + 2 * K * N) / (pass_us * 1e-6) / bandwidth
+        passes.append({"K": K, "N": N, "dequantize_us": pass_us, "pct_copy_bw": pass_pct})
+        print(f"# {K}x{N}: dequantize pass {pass_us:.1f} us = {pass_pct:.0f}% of copy bandwidth "
+              f"(reads the int4 weight, writes {2 * K * N / 2**20:.0f} MiB)")
         for M in map(int, args.ms.split(",")):
-            r = shape.run(M)
-            r["hf_int4_x"] = r["fp16_us"] / r["hf_int4_us"]
-            r["torch_int4_x"] = r["fp16_us"] / r["torch_int4_us"] if "torch_int4_us" in r else None
-            r["hf_int4_pct_bw"] = 100 * r["hf_int4_bytes"] / (r["hf_int4_us"] * 1e-6) / bandwidth
-            r["hf_int4_tflops"] = r["flops"] / (r["hf_int4_us"] * 1e-6) / 1e12
+            r = shape.time_paths(M, ["fp16", "dispatched", "decode", "dequant", "torch_int4"])
+            for name in ("dispatched", "decode", "dequant", "torch_int4"):
+                r[f"{name}_x"] = r["fp16_us"] / r[f"{name}_us"] if f"{name}_us" in r else None
+            # bytes the decode path must move: the int4 weight + activations in + outputs out
+            r["decode_pct_bw"] = 100 * (shape.int4_bytes + 2 * M * (K + N)) / (r["decode_us"] * 1e-6) / bandwidth
+            r["dispatched_tflops"] = r["flops"] / (r["dispatched_us"] * 1e-6) / 1e12
             rows.append(r)
             tiny = f"{r['torch_int4_x']:7.2f}" if r["torch_int4_x"] else "      -"
-            print(f"{K:>6} {N:>6} {M:>5} {r['fp16_us']:9.1f} {r['hf_int4_us']:9.1f} {r['hf_int4_x']:7.2f} {tiny} "
-                  f"{r['hf_int4_pct_bw']:5.0f} {r['hf_int4_tflops']:8.1f}", flush=True)
+            print(f"{K:>6} {N:>6} {M:>5} {r['fp16_us']:9.1f} {r['dispatched_us']:9.1f} {r['dispatched_x']:7.2f} "
+                  f"{r['chosen']:>8} {r['decode_x']:8.2f} {r['dequant_x']:9.2f} {tiny} {r['decode_pct_bw']:5.0f} "
+                  f"{r['dispatched_tflops']:8.1f}", flush=True)
         del shape
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "dequantize_pass": passes, "rows": rows}, f, indent=1)
     return rows
 
 

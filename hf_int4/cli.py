@@ -1,4 +1,4 @@
-"""`hf-int4`: repack GPTQ checkpoints into hf_int4's layout, inspect checkpoints."""
+"""`hf-int4`: repack GPTQ checkpoints into hf_int4's layout, inspect checkpoints, tune the dispatch."""
 import argparse
 import sys
 
@@ -17,7 +17,12 @@ def main(argv=None):
     rp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     ins = sub.add_parser("inspect", help="print a checkpoint's format, variants, layer count and size")
     ins.add_argument("checkpoint_dir")
+    from hf_int4 import tune
+
+    tune.add_arguments(sub.add_parser("tune", help="measure each kernel path on this GPU and write the dispatch table"))
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        return tune.run(args)
 
     from hf_int4.convert import describe_checkpoint, repack_checkpoint
     from hf_int4.formats.gptq import GPTQFormatError

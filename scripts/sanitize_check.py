@@ -1,4 +1,5 @@
-"""A few small kernel calls for compute-sanitizer (memcheck, racecheck): every path, odd shapes.
+"""A few small kernel calls for compute-sanitizer (memcheck, racecheck): both linear paths (decode kernel,
+dequantize-then-cuBLAS), odd shapes.
 
 Also checks the results against the reference, so a run that is clean but wrong still fails.
 """
@@ -6,7 +7,7 @@ import torch
 
 from hf_int4.formats import GPTQConfig
 from hf_int4.formats.gptq_writer import random_gptq_layer
-from hf_int4.ops import int4_gemm
+from hf_int4.ops import dequant_linear, int4_gemm
 from hf_int4.packing import pack_gptq_layer
 from hf_int4.reference import gptq_matmul_reference
 
@@ -25,11 +26,12 @@ def main():
         packed = pack_gptq_layer(layer, dtype)
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         bias = layer.bias.to(dtype)
-        out = int4_gemm(x, packed, bias)
         ref = gptq_matmul_reference(x.float(), layer)
-        err = ((out.float() - ref).norm() / ref.norm()).item()
-        worst = max(worst, err)
-        print(f"K={K} N={N} M={M} {config} {dtype}: rel err {err:.2e}")
+        for path in (int4_gemm, dequant_linear):
+            out = path(x, packed, bias)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            worst = max(worst, err)
+            print(f"{path.__name__} K={K} N={N} M={M} {config} {dtype}: rel err {err:.2e}")
     torch.cuda.synchronize()
     assert worst < 2e-2, worst
     print("sanitize_check: ok")

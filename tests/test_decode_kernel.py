@@ -268,7 +268,7 @@ def test_deterministic():
             assert torch.equal(a, b), f"M={M} sms={sms} {dtype}"
 
 
-COUNTER_INTS = 1 << 16  # kCounterInts in decode_gemm.h
+COUNTER_INTS = 1 << 16  # kCounterInts in kernels.h
 
 
 @pytest.mark.parametrize("partial_slots", [2 * 9, 1])

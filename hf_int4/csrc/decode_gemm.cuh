@@ -32,7 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "decode_gemm.h"
+#include "kernels.h"
 
 namespace hf_int4 {
 namespace gemm {

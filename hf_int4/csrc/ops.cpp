@@ -14,7 +14,7 @@
 #include <optional>
 #include <utility>
 
-#include "decode_gemm.h"
+#include "kernels.h"
 
 namespace hf_int4 {
 namespace {
@@ -28,13 +28,58 @@ std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
-void check_cuda_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), "hf_int4::int4_gemm: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), "hf_int4::int4_gemm: ", name, " is on ", t.device(),
-              " but the activation is on ", ref.device());
+void check_cuda_same_device(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
+                            const char* ref_name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+struct PackedSizes {
+  int64_t k_pad, n_pad;
+};
+
+// Checks a packed weight (hf_int4.packing's layout) against its logical sizes, and its device / dtype
+// against `ref` (the activation, or the scales where there is none).
+PackedSizes check_packed_weight(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& b_packed,
+                                const at::Tensor& scales, const std::optional<at::Tensor>& zeros, int64_t size_n,
+                                int64_t size_k, int64_t group_size) {
+  TORCH_CHECK(size_k > 0 && size_k % 8 == 0, op, ": size_k must be a positive multiple of 8, got ", size_k);
+  TORCH_CHECK(size_n > 0 && size_n % 8 == 0, op, ": size_n must be a positive multiple of 8, got ", size_n);
+  TORCH_CHECK(group_size == -1 || (group_size >= 16 && (group_size & (group_size - 1)) == 0), op,
+              ": group_size must be -1 or a power of two >= 16 (hf_int4.packing re-expresses other GPTQ group "
+              "sizes), got ", group_size);
+  const int64_t k_pad = round_up(size_k, kPadK), n_pad = round_up(size_n, kPadN);
+  const int64_t g_pad = group_size == -1 ? 1 : cdiv(k_pad, group_size);
+  check_cuda_same_device(op, b_packed, "b_packed", ref, ref_name);
+  TORCH_CHECK(b_packed.scalar_type() == at::kInt, op, ": b_packed must be int32, got ", b_packed.scalar_type());
+  TORCH_CHECK(b_packed.dim() == 2 && b_packed.size(0) == k_pad / 16 && b_packed.size(1) == n_pad * 2, op,
+              ": b_packed has shape ", shape_str(b_packed), ", expected [", k_pad / 16, ", ", n_pad * 2,
+              "] for size_k=", size_k, ", size_n=", size_n);
+  TORCH_CHECK(b_packed.is_contiguous(), op, ": b_packed must be contiguous");
+  check_cuda_same_device(op, scales, "scales", ref, ref_name);
+  TORCH_CHECK(scales.scalar_type() == ref.scalar_type(), op, ": scales are ", scales.scalar_type(), " but ", ref_name,
+              " is ", ref.scalar_type(), " (pack the weight for the activation dtype)");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16, op,
+              ": scales must be float16 or bfloat16, got ", scales.scalar_type());
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == g_pad && scales.size(1) == n_pad, op, ": scales have shape ",
+              shape_str(scales), ", expected [", g_pad, ", ", n_pad, "] for size_k=", size_k, ", size_n=", size_n,
+              ", group_size=", group_size);
+  TORCH_CHECK(scales.is_contiguous(), op, ": scales must be contiguous");
+  TORCH_CHECK(aligned16(b_packed) && aligned16(scales), op,
+              ": b_packed and scales must be 16-byte aligned (use the tensors produced by hf_int4.packing)");
+  if (zeros.has_value()) {
+    check_cuda_same_device(op, *zeros, "zeros", ref, ref_name);
+    TORCH_CHECK(zeros->scalar_type() == scales.scalar_type(), op, ": zeros are ", zeros->scalar_type(),
+                " but the scales are ", scales.scalar_type());
+    TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros have shape ", shape_str(*zeros),
+                ", expected the scales' shape ", shape_str(scales));
+    TORCH_CHECK(zeros->is_contiguous() && aligned16(*zeros), op, ": zeros must be contiguous and 16-byte aligned");
+  }
+  return {k_pad, n_pad};
+}
 
 // One workspace per (device, stream): zeroed int32 counters, which every kernel leaves zero again, and fp32
 // partial tiles. Allocated once and reused by every call on that stream (no allocation / memset in the hot path).
@@ -100,44 +145,15 @@ at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, co
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
               ": the activation must be float16 or bfloat16, got ", a_in.scalar_type());
   TORCH_CHECK(a_in.dim() == 2, op, ": the activation must be 2-D [M, K], got shape ", shape_str(a_in));
-  TORCH_CHECK(size_k > 0 && size_k % 8 == 0, op, ": size_k must be a positive multiple of 8, got ", size_k);
-  TORCH_CHECK(size_n > 0 && size_n % 8 == 0, op, ": size_n must be a positive multiple of 8, got ", size_n);
   TORCH_CHECK(a_in.size(1) == size_k, op, ": the activation has K=", a_in.size(1), " (shape ", shape_str(a_in),
               ") but the weight has in_features=", size_k);
-  TORCH_CHECK(group_size == -1 || (group_size >= 16 && (group_size & (group_size - 1)) == 0), op,
-              ": group_size must be -1 or a power of two >= 16 (hf_int4.packing re-expresses other GPTQ group "
-              "sizes), got ", group_size);
-  const int64_t k_pad = round_up(size_k, kPadK), n_pad = round_up(size_n, kPadN);
-  const int64_t g_pad = group_size == -1 ? 1 : cdiv(k_pad, group_size);
-
-  check_cuda_same_device(b_packed, "b_packed", a_in);
-  TORCH_CHECK(b_packed.scalar_type() == at::kInt, op, ": b_packed must be int32, got ", b_packed.scalar_type());
-  TORCH_CHECK(b_packed.dim() == 2 && b_packed.size(0) == k_pad / 16 && b_packed.size(1) == n_pad * 2, op,
-              ": b_packed has shape ", shape_str(b_packed), ", expected [", k_pad / 16, ", ", n_pad * 2,
-              "] for size_k=", size_k, ", size_n=", size_n);
-  TORCH_CHECK(b_packed.is_contiguous(), op, ": b_packed must be contiguous");
-  check_cuda_same_device(scales, "scales", a_in);
-  TORCH_CHECK(scales.scalar_type() == a_in.scalar_type(), op, ": scales are ", scales.scalar_type(),
-              " but the activation is ", a_in.scalar_type(), " (pack the weight for the activation dtype)");
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == g_pad && scales.size(1) == n_pad, op, ": scales have shape ",
-              shape_str(scales), ", expected [", g_pad, ", ", n_pad, "] for size_k=", size_k, ", size_n=", size_n,
-              ", group_size=", group_size);
-  TORCH_CHECK(scales.is_contiguous(), op, ": scales must be contiguous");
-  TORCH_CHECK(aligned16(b_packed) && aligned16(scales), op,
-              ": b_packed and scales must be 16-byte aligned (use the tensors produced by hf_int4.packing)");
-  const void* zeros_ptr = nullptr;
-  if (zeros.has_value()) {
-    check_cuda_same_device(*zeros, "zeros", a_in);
-    TORCH_CHECK(zeros->scalar_type() == a_in.scalar_type(), op, ": zeros are ", zeros->scalar_type(),
-                " but the activation is ", a_in.scalar_type());
-    TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros have shape ", shape_str(*zeros),
-                ", expected the scales' shape ", shape_str(scales));
-    TORCH_CHECK(zeros->is_contiguous() && aligned16(*zeros), op, ": zeros must be contiguous and 16-byte aligned");
-    zeros_ptr = zeros->data_ptr();
-  }
+  const PackedSizes sizes =
+      check_packed_weight(op, a_in, "the activation", b_packed, scales, zeros, size_n, size_k, group_size);
+  const int64_t k_pad = sizes.k_pad, n_pad = sizes.n_pad;
+  const void* zeros_ptr = zeros.has_value() ? zeros->data_ptr() : nullptr;
   at::Tensor bias_c;
   if (bias.has_value()) {
-    check_cuda_same_device(*bias, "bias", a_in);
+    check_cuda_same_device(op, *bias, "bias", a_in, "the activation");
     TORCH_CHECK(bias->scalar_type() == a_in.scalar_type(), op, ": bias is ", bias->scalar_type(),
                 " but the activation is ", a_in.scalar_type());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == size_n, op, ": bias has shape ", shape_str(*bias),
@@ -196,6 +212,28 @@ at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, co
   return c;
 }
 
+at::Tensor dequantize_int4_cuda(const at::Tensor& b_packed, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& zeros, int64_t size_n, int64_t size_k,
+                                int64_t group_size) {
+  const char* op = "hf_int4::dequantize_int4";
+  TORCH_CHECK(scales.is_cuda(), op, ": scales must be a CUDA tensor, got device ", scales.device());
+  const PackedSizes sizes =
+      check_packed_weight(op, scales, "the scales", b_packed, scales, zeros, size_n, size_k, group_size);
+  TORCH_CHECK(sizes.k_pad * sizes.n_pad / 16 < INT32_MAX, op, ": weight too large");
+  const c10::cuda::CUDAGuard device_guard(scales.device());
+  at::Tensor w = at::empty({size_n, size_k}, scales.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scales.device().index()).stream();
+  const int gs = static_cast<int>(group_size == -1 ? sizes.k_pad : group_size);
+  const void* z = zeros.has_value() ? zeros->data_ptr() : nullptr;
+  const auto launch = scales.scalar_type() == at::kHalf ? dequantize_int4_fp16 : dequantize_int4_bf16;
+  const char* err = launch(b_packed.data_ptr(), scales.data_ptr(), z, w.data_ptr(), static_cast<int>(size_n),
+                           static_cast<int>(size_k), static_cast<int>(sizes.n_pad), static_cast<int>(sizes.k_pad), gs,
+                           stream);
+  TORCH_CHECK(err == nullptr, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return w;
+}
+
 at::Tensor repack_gptq_cuda(const at::Tensor& qweight, const std::optional<at::Tensor>& perm, int64_t size_k,
                             int64_t size_n) {
   const char* op = "hf_int4::repack_gptq";
@@ -235,6 +273,12 @@ at::Tensor int4_gemm_cpu(const at::Tensor& a, const at::Tensor&, const at::Tenso
               "; use hf_int4.reference for CPU");
 }
 
+at::Tensor dequantize_int4_cpu(const at::Tensor& b_packed, const at::Tensor&, const std::optional<at::Tensor>&,
+                               int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "hf_int4::dequantize_int4 runs on CUDA tensors only, got a tensor on ", b_packed.device(),
+              "; use hf_int4.reference.dequantize_packed for CPU");
+}
+
 at::Tensor repack_gptq_cpu(const at::Tensor& qweight, const std::optional<at::Tensor>&, int64_t, int64_t) {
   TORCH_CHECK(false, "hf_int4::repack_gptq runs on CUDA tensors only, got a tensor on ", qweight.device(),
               "; use hf_int4.packing.pack_gptq_layer_cpu for CPU");
@@ -249,16 +293,20 @@ TORCH_LIBRARY(hf_int4, m) {
       "int4_gemm(Tensor a, Tensor b_packed, Tensor scales, Tensor? zeros, Tensor? workspace, int size_n, "
       "int size_k, int group_size, Tensor? bias, int thread_n=-1, int thread_k=-1, int sms=-1) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  m.def("dequantize_int4(Tensor b_packed, Tensor scales, Tensor? zeros, int size_n, int size_k, int group_size) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   m.def("repack_gptq(Tensor qweight, Tensor? perm, int size_k, int size_n) -> Tensor", {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(hf_int4, CUDA, m) {
   m.impl("int4_gemm", &hf_int4::int4_gemm_cuda);
+  m.impl("dequantize_int4", &hf_int4::dequantize_int4_cuda);
   m.impl("repack_gptq", &hf_int4::repack_gptq_cuda);
 }
 
 TORCH_LIBRARY_IMPL(hf_int4, CPU, m) {
   m.impl("int4_gemm", &hf_int4::int4_gemm_cpu);
+  m.impl("dequantize_int4", &hf_int4::dequantize_int4_cpu);
   m.impl("repack_gptq", &hf_int4::repack_gptq_cpu);
 }
 

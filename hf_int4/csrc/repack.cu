@@ -1,10 +1,10 @@
 // GPU repack: GPTQ qweight int32 [K/8, N] (+ optional act-order row permutation) -> the packed layout
-// documented in decode_gemm.h. One thread per packed int32; bit-identical to hf_int4.packing's CPU packer.
+// documented in kernels.h. One thread per packed int32; bit-identical to hf_int4.packing's CPU packer.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "decode_gemm.h"
+#include "kernels.h"
 
 namespace hf_int4 {
 namespace {

@@ -1,4 +1,4 @@
-// Host-side API of the int4 GEMM and repack kernels, shared by ops.cpp (host compiler) and the .cu
+// Host-side API of the int4 GEMM, dequantize and repack kernels, shared by ops.cpp (host compiler) and the .cu
 // translation units (nvcc). Deliberately free of torch headers so that the kernels compile fast.
 //
 // Packed weight layout (see hf_int4/packing.py for the Python mirror of every formula):
@@ -45,6 +45,14 @@ const char* int4_gemm_bf16(const Int4GemmArgs& args);
 // i takes GPTQ row perm[i]) -> b_packed int32 [k_pad / 16, n_pad * 2]; padding nibbles are 8.
 const char* repack_gptq_launch(const int32_t* qweight, const int32_t* perm, int32_t* out, int size_k,
                                int size_n, int k_pad, int n_pad, cudaStream_t stream);
+
+// Packed weight -> W^T [size_n, size_k] in the activation dtype (F.linear's weight layout; rows of K in
+// packed order, so act-order callers gather x[:, perm] first). Each value is (q - z) * s rounded once, the
+// same number the GEMM kernel multiplies. w must hold size_n * size_k elements, 16-byte aligned.
+const char* dequantize_int4_fp16(const void* b, const void* scales, const void* zeros, void* w, int size_n,
+                                 int size_k, int n_pad, int k_pad, int group_size, cudaStream_t stream);
+const char* dequantize_int4_bf16(const void* b, const void* scales, const void* zeros, void* w, int size_n,
+                                 int size_k, int n_pad, int k_pad, int group_size, cudaStream_t stream);
 
 // Workspace: kCounterInts int32 arrival counters (zero between launches), then room for fp32 partial tiles,
 // two per thread block of up to 64 x 256 floats. int4_gemm_workspace_ints(sms) covers a launch of `sms` blocks.

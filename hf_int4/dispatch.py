@@ -1,0 +1,216 @@
+"""Which kernel path serves a call of an HfInt4Linear, by M (rows = batch x tokens), shape, dtype and variant.
+
+Each path states what it can run (`unsupported(spec)` gives the reason it cannot, or None) and runs it,
+after vLLM's MPLinearKernel; `plan_for(spec, device)` then fixes, once per layer and device, the path for
+every range of M:
+
+- from a measured table for this GPU model: a user table written by `hf-int4 tune` (in
+  `$HF_INT4_CACHE` or `~/.cache/hf_int4`) first, else the table shipped in `hf_int4/tables/`. A table
+  holds, per measured (K, N, dtype), each path's time at a grid of M; the plan takes the fastest path the
+  layer supports at each grid point, for M from that point up to the next. An unmeasured shape uses the
+  measured shape closest in weight size;
+- else from a rule: the decode kernel up to a crossover M estimated from the GPU's FLOP/byte ratio.
+
+A plan is a tuple of (first M, path) pairs, so the choice per call is a pure function of the input's
+shape: no host sync, and torch.compile turns it into guards on M. The plan is logged at DEBUG level
+(logger "hf_int4.dispatch") and `explain(layer, m)` returns the choice and why.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight
+
+logger = logging.getLogger("hf_int4.dispatch")
+
+SHIPPED_TABLES = Path(__file__).parent / "tables"
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """What a path needs to know about a layer to say whether it can run it."""
+
+    in_features: int
+    out_features: int
+    group_size: int  # the kernel's group size (-1: per channel)
+    sym: bool
+    act_order: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, packed: PackedInt4Weight) -> "LinearSpec":
+        return cls(packed.in_features, packed.out_features, packed.group_size, packed.sym, packed.act_order, packed.dtype)
+
+
+class KernelPath:
+    name = ""
+
+    def unsupported(self, spec: LinearSpec) -> Optional[str]:
+        """None when this path can run the layer, else why not."""
+        if spec.dtype not in SUPPORTED_DTYPES:
+            return f"activations are {spec.dtype}, not float16/bfloat16"
+        return None
+
+    def run(self, x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DecodePath(KernelPath):
+    """The Marlin-class kernel: reads the int4 weights once; the fastest at small M."""
+
+    name = "decode"
+
+    def run(self, x, packed, bias):
+        from hf_int4.ops import int4_gemm
+
+        return int4_gemm(x, packed, bias)
+
+
+class DequantCublasPath(KernelPath):
+    """Dequantize into a temporary fp16/bf16 weight, then cuBLAS: pays one extra weight pass, wins at large M."""
+
+    name = "dequant"
+
+    def run(self, x, packed, bias):
+        from hf_int4.ops import dequant_linear
+
+        return dequant_linear(x, packed, bias)
+
+
+PATHS: Dict[str, KernelPath] = {p.name: p for p in (DecodePath(), DequantCublasPath())}
+
+
+# ----------------------------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The path for every M of one layer on one GPU model: `steps` = ((first M, path name), ...), ascending."""
+
+    steps: Tuple[Tuple[int, str], ...]
+    source: str  # where the thresholds came from, for explain() and logs
+
+    def path_name(self, m: int) -> str:
+        name = self.steps[0][1]
+        for first_m, step_name in self.steps[1:]:
+            if m >= first_m:
+                name = step_name
+        return name
+
+    def path(self, m: int) -> KernelPath:
+        return PATHS[self.path_name(m)]
+
+    def describe(self) -> str:
+        parts = []
+        for i, (first_m, name) in enumerate(self.steps):
+            last = self.steps[i + 1][0] - 1 if i + 1 < len(self.steps) else None
+            parts.append(f"{name} for M {first_m}..{last if last is not None else ''}")
+        return ", ".join(parts) + f" ({self.source})"
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3' (table file names)."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def user_table_dir() -> Path:
+    return Path(os.environ.get("HF_INT4_CACHE", Path.home() / ".cache" / "hf_int4")) / "tables"
+
+
+def table_path_for(device_name: str) -> Optional[Path]:
+    """The table used for a GPU model: the user's tuned one, else the shipped one, else None."""
+    slug = device_slug(device_name)
+    for directory in (user_table_dir(), SHIPPED_TABLES):
+        path = directory / f"{slug}.json"
+        if path.is_file():
+            return path
+    return None
+
+
+def _nearest_entry(entries: Sequence[dict], spec: LinearSpec) -> dict:
+    dtype = str(spec.dtype).replace("torch.", "")
+    same_dtype = [e for e in entries if e["dtype"] == dtype] or list(entries)
+    size = math.log(spec.in_features * spec.out_features)
+    # weight size decides the crossover first; the K:N aspect breaks ties
+    return min(
+        same_dtype,
+        key=lambda e: (abs(math.log(e["k"] * e["n"]) - size),
+                       abs(math.log(e["k"] / e["n"]) - math.log(spec.in_features / spec.out_features))),
+    )
+
+
+def plan_from_table(table: dict, spec: LinearSpec, source: str) -> Plan:
+    entry = _nearest_entry(table["entries"], spec)
+    usable = [name for name in entry["us"] if name in PATHS and PATHS[name].unsupported(spec) is None]
+    if not usable:
+        raise ValueError(f"{source}: no measured path can run this layer")
+    steps: List[Tuple[int, str]] = []
+    for i, m in enumerate(entry["m"]):
+        best = min(usable, key=lambda name: entry["us"][name][i])
+        if not steps or steps[-1][1] != best:
+            steps.append((1 if not steps else m, best))
+    where = f"{source}, entry {entry['k']}x{entry['n']} {entry['dtype']}"
+    return Plan(tuple(steps), where)
+
+
+# The decode kernel runs its mma.sync at about 0.45x of cuBLAS's GEMM rate; dequantize-then-cuBLAS pays
+# ~4.5 bytes per weight of traffic (read int4 + write and read back fp16) before cuBLAS. Equating the two
+# gives a crossover M proportional to the GPU's FLOP/byte ratio; the factor is the H100's measured
+# crossover divided by its ratio.
+_CROSSOVER_PER_FLOP_PER_BYTE = 0.8  # H100: FLOP/byte ~320 (props), measured crossover 192-384
+_TENSOR_FLOPS_PER_SM_PER_CLOCK = {8: 2048, 9: 4096}  # dense fp16 with fp32 accumulation (A100 / H100 class)
+
+
+def rule_crossover(props) -> int:
+    """Default decode -> dequant crossover M for a GPU without a table, from its FLOP/byte ratio."""
+    per_clock = _TENSOR_FLOPS_PER_SM_PER_CLOCK.get(props.major, 1024)
+    if props.major == 8 and props.minor > 0:
+        per_clock = 1024  # consumer Ampere / Ada: half the A100's tensor rate per SM
+    flops = props.multi_processor_count * props.clock_rate * 1e3 * per_clock
+    bandwidth = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
+    ratio = flops / bandwidth if bandwidth > 0 else 300.0
+    return int(min(1024, max(32, 2 ** round(math.log2(_CROSSOVER_PER_FLOP_PER_BYTE * ratio)))))
+
+
+def plan_for(spec: LinearSpec, device: torch.device) -> Plan:
+    """The plan of a layer on a CUDA device (file access: call outside compiled regions, e.g. at load)."""
+    if device.type != "cuda":
+        raise ValueError(f"hf_int4 dispatch plans GPU paths; got device {device}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    usable = [p.name for p in PATHS.values() if p.unsupported(spec) is None]
+    if not usable:
+        raise ValueError(f"no hf_int4 GPU path can run this layer: {PATHS['decode'].unsupported(spec)}")
+    path = table_path_for(props.name)
+    if path is not None:
+        with open(path) as f:
+            return plan_from_table(json.load(f), spec, f"table {path}")
+    crossover = rule_crossover(props)
+    steps = ((1, "decode"), (crossover, "dequant"))
+    steps = tuple(s for s in steps if s[1] in usable) or ((1, usable[0]),)
+    return Plan(tuple((1 if i == 0 else m, n) for i, (m, n) in enumerate(steps)),
+                f"rule for {props.name}: no table, crossover from its FLOP/byte ratio")
+
+
+@dataclass(frozen=True)
+class Choice:
+    path: str
+    reason: str
+
+
+def explain(layer, m: int) -> Choice:
+    """Which path an HfInt4Linear (packed, on a GPU) takes for an input of m rows, and why."""
+    plan = layer.dispatch_plan()
+    return Choice(plan.path_name(m), f"M={m}: {plan.describe()}")

@@ -1,0 +1,89 @@
+"""`hf-int4 tune`: measure where each kernel path wins on this GPU and write the dispatch table.
+
+    hf-int4 tune [--shapes 4096x4096,...] [--ms 1,2,...] [--dtype float16] [--out PATH]
+
+Times every hf_int4 path (hf_int4.dispatch.PATHS) forced, for each layer shape and M, the way the
+benchmark does (CUDA-graph replays over rotating weight copies, median), and writes the table to the
+user cache (`$HF_INT4_CACHE/tables/<gpu>.json`, default ~/.cache/hf_int4), where hf_int4.dispatch
+finds it automatically from then on: layers planned afterwards (new loads) use it.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hf_int4 import bench, dispatch
+
+TABLE_VERSION = 1
+
+
+def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) -> dict:
+    """{"device", ..., "entries": [{"k", "n", "dtype", "m": [...], "us": {path: [...]}}]} for this GPU."""
+    entries = []
+    for K, N in shapes:
+        shape = bench.Shape(K, N, group_size, dtype)
+        us = {name: [] for name in dispatch.PATHS}
+        for M in ms:
+            row = shape.time_paths(M, list(dispatch.PATHS))
+            for name in dispatch.PATHS:
+                us[name].append(round(row[f"{name}_us"], 2))
+            best = min(dispatch.PATHS, key=lambda name: row[f"{name}_us"])
+            log(f"{K:>6} {N:>6} {M:>5} " + " ".join(f"{name} {row[f'{name}_us']:9.1f}" for name in dispatch.PATHS)
+                + f"  -> {best}")
+        entries.append({"k": K, "n": N, "dtype": str(dtype).replace("torch.", ""), "group_size": group_size,
+                        "m": list(ms), "us": us})
+        del shape
+        torch.cuda.empty_cache()
+    return {
+        "version": TABLE_VERSION,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "measured": time.strftime("%Y-%m-%d"),
+        "method": "CUDA-graph replay over rotating weight copies (> 4x L2), median of 7 (hf_int4.bench)",
+        "entries": entries,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="hf-int4 tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser):
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in bench.LLAMA3_8B_SHAPES),
+                        help="layer shapes KxN (in_features x out_features), comma separated")
+    parser.add_argument("--ms", default=",".join(map(str, bench.DEFAULT_MS)), help="row counts M to measure")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--out", help="table path (default: the user cache, used automatically)")
+
+
+def run(args) -> int:
+    if not torch.cuda.is_available():
+        print("hf-int4 tune: error: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from hf_int4._extension import extension_available
+
+    if not extension_available():
+        print("hf-int4 tune: error: the CUDA extension hf_int4._C is not built", file=sys.stderr)
+        return 2
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    ms = sorted(set(map(int, args.ms.split(","))))
+    torch.manual_seed(0)
+    table = measure_table(shapes, ms, getattr(torch, args.dtype), args.group_size)
+    out = Path(args.out) if args.out else dispatch.user_table_dir() / f"{dispatch.device_slug(table['device'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    tmp.replace(out)  # never a half-written table where dispatch looks
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The dispatch logic (no GPU needed): plans from tables, the rule for GPUs without one, table lookup."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hf_int4 import dispatch
+from hf_int4.cli import main as cli_main
+
+F16, BF16 = torch.float16, torch.bfloat16
+
+
+def spec(K=4096, N=4096, gs=128, sym=True, act=False, dtype=F16):
+    return dispatch.LinearSpec(K, N, gs, sym, act, dtype)
+
+
+def entry(k, n, m, decode, dequant, dtype="float16"):
+    return {"k": k, "n": n, "dtype": dtype, "m": m, "us": {"decode": decode, "dequant": dequant}}
+
+
+def test_plan_takes_the_fastest_path_from_each_grid_point_up_to_the_next():
+    table = {"entries": [entry(4096, 4096, [1, 16, 128, 192, 1024], [5, 6, 30, 40, 400], [50, 50, 31, 39, 300])]}
+    plan = dispatch.plan_from_table(table, spec(), "t")
+    assert plan.steps == ((1, "decode"), (192, "dequant"))
+    assert [plan.path_name(m) for m in (1, 16, 128, 191, 192, 10**6)] == ["decode"] * 4 + ["dequant"] * 2
+    assert "decode for M 1..191, dequant for M 192.." in plan.describe()
+
+
+def test_plan_can_switch_back_and_forth():
+    table = {"entries": [entry(64, 64, [1, 8, 64], [1, 9, 1], [5, 5, 5])]}
+    plan = dispatch.plan_from_table(table, spec(64, 64), "t")
+    assert plan.steps == ((1, "decode"), (8, "dequant"), (64, "decode"))
+    assert [plan.path_name(m) for m in (7, 8, 63, 64)] == ["decode", "dequant", "dequant", "decode"]
+
+
+def test_unmeasured_shape_uses_the_entry_closest_in_weight_size_and_dtype():
+    table = {"entries": [
+        entry(4096, 4096, [1, 256], [1, 9], [5, 5]),       # 16M weights: crossover 256
+        entry(8192, 8192, [1, 512], [1, 9], [5, 5]),       # 64M weights: crossover 512
+        entry(8192, 8192, [1, 64], [1, 9], [5, 5], "bfloat16"),
+    ]}
+    assert dispatch.plan_from_table(table, spec(4096, 6144), "t").steps[1][0] == 256
+    assert dispatch.plan_from_table(table, spec(8192, 28672), "t").steps[1][0] == 512
+    assert dispatch.plan_from_table(table, spec(8192, 8192, dtype=BF16), "t").steps[1][0] == 64
+    assert "entry 8192x8192 bfloat16" in dispatch.plan_from_table(table, spec(8192, 8192, dtype=BF16), "t").source
+
+
+def test_paths_that_cannot_run_a_layer_are_never_planned(monkeypatch):
+    class NoAsym(dispatch.DequantCublasPath):
+        def unsupported(self, s):
+            return super().unsupported(s) or ("no zero points" if not s.sym else None)
+
+    monkeypatch.setitem(dispatch.PATHS, "dequant", NoAsym())
+    table = {"entries": [entry(4096, 4096, [1, 256], [1, 9], [5, 5])]}
+    assert dispatch.plan_from_table(table, spec(sym=True), "t").steps == ((1, "decode"), (256, "dequant"))
+    assert dispatch.plan_from_table(table, spec(sym=False), "t").steps == ((1, "decode"),)
+    assert dispatch.PATHS["decode"].unsupported(spec(dtype=torch.float32)) is not None
+    with pytest.raises(ValueError, match="no measured path"):
+        dispatch.plan_from_table(table, spec(dtype=torch.float32), "t")
+
+
+def props(sms, clock_khz, mem_khz, bus_bits, major=9, minor=0, name="GPU"):
+    return SimpleNamespace(multi_processor_count=sms, clock_rate=clock_khz, memory_clock_rate=mem_khz,
+                           memory_bus_width=bus_bits, major=major, minor=minor, name=name)
+
+
+def test_rule_crossover_grows_with_the_flop_per_byte_ratio():
+    h100 = dispatch.rule_crossover(props(132, 1_980_000, 2_619_000, 5120))
+    a100 = dispatch.rule_crossover(props(108, 1_410_000, 1_593_000, 5120, major=8))
+    slow_memory = dispatch.rule_crossover(props(132, 1_980_000, 1_000_000, 2048))
+    assert 32 <= a100 <= h100 <= slow_memory <= 1024
+    assert a100 < slow_memory
+    assert h100 & (h100 - 1) == 0, "a power of two"
+
+
+def test_user_table_takes_precedence_over_the_shipped_one(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(dispatch, "SHIPPED_TABLES", shipped)
+    monkeypatch.setenv("HF_INT4_CACHE", str(tmp_path / "cache"))
+    name = "NVIDIA Test GPU 80GB"
+    assert dispatch.table_path_for(name) is None
+    (shipped / "nvidia_test_gpu_80gb.json").write_text("{}")
+    assert dispatch.table_path_for(name) == shipped / "nvidia_test_gpu_80gb.json"
+    user = dispatch.user_table_dir() / "nvidia_test_gpu_80gb.json"
+    user.parent.mkdir(parents=True)
+    user.write_text("{}")
+    assert dispatch.table_path_for(name) == user
+
+
+def test_shipped_tables_are_complete():
+    tables = sorted(dispatch.SHIPPED_TABLES.glob("*.json"))
+    assert tables, "hf_int4/tables ships at least the H100 table"
+    for path in tables:
+        table = json.loads(path.read_text())
+        assert dispatch.device_slug(table["device"]) == path.stem
+        for e in table["entries"]:
+            assert set(e["us"]) <= set(dispatch.PATHS) and e["m"] == sorted(e["m"]) and e["m"][0] == 1
+            assert all(len(times) == len(e["m"]) and min(times) > 0 for times in e["us"].values()), path
+        for K, N in [(576, 1536), (4096, 4096), (8192, 28672)]:
+            plan = dispatch.plan_from_table(table, spec(K, N), path.name)
+            assert plan.steps[0] == (1, "decode"), plan.describe()
+
+
+def test_plan_for_refuses_a_cpu_device():
+    with pytest.raises(ValueError, match="device cpu"):
+        dispatch.plan_for(spec(), torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_tune_needs_a_gpu(capsys):
+    assert cli_main(["tune", "--shapes", "64x64"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
