@@ -3,16 +3,20 @@
 Sizes: K = in_features, N = out_features, K_pad = round_up(K, 64), N_pad = round_up(N, 128).
 
 qweight, int32 [K_pad / 16, N_pad * 2]
-    Row kb holds the 16-row k-block kb. Inside a row, the 64-column groups nb = 0, 1, ... follow each
-    other, each as 32 lanes x 4 words (one 16-byte load per lane of a warp). Word (kb, nb, lane, j) is
-    at column (nb * 32 + lane) * 4 + j and holds the 8 weights that lane `lane` of an mma.m16n8k16
-    needs for the 16 x 16 tile at rows 16 kb.., columns 64 nb + 16 j ..: with g = lane // 4,
-    t = lane % 4, the nibble at bits 4 s .. 4 s + 3, s = 4 * odd + 2 * h + upper, is the weight at
+    CUTLASS's reordered int4 layout for Hopper's mixed-input wgmma (`compute_memory_reordering_atom` of a
+    bf16/fp16 RS GMMA with the value shuffle [0,2,4,6,1,3,5,7], tiled over (N_pad, K_pad) with the 16 x 16
+    atoms of one k-block consecutive along N), so the decode kernel and the Hopper kernel read the same
+    bytes. Row kb holds the 16-row k-block kb as N_pad / 16 atoms of 32 words (128 bytes); word (kb, a,
+    lane) is at column 32 a + lane and holds the 8 weights lane `lane` of a warp needs of the 16 x 16 tile
+    of columns 16 a ..: as the A operand of W^T (wgmma from registers, "swap AB") or as two B operands of
+    mma.m16n8k16 (the decode kernel). With g = lane // 4, t = lane % 4, the nibble at bits 4 s .. 4 s + 3,
+    s = 4 * odd + 2 * upper + h, is the weight at
 
-        k = 16 kb + 2 t + odd + 8 upper,        n = 64 nb + 16 j + 8 h + g
+        k = 16 kb + 2 t + odd + 8 upper,        n = 16 a + 8 h + g
 
-    (so `(word >> 8 h) & 0x000f000f` is the pair (k = 2t, 2t+1) and `(word >> 8 h + 4) & 0x000f000f`
-    the pair (k = 2t+8, 2t+9) of column 16 j + 8 h + g: the two B registers of one mma).
+    stored as a signed int4 (q - 8, two's complement: the nibble q ^ 8), CUTLASS's int4b_t. (Nibbles s
+    and s + 4 are the (k, k + 1) pair of one column: `(word >> 4 h) & 0x000f000f` is the pair k = 2t, 2t+1
+    of column 8 h + g and `(word >> 4 h + 8) & 0x000f000f` the pair k = 2t+8, 2t+9.)
 scales, [G_pad, N_pad] in the activation dtype; zeros (asymmetric only) the same shape and dtype
     Inside each 64-column group, position 8 g + 2 j + h holds column 16 j + 8 h + g, so that lane g of
     a warp reads the scales of all its 8 columns as one 16-byte word. zeros hold magic + z (fp16:
@@ -25,7 +29,7 @@ group_size
 perm, int32 [K] or None (act-order)
     Packed row i is GPTQ row perm[i] (a stable sort of g_idx, so that packed row i is in group
     i // group_size); the kernel's caller gathers x[:, perm] first.
-Padding: weight nibbles 8, scales 0, zeros magic + 8. The kernel zero-fills A beyond K and never
+Padding: weights q = 8 (nibble 0), scales 0, zeros magic + 8. The kernel zero-fills A beyond K and never
     writes C beyond N, so the padding never reaches the output.
 """
 from __future__ import annotations
@@ -76,14 +80,13 @@ def magic_zero(dtype: torch.dtype) -> float:
 
 
 def _nibble_coords() -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dk, dn) int64 [32 lanes, 4 words, 8 nibble slots]: position inside the 16 x 64 tile."""
-    lane = torch.arange(32).view(32, 1, 1)
-    j = torch.arange(4).view(1, 4, 1)
-    slot = torch.arange(8).view(1, 1, 8)
+    """(dk, dn) int64 [32 lanes, 8 nibble slots]: position of each nibble of an atom inside its 16 x 16 tile."""
+    lane = torch.arange(32).view(32, 1)
+    slot = torch.arange(8).view(1, 8)
     g, t = lane // 4, lane % 4
-    odd, h, upper = slot // 4, (slot // 2) % 2, slot % 2
+    odd, upper, h = slot // 4, (slot // 2) % 2, slot % 2
     dk = 2 * t + odd + 8 * upper
-    dn = 16 * j + 8 * h + g
+    dn = 8 * h + g
     return torch.broadcast_tensors(dk, dn)
 
 
@@ -102,12 +105,13 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 def pack_int_weight(w: torch.Tensor) -> torch.Tensor:
     """Padded int weights [K_pad, N_pad] (values 0..15, any int dtype) -> packed int32 [K_pad / 16, N_pad * 2]."""
     k_pad, n_pad = w.shape
-    if k_pad % 16 or n_pad % 64:
-        raise ValueError(f"pack_int_weight needs K a multiple of 16 and N of 64, got {tuple(w.shape)}")
+    if k_pad % 16 or n_pad % 16:
+        raise ValueError(f"pack_int_weight needs K and N multiples of 16, got {tuple(w.shape)}")
     dk, dn = _nibble_coords()
-    idx = (dk * 64 + dn).reshape(-1).to(w.device)
-    tiles = w.to(torch.uint8).reshape(k_pad // 16, 16, n_pad // 64, 64).permute(0, 2, 1, 3)
-    nib = tiles.reshape(k_pad // 16, n_pad // 64, 1024)[:, :, idx].reshape(k_pad // 16, n_pad // 64, 32, 4, 8)
+    idx = (dk * 16 + dn).reshape(-1).to(w.device)
+    # [kb, a, 16 k, 16 n] atoms -> [kb, a, 32 lanes, 8 slots], stored as signed int4 (q ^ 8)
+    tiles = (w.to(torch.uint8) ^ 8).reshape(k_pad // 16, 16, n_pad // 16, 16).permute(0, 2, 1, 3)
+    nib = tiles.reshape(k_pad // 16, n_pad // 16, 256)[:, :, idx].reshape(k_pad // 16, n_pad // 16, 32, 8)
     words = torch.zeros(nib.shape[:-1], dtype=torch.int64, device=w.device)
     for s in range(8):
         words |= nib[..., s].to(torch.int64) << (4 * s)
@@ -119,12 +123,12 @@ def unpack_int_weight(qweight: torch.Tensor) -> torch.Tensor:
     kb, cols = qweight.shape
     n_pad = cols // 2
     dk, dn = _nibble_coords()
-    idx = (dk * 64 + dn).reshape(-1).to(qweight.device)
-    words = qweight.reshape(kb, n_pad // 64, 32, 4, 1)
-    nib = (words >> (4 * torch.arange(8, device=qweight.device, dtype=torch.int32))) & 15  # [kb, nb, 32, 4, 8]
-    tiles = torch.empty(kb, n_pad // 64, 1024, dtype=torch.int32, device=qweight.device)
-    tiles[:, :, idx] = nib.reshape(kb, n_pad // 64, 1024)
-    return tiles.reshape(kb, n_pad // 64, 16, 64).permute(0, 2, 1, 3).reshape(kb * 16, n_pad)
+    idx = (dk * 16 + dn).reshape(-1).to(qweight.device)
+    words = qweight.reshape(kb, n_pad // 16, 32, 1)
+    nib = ((words >> (4 * torch.arange(8, device=qweight.device, dtype=torch.int32))) & 15) ^ 8  # [kb, a, 32, 8]
+    tiles = torch.empty(kb, n_pad // 16, 256, dtype=torch.int32, device=qweight.device)
+    tiles[:, :, idx] = nib.reshape(kb, n_pad // 16, 256)
+    return tiles.reshape(kb, n_pad // 16, 16, 16).permute(0, 2, 1, 3).reshape(kb * 16, n_pad)
 
 
 def permute_group_params(t: torch.Tensor) -> torch.Tensor:

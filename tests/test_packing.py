@@ -39,16 +39,18 @@ def _oracle(raw):
 def expected_location(k: torch.Tensor, n: torch.Tensor, n_pad: int):
     """Where weight (k, n) lives: (row of qweight, column of qweight, nibble slot).
 
-    A warp computes a 16 (k) x 64 (n) block with 4 x 2 mma.m16n8k16; lane = 4 g + t owns B elements
-    (k = 2t, 2t+1, 2t+8, 2t+9; n = g) of each n8 tile. A lane's int32 word j covers the 16 x 16 tile j
-    (two n8 tiles h = 0, 1); inside it the nibble slot is 4 * (k odd) + 2 * h + (k >= 8 within the 16)."""
+    CUTLASS's reordered int4 layout for an RS wgmma (A = W^T from registers): the 16 x 16 atom of rows
+    16 kb.. and columns 16 a.. is 32 consecutive words, one per lane = 4 g + t, which holds the A
+    fragment of W^T: n = g, g + 8 (h = 0, 1), k = 2t, 2t+1 (odd), + 8 (upper); CUTLASS's fragment order
+    v = odd + 2 h + 4 upper, shuffled [0,2,4,6,1,3,5,7] into nibbles, puts v at slot 4 odd + 2 upper + h."""
     kb, dk = k // 16, k % 16
-    nb, dn = n // 64, n % 64
-    j, h, g = dn // 16, (dn % 16) // 8, dn % 8
+    a, dn = n // 16, n % 16
+    h, g = dn // 8, dn % 8
     t, odd, upper = (dk % 8) // 2, dk % 2, dk // 8
     lane = 4 * g + t
-    col = (nb * 32 + lane) * 4 + j
-    slot = 4 * odd + 2 * h + upper
+    col = a * 32 + lane
+    v = odd + 2 * h + 4 * upper
+    slot = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])[v]  # inverse of the shuffle: nibble s holds v = [0,2,4,6,1,3,5,7][s]
     return kb, col, slot
 
 
@@ -60,7 +62,8 @@ def expected_scale_position(n: torch.Tensor):
 
 
 def nibble_at(qweight, row, col, slot):
-    return (qweight[row, col] >> (4 * slot)) & 15
+    """The weight q (0..15) at a nibble: stored signed, q - 8 in two's complement."""
+    return ((qweight[row, col] >> (4 * slot)) & 15) ^ 8
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -80,7 +83,7 @@ def test_weight_layout_matches_independent_model(K, N):
     flat = (row * (n_pad * 2) + col) * 8 + slot
     assert torch.equal(torch.sort(flat.reshape(-1)).values, torch.arange(k_pad * n_pad))
     got = nibble_at(packed.qweight, row, col, slot)
-    want = torch.full((k_pad, n_pad), 8, dtype=torch.int32)  # padding nibbles are 8
+    want = torch.full((k_pad, n_pad), 8, dtype=torch.int32)  # padding weights are q = 8
     want[:K, :N] = raw["intweight"]
     assert torch.equal(got, want)
 

@@ -7,7 +7,8 @@
 // stream global -> shared through a cp.async pipeline (kStages = 4 deep). B is read once, with no L2
 // eviction hint: on the project's H100 with CUDA 13 every cp.async with an L2::cache_hint policy (Marlin's
 // evict_first idiom) faults with "illegal instruction". A fragments come from ldmatrix (XOR-swizzled,
-// conflict free), B fragments are one int4 per lane per 16x64 warp tile, dequantized with lop3 magic numbers and fed to
+// conflict free), B fragments are four words per lane per 16x64 warp tile (one per 16x16 atom of the shared
+// CUTLASS layout, kernels.h), dequantized with lop3 magic numbers and fed to
 // mma.m16n8k16 (fp32 accumulators, double-buffered fragments).
 //
 // Work split: the (k-tile, n-tile, m-problem) grid is cut into equal contiguous "stripes" of k-tiles
@@ -117,10 +118,14 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
                : "r"(smem_u32(smem)));
 }
 
-// (a & b) | c in one instruction.
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+// The weights q (0..15) stored as signed nibbles q ^ 8 in bits 0-3 and 16-19 of x, as (magic + q) in both
+// halves: ((x ^ c) & m) | (c & ~m) with m = 0x000f000f, c = magic | 0x00080008, one lop3.
+template <uint32_t kMagic2>
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t x) {
   uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"((0xf0 & 0xcc) | 0xaa));
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n"
+      : "=r"(r)
+      : "r"(x), "r"(0x000f000fu), "r"(kMagic2 | 0x00080008u), "n"(((0xf0 ^ 0xaa) & 0xcc) | (0xaa & ~0xcc & 0xff)));
   return r;
 }
 
@@ -136,7 +141,7 @@ struct Act<__half> {
   // q - z times s for the two weights in bits 0-3 and 16-19 of x; zeros / scales: half `hi` of the words
   template <int hi>
   __device__ static __forceinline__ uint32_t dequant2(uint32_t x, uint32_t zeros, uint32_t scales) {
-    uint32_t v = and_or(x, 0x000f000fu, kMagic2);
+    uint32_t v = nibble_pair<kMagic2>(x);
     const __half2 z = *reinterpret_cast<const __half2*>(&zeros);
     const __half2 s = *reinterpret_cast<const __half2*>(&scales);
     __half2 r = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&v), hi ? __high2half2(z) : __low2half2(z)),
@@ -160,7 +165,7 @@ struct Act<__nv_bfloat16> {
   static constexpr uint32_t kSymZero2 = 0x43084308u;  // 136.0 = magic + 8
   template <int hi>
   __device__ static __forceinline__ uint32_t dequant2(uint32_t x, uint32_t zeros, uint32_t scales) {
-    uint32_t v = and_or(x, 0x000f000fu, kMagic2);
+    uint32_t v = nibble_pair<kMagic2>(x);
     const __nv_bfloat162 z = *reinterpret_cast<const __nv_bfloat162*>(&zeros);
     const __nv_bfloat162 s = *reinterpret_cast<const __nv_bfloat162*>(&scales);
     __nv_bfloat162 r = __hmul2(__hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), hi ? __high2bfloat162(z) : __low2bfloat162(z)),
@@ -250,7 +255,8 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
     const int ch = 2 * (s * KW + kwi) + (lane >> 4);
     a_sh_rd[s] = (lane & 15) * A_ROW + (ch ^ (lane & 7));
   }
-  const int b_sh_rd = kwi * B_KROW + nw * 32 + lane;
+  // the lane's word of atom j of its 64 columns: word 32 j + lane of the warp's 512-byte group
+  const int b_sh_rd = (kwi * B_KROW + nw * 32) * 4 + lane;
   int s_sh_rd[SUB];
 #pragma unroll
   for (int s = 0; s < SUB; ++s) {
@@ -338,7 +344,9 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
     const int4* sa = sh + L::SM_A + stage * A_STAGE + a_sh_rd[s];
 #pragma unroll
     for (int i = 0; i < MB; ++i) ldmatrix_x4(fa[buf][i], sa + i * 16 * A_ROW);
-    *reinterpret_cast<int4*>(fb[buf]) = sh[L::SM_B + stage * B_STAGE + b_sh_rd + s * KW * B_KROW];
+    const uint32_t* sb = reinterpret_cast<const uint32_t*>(sh + L::SM_B + stage * B_STAGE + s * KW * B_KROW) + b_sh_rd;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) fb[buf][j] = sb[32 * j];
     *reinterpret_cast<int4*>(fs[buf]) = sh[L::SM_S + stage * S_STAGE + s_sh_rd[s]];
     *reinterpret_cast<int4*>(fz[buf]) = sh[L::SM_Z + stage * S_STAGE + s_sh_rd[s]];
   };
@@ -351,9 +359,9 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
       for (int h = 0; h < 2; ++h) {
         // scale / zero of column 16 j + 8 h + g sit at half h of word j of the lane's int4
         const uint32_t z = fz[buf][j], sc = fs[buf][j];
-        const uint32_t b0 = h ? D::template dequant2<1>(q >> 8, z, sc) : D::template dequant2<0>(q, z, sc);  // k = 2t, 2t+1
+        const uint32_t b0 = h ? D::template dequant2<1>(q >> 4, z, sc) : D::template dequant2<0>(q, z, sc);  // k = 2t, 2t+1
         const uint32_t b1 = h ? D::template dequant2<1>(q >> 12, z, sc)
-                              : D::template dequant2<0>(q >> 4, z, sc);  // k = 2t+8, 2t+9
+                              : D::template dequant2<0>(q >> 8, z, sc);  // k = 2t+8, 2t+9
 #pragma unroll
         for (int i = 0; i < MB; ++i) D::mma(fa[buf][i], b0, b1, acc[i][j][h]);
       }

@@ -1,10 +1,10 @@
 // Dequantize the packed int4 weight into W^T [size_n, size_k] (fp16 / bf16) for dequantize-then-cuBLAS,
 // the path for large M on GPUs without the Hopper kernel and for groups that kernel cannot take.
 //
-// One block per 64 columns x 128 rows of K: 256 threads each load one 16-byte lane quad (4 words =
-// 32 weights) of the packed layout (kernels.h), dequantize into a shared [64 n][128 k] tile (the packed
-// words hold (k, k+1) pairs of one column, so each pair is one 4-byte store), then write the tile out row
-// by row as 16-byte vectors: the pass is a plain stream, read 0.5 byte + write 2 bytes per weight.
+// One block per 64 columns x 128 rows of K: each of the 256 threads loads its lane's word of the four
+// 16x16 atoms (32 weights) of one k-block of the packed layout (kernels.h), dequantizes into a shared
+// [64 n][128 k] tile (a word holds (k, k+1) pairs of one column, so each pair is one 4-byte store), then
+// the tile is written out row by row as 16-byte vectors: a plain stream, read 0.5 + write 2 bytes a weight.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -34,7 +34,7 @@ template <> struct Pair<__nv_bfloat16> {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) dequantize_kernel(const int4* __restrict__ b, const T* __restrict__ scales,
+__global__ void __launch_bounds__(kThreads) dequantize_kernel(const uint32_t* __restrict__ b, const T* __restrict__ scales,
                                                                const T* __restrict__ zeros, T* __restrict__ w,
                                                                int size_n, int size_k, int n_pad, int k_pad,
                                                                int group_size) {
@@ -45,11 +45,12 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const int4* __rest
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int kb_local = threadIdx.x / 32;
   if (kb < k_pad / 16) {
-    // words (kb, nb, lane, 0..3): row kb has n_pad * 2 words = n_pad / 2 int4s, group nb holds 32 of them
-    const int4 q = b[static_cast<int64_t>(kb) * (n_pad / 2) + nb * 32 + lane];
+    // atom a = 4 nb + j of row kb: words 32 a .. 32 a + 31 of the row's n_pad * 2
+    const uint32_t* row = b + static_cast<int64_t>(kb) * n_pad * 2 + nb * 128 + lane;
     const int grp = kb * 16 / group_size;  // a 16-row k-block never straddles a group (group_size >= 16)
-    const uint32_t words[4] = {static_cast<uint32_t>(q.x), static_cast<uint32_t>(q.y), static_cast<uint32_t>(q.z),
-                               static_cast<uint32_t>(q.w)};
+    uint32_t words[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) words[j] = row[32 * j];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -61,9 +62,9 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const int4* __rest
         const int n_local = 16 * j + 8 * h + g;
 #pragma unroll
         for (int upper = 0; upper < 2; ++upper) {
-          // nibble slot 4 odd + 2 h + upper holds k = 2 t + odd + 8 upper
-          const float q0 = static_cast<float>((words[j] >> (4 * (2 * h + upper))) & 15u);
-          const float q1 = static_cast<float>((words[j] >> (4 * (4 + 2 * h + upper))) & 15u);
+          // nibble slot 4 odd + 2 upper + h holds k = 2 t + odd + 8 upper, as q ^ 8
+          const float q0 = static_cast<float>(((words[j] >> (4 * (2 * upper + h))) & 15u) ^ 8u);
+          const float q1 = static_cast<float>(((words[j] >> (4 * (4 + 2 * upper + h))) & 15u) ^ 8u);
           const int k_local = kb_local * 16 + 2 * t + 8 * upper;
           *reinterpret_cast<typename P::T2*>(&tile[n_local][k_local]) = P::make((q0 - z) * s, (q1 - z) * s);
         }
@@ -90,7 +91,7 @@ const char* launch(const void* b, const void* scales, const void* zeros, void* w
   if (size_k % 8) return "hf_int4::dequantize_int4: size_k must be a multiple of 8";
   const dim3 grid(n_pad / kTileN, (k_pad + kTileK - 1) / kTileK);
   if (grid.y > 65535) return "hf_int4::dequantize_int4: size_k too large";
-  dequantize_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const int4*>(b), static_cast<const T*>(scales),
+  dequantize_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const uint32_t*>(b), static_cast<const T*>(scales),
                                                       static_cast<const T*>(zeros), static_cast<T*>(w), size_n,
                                                       size_k, n_pad, k_pad, group_size);
   return nullptr;

@@ -3,12 +3,13 @@
 //
 // Packed weight layout (see hf_int4/packing.py for the Python mirror of every formula):
 //   K_pad = round_up(K, 64), N_pad = round_up(N, 128).
-//   b_packed int32 [K_pad / 16, N_pad * 2]. Row kb holds the 16-row k-block kb; inside it, 64-column
-//   groups nb follow each other, each as 32 lanes x 4 int32 (512 bytes = one warp's int4 load).
-//   Word (kb, nb, lane, j) holds the 8 nibbles that mma lane `lane` needs for the 16x16 tile
-//   (rows 16 kb.., columns 64 nb + 16 j ..). With g = lane / 4, t = lane % 4, nibble slot i
-//   (bits 4i..4i+3) = 4 * odd + 2 * h + upper holds the weight at
-//       k = 16 kb + 2 t + odd + 8 upper,   n = 64 nb + 16 j + 8 h + g.
+//   b_packed int32 [K_pad / 16, N_pad * 2]: CUTLASS's reordered int4 layout for Hopper's RS wgmma
+//   (compute_memory_reordering_atom, value shuffle [0,2,4,6,1,3,5,7], one atom), shared by every kernel.
+//   Row kb holds the 16-row k-block kb as N_pad / 16 atoms of 32 words; word (kb, a, lane) at column
+//   32 a + lane holds the 8 weights of lane `lane` in the 16x16 tile (rows 16 kb.., columns 16 a..).
+//   With g = lane / 4, t = lane % 4, nibble slot i (bits 4i..4i+3) = 4 * odd + 2 * upper + h holds
+//       k = 16 kb + 2 t + odd + 8 upper,   n = 16 a + 8 h + g
+//   as a signed int4, q - 8 (the nibble q ^ 8).
 //   scales / zeros [G_pad, N_pad] in the activation dtype; inside each 64-column group, position
 //   8 g + 2 j + h holds column 16 j + 8 h + g. zeros hold (magic + z): fp16 1024 + z, bf16 128 + z.
 #pragma once

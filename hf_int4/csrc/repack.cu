@@ -17,23 +17,22 @@ __global__ void repack_gptq_kernel(const int32_t* __restrict__ qweight, const in
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int kb = static_cast<int>(o / row_words);
     const int r = static_cast<int>(o % row_words);
-    const int nb = r / 128;        // 64-column group
-    const int lane = (r % 128) / 4;
-    const int j = r % 4;           // 16-column tile inside the group
+    const int a = r / 32;          // 16-column atom
+    const int lane = r % 32;
     const int g = lane / 4, t = lane % 4;
     uint32_t word = 0;
 #pragma unroll
     for (int slot = 0; slot < 8; ++slot) {
-      const int odd = slot / 4, h = (slot / 2) % 2, upper = slot % 2;
+      const int odd = slot / 4, upper = (slot / 2) % 2, h = slot % 2;
       const int k = kb * 16 + 2 * t + odd + 8 * upper;
-      const int n = nb * 64 + 16 * j + 8 * h + g;
-      uint32_t nib = 8;  // padding
+      const int n = a * 16 + 8 * h + g;
+      uint32_t nib = 8;  // padding: q = 8
       if (k < size_k && n < size_n) {
         const int src = perm != nullptr ? perm[k] : k;
         const uint32_t w = static_cast<uint32_t>(qweight[static_cast<int64_t>(src / 8) * size_n + n]);
         nib = (w >> (4 * (src % 8))) & 15u;
       }
-      word |= nib << (4 * slot);
+      word |= (nib ^ 8u) << (4 * slot);  // signed int4 (CUTLASS's int4b_t): q - 8
     }
     out[o] = static_cast<int32_t>(word);
   }

@@ -7,7 +7,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from hf_int4.formats.gptq import GPTQConfig
 
 QUANT_METHOD = "hf_int4"
-PACKED_LAYOUT = "marlin16x64-v1"  # bump when hf_int4.packing changes the bytes it writes
+PACKED_LAYOUT = "cutlass-reordered-int4-v2"  # bump when hf_int4.packing changes the bytes it writes
 
 
 @register_quantization_config(QUANT_METHOD)
