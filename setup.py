@@ -57,7 +57,65 @@ def cuda_extension():
         },
         py_limited_api=False,
     )
-    return (ext, BuildExtension.with_options(use_ninja=True)), None
+    exts = [ext]
+    hopper, why_no_hopper = hopper_extension(CUDAExtension, CUDA_HOME, here)
+    if hopper is None:
+        print(f"hf_int4: building without the Hopper kernel ({why_no_hopper}); other paths serve large batches.")
+    else:
+        exts.append(hopper)
+    return (exts, BuildExtension.with_options(use_ninja=True)), None
+
+
+def cutlass_headers():
+    """CUTLASS/CuTe include dirs from the PyPI package nvidia-cutlass (`pip install --no-deps nvidia-cutlass`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = os.path.join(list(spec.submodule_search_locations)[0], "source")
+    dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    return dirs if os.path.exists(os.path.join(dirs[0], "cute", "tensor.hpp")) else None
+
+
+def curand_include(cuda_home):
+    """CUTLASS's mixed-input utilities include curand; the toolkit has it, or pip's nvidia/cu*/include."""
+    import site
+
+    for d in [os.path.join(cuda_home, "include")] + [
+        p for base in site.getsitepackages() for p in sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")))
+    ]:
+        if os.path.exists(os.path.join(d, "curand_kernel.h")):
+            return d
+    return None
+
+
+def hopper_extension(CUDAExtension, cuda_home, here):
+    """hf_int4._hopper (sm_90a only, CUTLASS), or None and why not."""
+    if os.environ.get("HF_INT4_NO_HOPPER") == "1":
+        return None, "HF_INT4_NO_HOPPER=1"
+    if "9.0" not in os.environ["TORCH_CUDA_ARCH_LIST"]:
+        return None, "TORCH_CUDA_ARCH_LIST has no 9.0"
+    includes = cutlass_headers()
+    if includes is None:
+        return None, "no CUTLASS headers (pip install --no-deps nvidia-cutlass)"
+    curand = curand_include(cuda_home)
+    if curand is None:
+        return None, "no curand_kernel.h (CUTLASS's mixed-input utilities need it)"
+    csrc = os.path.join(here, "hf_int4", "csrc", "hopper")
+    sources = sorted(os.path.relpath(p, here) for ext in ("*.cu", "*.cpp") for p in glob.glob(os.path.join(csrc, ext)))
+    return CUDAExtension(
+        name="hf_int4._hopper",
+        sources=sources,
+        include_dirs=includes + ([curand] if curand != os.path.join(cuda_home, "include") else []),
+        extra_compile_args={
+            "cxx": ["-O3"],
+            # an explicit -gencode replaces TORCH_CUDA_ARCH_LIST's for this extension only
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
+                     "-DNDEBUG"],
+        },
+        py_limited_api=False,
+    ), None
 
 
 built, why_not = cuda_extension()
@@ -65,14 +123,14 @@ if built is None:
     print(f"hf_int4: building without the CUDA extension ({why_not}); the reference path will be used.")
     ext_modules, cmdclass = [], {}
 else:
-    ext_modules, cmdclass = [built[0]], {"build_ext": built[1]}
+    ext_modules, cmdclass = built[0], {"build_ext": built[1]}
 
 setup(
     name="hf_int4",
     version="0.1.0",
     description="Fast 4-bit GPTQ inference in Hugging Face transformers at every batch size",
     packages=find_packages(include=["hf_int4", "hf_int4.*"]),
-    package_data={"hf_int4": ["csrc/*", "tables/*.json"]},
+    package_data={"hf_int4": ["csrc/*", "csrc/hopper/*", "tables/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "transformers>=5.0", "accelerate", "safetensors", "tqdm"],
     extras_require={

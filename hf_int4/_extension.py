@@ -17,6 +17,22 @@ def _load():
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _load_hopper():
+    if _load() is not None:
+        return _load()
+    try:
+        from hf_int4 import _hopper  # noqa: F401  (registers torch.ops.hf_int4.hopper_int4_gemm)
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def hopper_available() -> bool:
+    """True when `hf_int4._hopper` (the sm_90a CUTLASS kernel) is built and loaded."""
+    return _load_hopper() is None
+
+
 def extension_available() -> bool:
     """True when `hf_int4._C` is built and loaded (its ops are then registered)."""
     return _load() is None

@@ -111,6 +111,15 @@ class Shape:
             print(f"torch int4 unavailable: {exc}", file=sys.stderr)
             return None
 
+    def runnable_paths(self):
+        """hf_int4's paths (hf_int4.dispatch.PATHS) that can run this layer on this GPU."""
+        from hf_int4 import dispatch
+
+        props = torch.cuda.get_device_properties(0)
+        spec = dispatch.LinearSpec.of(self.packed[0])
+        return [name for name, path in dispatch.PATHS.items()
+                if path.unsupported(spec) is None and path.device_unsupported(props) is None]
+
     def time_dequantize(self) -> float:
         """us per dequantize pass of the whole weight (the extra cost of the dequant path)."""
         from hf_int4.ops import dequantize
@@ -168,28 +177,31 @@ def main(argv=None):
     print(f"# {meta['device']}, torch {meta['torch']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"group {args.group_size}, {args.dtype}")
     print(f"{'K':>6} {'N':>6} {'M':>5} {'fp16_us':>9} {'ours_us':>9} {'ours_x':>7} {'path':>8} {'decode_x':>8} "
-          f"{'dequant_x':>9} {'tiny_x':>7} {'%bw':>5} {'TFLOP/s':>8}")
+          f"{'dequant_x':>9} {'hopper_x':>8} {'tiny_x':>7} {'%bw':>5} {'TFLOP/s':>8} {'fp16_TF':>7}")
     rows, passes = [], []
     for spec in args.shapes.split(","):
         K, N = map(int, spec.split("x"))
         shape = Shape(K, N, args.group_size, dtype)
+        paths = shape.runnable_paths()
         pass_us = shape.time_dequantize()
         pass_pct = 100 * (shape.int4_bytes + 2 * K * N) / (pass_us * 1e-6) / bandwidth
         passes.append({"K": K, "N": N, "dequantize_us": pass_us, "pct_copy_bw": pass_pct})
         print(f"# {K}x{N}: dequantize pass {pass_us:.1f} us = {pass_pct:.0f}% of copy bandwidth "
               f"(reads the int4 weight, writes {2 * K * N / 2**20:.0f} MiB)")
         for M in map(int, args.ms.split(",")):
-            r = shape.time_paths(M, ["fp16", "dispatched", "decode", "dequant", "torch_int4"])
-            for name in ("dispatched", "decode", "dequant", "torch_int4"):
+            r = shape.time_paths(M, ["fp16", "dispatched", *paths, "torch_int4"])
+            for name in ("dispatched", *paths, "torch_int4"):
                 r[f"{name}_x"] = r["fp16_us"] / r[f"{name}_us"] if f"{name}_us" in r else None
             # bytes the decode path must move: the int4 weight + activations in + outputs out
             r["decode_pct_bw"] = 100 * (shape.int4_bytes + 2 * M * (K + N)) / (r["decode_us"] * 1e-6) / bandwidth
             r["dispatched_tflops"] = r["flops"] / (r["dispatched_us"] * 1e-6) / 1e12
+            r["fp16_tflops"] = r["flops"] / (r["fp16_us"] * 1e-6) / 1e12
             rows.append(r)
             tiny = f"{r['torch_int4_x']:7.2f}" if r["torch_int4_x"] else "      -"
+            hopper = f"{r['hopper_x']:8.2f}" if r.get("hopper_x") else "       -"
             print(f"{K:>6} {N:>6} {M:>5} {r['fp16_us']:9.1f} {r['dispatched_us']:9.1f} {r['dispatched_x']:7.2f} "
-                  f"{r['chosen']:>8} {r['decode_x']:8.2f} {r['dequant_x']:9.2f} {tiny} {r['decode_pct_bw']:5.0f} "
-                  f"{r['dispatched_tflops']:8.1f}", flush=True)
+                  f"{r['chosen']:>8} {r['decode_x']:8.2f} {r['dequant_x']:9.2f} {hopper} {tiny} {r['decode_pct_bw']:5.0f} "
+                  f"{r['dispatched_tflops']:8.1f} {r['fp16_tflops']:7.1f}", flush=True)
         del shape
         torch.cuda.empty_cache()
     if args.json:

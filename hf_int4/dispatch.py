@@ -63,6 +63,10 @@ class KernelPath:
             return f"activations are {spec.dtype}, not float16/bfloat16"
         return None
 
+    def device_unsupported(self, props) -> Optional[str]:
+        """None when this path runs on a GPU with these properties (torch.cuda.get_device_properties)."""
+        return None
+
     def run(self, x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -89,7 +93,43 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
-PATHS: Dict[str, KernelPath] = {p.name: p for p in (DecodePath(), DequantCublasPath())}
+class HopperPath(KernelPath):
+    """CUTLASS's mixed-input wgmma GEMM (TMA + warp-specialised), Hopper only: the compute-bound regime.
+    One instance per tile schedule (data-parallel, stream-K); the tables say where each wins."""
+
+    def __init__(self, name: str, schedule: int):
+        self.name, self.schedule = name, schedule
+
+    def unsupported(self, spec):
+        why = super().unsupported(spec)
+        if why:
+            return why
+        if not spec.sym:
+            return "asymmetric weights (zero points) are not wired into the Hopper kernel yet"
+        if spec.out_features % 128 or spec.in_features % 64:
+            return f"needs out_features % 128 == 0 and in_features % 64 == 0, got {spec.out_features}x{spec.in_features}"
+        if spec.group_size != -1 and spec.group_size % 64:
+            return f"group size {spec.group_size} is below the kernel's K tile (64)"
+        return None
+
+    def device_unsupported(self, props):
+        from hf_int4._extension import hopper_available
+
+        if (props.major, props.minor) != (9, 0):
+            return f"needs sm_90 (Hopper), this GPU is sm_{props.major}{props.minor}"
+        if not hopper_available():
+            return "hf_int4._hopper was not built (CUTLASS headers or sm_90 missing at install)"
+        return None
+
+    def run(self, x, packed, bias):
+        from hf_int4.ops import hopper_linear
+
+        return hopper_linear(x, packed, bias, self.schedule)
+
+
+PATHS: Dict[str, KernelPath] = {
+    p.name: p for p in (DecodePath(), DequantCublasPath(), HopperPath("hopper", 0), HopperPath("hopper_sk", 1))
+}
 
 
 # ----------------------------------------------------------------------------------------------- plans
@@ -151,9 +191,10 @@ def _nearest_entry(entries: Sequence[dict], spec: LinearSpec) -> dict:
     )
 
 
-def plan_from_table(table: dict, spec: LinearSpec, source: str) -> Plan:
+def plan_from_table(table: dict, spec: LinearSpec, source: str, usable_here: Sequence[str] = tuple(PATHS)) -> Plan:
     entry = _nearest_entry(table["entries"], spec)
-    usable = [name for name in entry["us"] if name in PATHS and PATHS[name].unsupported(spec) is None]
+    usable = [name for name in entry["us"]
+              if name in PATHS and name in usable_here and PATHS[name].unsupported(spec) is None]
     if not usable:
         raise ValueError(f"{source}: no measured path can run this layer")
     steps: List[Tuple[int, str]] = []
@@ -190,15 +231,16 @@ def plan_for(spec: LinearSpec, device: torch.device) -> Plan:
         raise ValueError(f"hf_int4 dispatch plans GPU paths; got device {device}")
     index = device.index if device.index is not None else torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
-    usable = [p.name for p in PATHS.values() if p.unsupported(spec) is None]
+    usable = [p.name for p in PATHS.values() if p.unsupported(spec) is None and p.device_unsupported(props) is None]
     if not usable:
         raise ValueError(f"no hf_int4 GPU path can run this layer: {PATHS['decode'].unsupported(spec)}")
     path = table_path_for(props.name)
     if path is not None:
         with open(path) as f:
-            return plan_from_table(json.load(f), spec, f"table {path}")
+            return plan_from_table(json.load(f), spec, f"table {path}", usable)
     crossover = rule_crossover(props)
-    steps = ((1, "decode"), (crossover, "dequant"))
+    large = "hopper" if "hopper" in usable else "dequant"
+    steps = ((1, "decode"), (crossover, large))
     steps = tuple(s for s in steps if s[1] in usable) or ((1, usable[0]),)
     return Plan(tuple((1 if i == 0 else m, n) for i, (m, n) in enumerate(steps)),
                 f"rule for {props.name}: no table, crossover from its FLOP/byte ratio")

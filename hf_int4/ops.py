@@ -17,11 +17,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hf_int4._extension import extension_available
+from hf_int4._extension import extension_available, hopper_available
 from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight
 
 
-_HAS_EXTENSION = extension_available()  # a constant, so that torch.compile does not trace the lru_cache
+_HAS_EXTENSION = extension_available()  # constants, so that torch.compile does not trace the lru_cache
+_HAS_HOPPER = hopper_available()
 
 
 def _packed_shape(size_k: int, size_n: int):
@@ -103,6 +104,23 @@ def dequant_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[tor
     return out.reshape(*x.shape[:-1], packed.out_features)
 
 
+def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor] = None,
+                  schedule: int = 0) -> torch.Tensor:
+    """The Hopper kernel (CUTLASS, TMA + wgmma): symmetric weights, N % 128 == 0, K % 64 == 0, groups >= 64.
+    schedule: 0 data-parallel tiles, 1 stream-K. hf_int4.dispatch.HopperPath says which layers it takes;
+    this checks again and raises otherwise."""
+    _check_call("hopper_linear", x, packed, bias)
+    if not _HAS_HOPPER:
+        raise RuntimeError("hf_int4.hopper_linear needs hf_int4._hopper (built for sm_90a with the CUTLASS headers)")
+    if not packed.sym:
+        raise ValueError("hf_int4.hopper_linear: symmetric weights only (this layer has zero points)")
+    out = torch.ops.hf_int4.hopper_int4_gemm(
+        _rows_in_packed_order(x, packed), packed.qweight, packed.scales, bias, packed.out_features,
+        packed.in_features, packed.group_size, schedule,
+    )
+    return out.reshape(*x.shape[:-1], packed.out_features)
+
+
 def repack_gptq(qweight: torch.Tensor, perm: Optional[torch.Tensor], size_k: int, size_n: int) -> torch.Tensor:
     """GPTQ qweight int32 [K/8, N] (CUDA) -> packed int32 [K_pad/16, N_pad*2] (see hf_int4.packing)."""
     if not _HAS_EXTENSION:
@@ -134,6 +152,13 @@ if _HAS_EXTENSION:
             lambda: f"hf_int4::dequantize_int4: b_packed shape {tuple(b_packed.shape)} does not match size_k={size_k}, size_n={size_n}",
         )
         return scales.new_empty((size_n, size_k))
+
+    if _HAS_HOPPER:
+
+        @torch.library.register_fake("hf_int4::hopper_int4_gemm")
+        def _hopper_int4_gemm_fake(a, b_packed, scales, bias, size_n, size_k, group_size, schedule=0):
+            torch._check(a.dim() == 2 and a.shape[1] == size_k, lambda: "hf_int4::hopper_int4_gemm: bad activation shape")
+            return a.new_empty((a.shape[0], size_n))
 
     @torch.library.register_fake("hf_int4::repack_gptq")
     def _repack_gptq_fake(qweight, perm, size_k, size_n):

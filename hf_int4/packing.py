@@ -18,8 +18,7 @@ qweight, int32 [K_pad / 16, N_pad * 2]
     and s + 4 are the (k, k + 1) pair of one column: `(word >> 4 h) & 0x000f000f` is the pair k = 2t, 2t+1
     of column 8 h + g and `(word >> 4 h + 8) & 0x000f000f` the pair k = 2t+8, 2t+9.)
 scales, [G_pad, N_pad] in the activation dtype; zeros (asymmetric only) the same shape and dtype
-    Inside each 64-column group, position 8 g + 2 j + h holds column 16 j + 8 h + g, so that lane g of
-    a warp reads the scales of all its 8 columns as one 16-byte word. zeros hold magic + z (fp16:
+    Natural column order (N-major, as CUTLASS's mixed-input GEMM reads them). zeros hold magic + z (fp16:
     1024 + z, bf16: 128 + z, both exact for z in 0..16), so that the kernel's (q | magic) - zero is
     q - z exactly. Symmetric weights (z = 8 everywhere) store no zeros.
 group_size
@@ -90,13 +89,6 @@ def _nibble_coords() -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.broadcast_tensors(dk, dn)
 
 
-def _column_perm64() -> torch.Tensor:
-    """int64 [64]: packed position p = 8 g + 2 j + h of a 64-column group holds column 16 j + 8 h + g."""
-    p = torch.arange(64)
-    g, j, h = p // 8, (p % 8) // 2, p % 2
-    return 16 * j + 8 * h + g
-
-
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
     """int64 in [0, 2^32) -> int32 with the same bits."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -129,20 +121,6 @@ def unpack_int_weight(qweight: torch.Tensor) -> torch.Tensor:
     tiles = torch.empty(kb, n_pad // 16, 256, dtype=torch.int32, device=qweight.device)
     tiles[:, :, idx] = nib.reshape(kb, n_pad // 16, 256)
     return tiles.reshape(kb, n_pad // 16, 16, 16).permute(0, 2, 1, 3).reshape(kb * 16, n_pad)
-
-
-def permute_group_params(t: torch.Tensor) -> torch.Tensor:
-    """[G, N_pad] in natural column order -> the kernel's column order (per 64-column group)."""
-    g, n_pad = t.shape
-    perm = _column_perm64().to(t.device)
-    return t.reshape(g, n_pad // 64, 64)[:, :, perm].reshape(g, n_pad).contiguous()
-
-
-def unpermute_group_params(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of permute_group_params (debugging / test helper)."""
-    g, n_pad = t.shape
-    inv = torch.argsort(_column_perm64()).to(t.device)
-    return t.reshape(g, n_pad // 64, 64)[:, :, inv].reshape(g, n_pad).contiguous()
 
 
 # ------------------------------------------------------------------------------------------- the weight
@@ -308,12 +286,12 @@ def _group_params(layer, dtype: torch.dtype, device) -> Tuple[torch.Tensor, Opti
     src, valid = src.to(device), valid.to(device)
     scales = torch.zeros(g_pad, n_pad, dtype=torch.float32, device=device)
     scales[:, :N] = torch.where(valid[:, None], layer.scales.to(device).float()[src], 0.0)
-    scales = permute_group_params(scales.to(dtype))
+    scales = scales.to(dtype).contiguous()
     zeros = None
     if not layer.config.sym:
         z = torch.full((g_pad, n_pad), 8.0, dtype=torch.float32, device=device)
         z[:, :N] = torch.where(valid[:, None], layer.int_zeros().to(device).float()[src], 8.0)
-        zeros = permute_group_params((z + magic).to(dtype))
+        zeros = (z + magic).to(dtype).contiguous()
     return scales, zeros, kgs
 
 
@@ -365,11 +343,11 @@ def unpack_to_int_weight(packed: PackedInt4Weight) -> Dict[str, Optional[torch.T
     int64 [K] of the packed groups."""
     K, N = packed.in_features, packed.out_features
     w_sorted = unpack_int_weight(packed.qweight)[:K, :N]
-    scales = unpermute_group_params(packed.scales.float())[:, :N]
+    scales = packed.scales.float()[:, :N]
     if packed.zeros is None:
         zeros = torch.full_like(scales, 8, dtype=torch.int32)
     else:
-        zeros = (unpermute_group_params(packed.zeros.float())[:, :N] - magic_zero(packed.dtype)).round().to(torch.int32)
+        zeros = (packed.zeros.float()[:, :N] - magic_zero(packed.dtype)).round().to(torch.int32)
     rows = torch.arange(K, device=scales.device)
     group_sorted = torch.zeros_like(rows) if packed.group_size == -1 else rows // packed.group_size
     intweight = torch.empty_like(w_sorted)

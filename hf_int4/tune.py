@@ -25,13 +25,14 @@ def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) ->
     entries = []
     for K, N in shapes:
         shape = bench.Shape(K, N, group_size, dtype)
-        us = {name: [] for name in dispatch.PATHS}
+        names = shape.runnable_paths()
+        us = {name: [] for name in names}
         for M in ms:
-            row = shape.time_paths(M, list(dispatch.PATHS))
-            for name in dispatch.PATHS:
+            row = shape.time_paths(M, names)
+            for name in names:
                 us[name].append(round(row[f"{name}_us"], 2))
-            best = min(dispatch.PATHS, key=lambda name: row[f"{name}_us"])
-            log(f"{K:>6} {N:>6} {M:>5} " + " ".join(f"{name} {row[f'{name}_us']:9.1f}" for name in dispatch.PATHS)
+            best = min(names, key=lambda name: row[f"{name}_us"])
+            log(f"{K:>6} {N:>6} {M:>5} " + " ".join(f"{name} {row[f'{name}_us']:9.1f}" for name in names)
                 + f"  -> {best}")
         entries.append({"k": K, "n": N, "dtype": str(dtype).replace("torch.", ""), "group_size": group_size,
                         "m": list(ms), "us": us})

@@ -54,15 +54,18 @@ for stage in $stages; do
       [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ] && compilers=(CC=/usr/bin/gcc CXX=/usr/bin/g++)
       run build env "${compilers[@]}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
         python3 setup.py -q build_ext --inplace
-      so=$(ls hf_int4/_C*.so 2>/dev/null | head -1)
-      [ -n "$so" ] && cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p >> "$OUT/build.log"
+      for so in hf_int4/_C*.so hf_int4/_hopper*.so; do
+        [ -f "$so" ] || continue
+        cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p >> "$OUT/build.log"
+        echo "$so: $(cuobjdump -sass "$so" 2>/dev/null | grep -c HGMMA) HGMMA instructions" | tee -a "$OUT/build.log"
+      done
       cat "$OUT/env.txt" >> "$OUT/build.log" && rm -f "$OUT/env.txt"
       ;;
     test)
       run tests python3 -m pytest -p no:cacheprovider -q -rs ${TEST_ARGS:-tests} ;;
     sanitize)
       run sanitize_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
-        python3 scripts/sanitize_check.py
+        python3 scripts/sanitize_check.py --hopper
       run sanitize_racecheck compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all \
         python3 scripts/sanitize_check.py ;;
     tune)

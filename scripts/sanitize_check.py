@@ -1,14 +1,19 @@
 """A few small calls of hf_int4's kernels for compute-sanitizer (memcheck, racecheck): the decode GEMM and the
 dequantize kernel of the dequantize-then-cuBLAS path (not cuBLAS itself: racecheck flags its Hopper GEMMs,
-whose mbarrier synchronisation it does not model), odd shapes.
+whose mbarrier synchronisation it does not model), odd shapes; with --hopper (memcheck only, for the same
+reason) also the CUTLASS Hopper kernel.
 
 Also checks the results against the reference, so a run that is clean but wrong still fails.
 """
+import sys
+
 import torch
+
+from hf_int4._extension import hopper_available
 
 from hf_int4.formats import GPTQConfig
 from hf_int4.formats.gptq_writer import random_gptq_layer
-from hf_int4.ops import dequantize, int4_gemm
+from hf_int4.ops import dequantize, hopper_linear, int4_gemm
 from hf_int4.packing import pack_gptq_layer
 from hf_int4.reference import dequantize_gptq, gptq_matmul_reference
 
@@ -34,6 +39,12 @@ def main():
         w_ref = dequantize_gptq(layer)[perm].T  # [N, K] in packed row order
         w_err = ((dequantize(packed).float() - w_ref).norm() / w_ref.norm()).item()
         worst = max(worst, err, w_err)
+        if "--hopper" in sys.argv and hopper_available() and config.sym and config.group_size in (-1, 128) \
+                and N % 128 == 0 and K % 64 == 0:
+            for schedule in (0, 1):
+                h_err = ((hopper_linear(x, packed, bias, schedule).float() - ref).norm() / ref.norm()).item()
+                worst = max(worst, h_err)
+                print(f"  hopper_linear schedule {schedule}: rel err {h_err:.2e}")
         print(f"K={K} N={N} M={M} {config} {dtype}: int4_gemm rel err {err:.2e}, dequantize rel err {w_err:.2e}")
     torch.cuda.synchronize()
     assert worst < 2e-2, worst

@@ -60,6 +60,15 @@ def test_paths_that_cannot_run_a_layer_are_never_planned(monkeypatch):
         dispatch.plan_from_table(table, spec(dtype=torch.float32), "t")
 
 
+def test_paths_this_gpu_lacks_are_left_out_of_the_plan():
+    table = {"entries": [{"k": 4096, "n": 4096, "dtype": "float16", "m": [1, 256, 512],
+                          "us": {"decode": [1, 9, 20], "dequant": [5, 8, 10], "hopper": [7, 6, 5]}}]}
+    assert dispatch.plan_from_table(table, spec(), "t").steps == ((1, "decode"), (256, "hopper"))
+    assert dispatch.plan_from_table(table, spec(), "t", ["decode", "dequant"]).steps == ((1, "decode"), (256, "dequant"))
+    assert dispatch.plan_from_table(table, spec(sym=False), "t").steps == ((1, "decode"), (256, "dequant"))
+    assert dispatch.PATHS["hopper"].device_unsupported(props(108, 1, 1, 1, major=8)).startswith("needs sm_90")
+
+
 def props(sms, clock_khz, mem_khz, bus_bits, major=9, minor=0, name="GPU"):
     return SimpleNamespace(multi_processor_count=sms, clock_rate=clock_khz, memory_clock_rate=mem_khz,
                            memory_bus_width=bus_bits, major=major, minor=minor, name=name)

@@ -22,7 +22,7 @@
 //
 // Dequant: (q | magic) - (magic + z) == q - z exactly (fp16 magic 1024, bf16 magic 128), then times the
 // group scale. Zeros are (magic + z) in the activation dtype; symmetric weights use the constant
-// magic + 8 (shared memory filled once), so sym and asym share one code path.
+// magic + 8 (zero registers set once), so sym and asym share one code path.
 #pragma once
 
 #include <cuda.h>
@@ -238,11 +238,9 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
   const bool has_zp = p.zeros != nullptr;
   const int s_rows = (TK - 1) >> gshift ? TK >> gshift : 1;  // groups per tile
 
-  // Symmetric weights: fill the zeros region once with magic + 8; it is never overwritten.
-  if (!has_zp) {
-    const int4 z = make_int4(D::kSymZero2, D::kSymZero2, D::kSymZero2, D::kSymZero2);
-    for (int i = tid; i < ST * S_STAGE; i += kThreads) sh[L::SM_Z + i] = z;
-  }
+  // A tile's k-blocks share one scale row when the group spans the whole tile (the common g128 case):
+  // then the scale / zero registers are loaded once per tile instead of once per k-block.
+  const bool scales_per_tile = ((TK - 1) >> gshift) == 0;
 
   // ---- per-thread constant offsets
   // A: thread loads chunk a_ch of rows a_row0 + it * A_ROW_STEP; smem chunk XOR-swizzled by row % 8.
@@ -257,11 +255,12 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
   }
   // the lane's word of atom j of its 64 columns: word 32 j + lane of the warp's 512-byte group
   const int b_sh_rd = (kwi * B_KROW + nw * 32) * 4 + lane;
+  // scales / zeros in natural column order: the lane's columns 16 j + 8 h + g of its warp's 64 (in halves)
   int s_sh_rd[SUB];
 #pragma unroll
   for (int s = 0; s < SUB; ++s) {
     const int srow = ((s * KW + kwi) * 16) >> gshift;
-    s_sh_rd[s] = srow * S_ROW + nw * 8 + g;
+    s_sh_rd[s] = srow * S_ROW * 8 + nw * 64 + g;
   }
   const bool s_loader = tid < s_rows * S_ROW;
   const int s_ld_row = tid / S_ROW, s_ld_col = tid % S_ROW;
@@ -340,6 +339,12 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
   uint32_t fz[2][4];
   float acc[MB][4][2][4];
 
+  // Symmetric weights: the zero registers hold magic + 8 for good (nothing loads them).
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) fz[b][j] = D::kSymZero2;
+
   auto load_regs = [&](int buf, int stage, int s) {
     const int4* sa = sh + L::SM_A + stage * A_STAGE + a_sh_rd[s];
 #pragma unroll
@@ -347,8 +352,23 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
     const uint32_t* sb = reinterpret_cast<const uint32_t*>(sh + L::SM_B + stage * B_STAGE + s * KW * B_KROW) + b_sh_rd;
 #pragma unroll
     for (int j = 0; j < 4; ++j) fb[buf][j] = sb[32 * j];
-    *reinterpret_cast<int4*>(fs[buf]) = sh[L::SM_S + stage * S_STAGE + s_sh_rd[s]];
-    *reinterpret_cast<int4*>(fz[buf]) = sh[L::SM_Z + stage * S_STAGE + s_sh_rd[s]];
+    if (s > 0 && scales_per_tile) {  // same scale row as the previous k-block (held in the other buffer)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        fs[buf][j] = fs[buf ^ 1][j];
+        fz[buf][j] = fz[buf ^ 1][j];
+      }
+      return;
+    }
+    // half h of word j: column 16 j + 8 h + g (natural column order in shared memory)
+    const uint16_t* ss = reinterpret_cast<const uint16_t*>(sh + L::SM_S + stage * S_STAGE) + s_sh_rd[s];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) fs[buf][j] = uint32_t(ss[16 * j]) | uint32_t(ss[16 * j + 8]) << 16;
+    if (has_zp) {
+      const uint16_t* sz = reinterpret_cast<const uint16_t*>(sh + L::SM_Z + stage * S_STAGE) + s_sh_rd[s];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) fz[buf][j] = uint32_t(sz[16 * j]) | uint32_t(sz[16 * j + 8]) << 16;
+    }
   };
 
   auto compute = [&](int buf) {
@@ -357,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
       const uint32_t q = fb[buf][j];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        // scale / zero of column 16 j + 8 h + g sit at half h of word j of the lane's int4
+        // scale / zero of column 16 j + 8 h + g: half h of word j
         const uint32_t z = fz[buf][j], sc = fs[buf][j];
         const uint32_t b0 = h ? D::template dequant2<1>(q >> 4, z, sc) : D::template dequant2<0>(q, z, sc);  // k = 2t, 2t+1
         const uint32_t b1 = h ? D::template dequant2<1>(q >> 12, z, sc)

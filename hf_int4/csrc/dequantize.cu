@@ -55,8 +55,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const uint32_t* __
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        // column 16 j + 8 h + g sits at position 8 g + 2 j + h of the group's permuted scales / zeros
-        const int64_t sidx = static_cast<int64_t>(grp) * n_pad + nb * 64 + 8 * g + 2 * j + h;
+        const int64_t sidx = static_cast<int64_t>(grp) * n_pad + nb * 64 + 16 * j + 8 * h + g;
         const float s = P::to_float(scales[sidx]);
         const float z = zeros != nullptr ? P::to_float(zeros[sidx]) - P::kMagic : 8.f;
         const int n_local = 16 * j + 8 * h + g;

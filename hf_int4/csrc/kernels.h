@@ -10,8 +10,8 @@
 //   With g = lane / 4, t = lane % 4, nibble slot i (bits 4i..4i+3) = 4 * odd + 2 * upper + h holds
 //       k = 16 kb + 2 t + odd + 8 upper,   n = 16 a + 8 h + g
 //   as a signed int4, q - 8 (the nibble q ^ 8).
-//   scales / zeros [G_pad, N_pad] in the activation dtype; inside each 64-column group, position
-//   8 g + 2 j + h holds column 16 j + 8 h + g. zeros hold (magic + z): fp16 1024 + z, bf16 128 + z.
+//   scales / zeros [G_pad, N_pad] in the activation dtype, natural column order (CUTLASS's N-major
+//   scales). zeros hold (magic + z): fp16 1024 + z, bf16 128 + z.
 #pragma once
 
 #include <cuda_runtime.h>

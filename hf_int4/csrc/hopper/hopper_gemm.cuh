@@ -1,0 +1,97 @@
+// int4 x fp16/bf16 GEMM for Hopper on CUTLASS's mixed-input collective (TMA loads, warp-specialised
+// cooperative schedule, int4 converted in registers and fed to wgmma as the A operand).
+//
+// The problem is run transposed ("swap AB"): C^T [n, m] = W^T [n, k] x A^T, so that the int4 weight is
+// wgmma's register operand; C^T column-major is C [m, n] row-major, written by the TMA epilogue, which
+// also adds the bias (per row of C^T). Weights are signed int4 (q - 8) times a group scale: the
+// symmetric GPTQ case; asymmetric layers take another path.
+#pragma once
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "hopper_gemm.h"
+#include "cutlass/util/mixed_dtype_utils.hpp"  // compute_memory_reordering_atom
+
+namespace hf_int4 {
+namespace hopper {
+
+using namespace cute;
+
+template <class Act, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
+          class TileScheduler>
+struct Config {
+  using Quant = cutlass::int4b_t;
+  using Accumulator = float;
+  // The packed layout (kernels.h): one reordering atom (16 x 16), values shuffled [0,2,4,6,1,3,5,7].
+  using ValueShuffle = Layout<Shape<_2, _4>, Stride<_4, _1>>;
+  using AtomQuant = decltype(cutlass::compute_memory_reordering_atom<Act, Layout<Shape<_1, _1>>, ValueShuffle>());
+  using StrideAct = Stride<int64_t, _1, int64_t>;  // activations [m, k], K-major
+  using LayoutQuant = decltype(tile_to_shape(AtomQuant{}, Layout<Shape<int, int, int>, StrideAct>{}));
+  using LayoutOutT = cutlass::layout::ColumnMajor;  // C^T [n, m] column-major == C [m, n] row-major
+
+  using Fusion = cutlass::epilogue::fusion::LinCombPerRowBias<Act, float, Act, Act, float>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, float, void, LayoutOutT, 8, Act, LayoutOutT, 8,
+      EpilogueSchedule, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<Quant, Act>, LayoutQuant, 32, Act,
+      cutlass::layout::ColumnMajor, 8, Accumulator, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, TileScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments arguments(const HopperGemmArgs& a) {
+    using StrideScale = typename Mainloop::StrideScale;
+    using StrideOut = typename Kernel::StrideD;
+    const int groups = (a.k + a.group_size - 1) / a.group_size;
+    const auto layout_b = tile_to_shape(AtomQuant{}, make_shape(a.n, a.k, 1));
+    const auto stride_a = cutlass::make_cute_packed_stride(StrideAct{}, make_shape(a.m, a.k, 1));
+    const auto stride_s = cutlass::make_cute_packed_stride(StrideScale{}, make_shape(a.n, groups, 1));
+    const auto stride_c = cutlass::make_cute_packed_stride(StrideOut{}, make_shape(a.n, a.m, 1));
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {a.n, a.m, a.k, 1},
+        {static_cast<const Quant*>(a.b), layout_b, static_cast<const Act*>(a.a), stride_a,
+         static_cast<const Act*>(a.scales), stride_s, a.group_size},
+        {{}, nullptr, stride_c, static_cast<Act*>(a.c), stride_c}};
+    args.epilogue.thread.alpha = 1.f;
+    args.epilogue.thread.beta = 0.f;
+    args.epilogue.thread.bias_ptr = static_cast<const Act*>(a.bias);
+    return args;
+  }
+
+  static size_t workspace(const HopperGemmArgs& a) { return Gemm::get_workspace_size(arguments(a)); }
+
+  static const char* run(const HopperGemmArgs& a) {
+    Gemm gemm;
+    auto args = arguments(a);
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess)
+      return "hf_int4::hopper_int4_gemm: CUTLASS cannot run this problem (shape, alignment or group size)";
+    if (gemm.initialize(args, a.workspace, a.stream) != cutlass::Status::kSuccess)
+      return "hf_int4::hopper_int4_gemm: CUTLASS kernel initialisation failed";
+    if (gemm.run(a.stream) != cutlass::Status::kSuccess) return "hf_int4::hopper_int4_gemm: CUTLASS launch failed";
+    return nullptr;
+  }
+};
+
+// 128x128x64 tiles, one CTA per cluster, cooperative schedule (CUTLASS's stock mixed-input configuration),
+// with the persistent data-parallel or the stream-K tile scheduler.
+template <class Act, class TileScheduler>
+using Cooperative128 = Config<Act, Shape<_128, _128, _64>, Shape<_1, _1, _1>,
+                              cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                              cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler>;
+using DataParallel = void;
+using StreamK = cutlass::gemm::StreamKScheduler;
+
+}  // namespace hopper
+}  // namespace hf_int4

@@ -1,0 +1,39 @@
+// Host API of the Hopper large-batch kernel (CUTLASS, TMA + wgmma), shared by hopper_ops.cpp and the
+// per-dtype translation units. It reads the packed weight of kernels.h as it is: that layout is
+// CUTLASS's reordered int4b_t layout for register-sourced wgmma.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hf_int4 {
+
+struct HopperGemmArgs {
+  const void* a = nullptr;       // [m, k] activation dtype, row-major
+  const void* b = nullptr;       // packed int32 [k / 16, n * 2] (kernels.h)
+  const void* scales = nullptr;  // [ceil(k / group_size), n] activation dtype, natural column order
+  const void* bias = nullptr;    // [n] or nullptr
+  void* c = nullptr;             // [m, n]
+  void* workspace = nullptr;
+  int m = 0, n = 0, k = 0;       // n % 128 == 0, k % 64 == 0 (no padding on this path)
+  int group_size = 0;            // >= 64, or k for per-channel
+  cudaStream_t stream = nullptr;
+};
+
+// Tile schedules, each a translation unit per dtype: 0 data-parallel (one 128x128 output tile per CTA,
+// persistent), 1 stream-K (CUTLASS's heuristic splits K across CTAs when there are too few tiles).
+constexpr int kHopperSchedules = 2;
+
+// Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
+#define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
+  const char* hopper_gemm_##dtype##_##schedule(const HopperGemmArgs& args);        \
+  size_t hopper_gemm_workspace_##dtype##_##schedule(const HopperGemmArgs& args);
+HF_INT4_HOPPER_DECLARE(fp16, dp)
+HF_INT4_HOPPER_DECLARE(fp16, sk)
+HF_INT4_HOPPER_DECLARE(bf16, dp)
+HF_INT4_HOPPER_DECLARE(bf16, sk)
+#undef HF_INT4_HOPPER_DECLARE
+
+}  // namespace hf_int4

@@ -1,0 +1,99 @@
+// torch.ops.hf_int4.hopper_int4_gemm: the Hopper large-batch kernel (a separate extension, hf_int4._hopper,
+// built only for sm_90a and only where the CUTLASS headers are found). Fake impl: hf_int4/ops.py.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "hopper_gemm.h"
+
+namespace hf_int4 {
+namespace {
+
+at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, const at::Tensor& scales,
+                                 const std::optional<at::Tensor>& bias, int64_t size_n, int64_t size_k,
+                                 int64_t group_size, int64_t schedule) {
+  const char* op = "hf_int4::hopper_int4_gemm";
+  TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2, op, ": the activation must be a 2-D CUDA tensor");
+  TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
+              ": the activation must be float16 or bfloat16, got ", a_in.scalar_type());
+  TORCH_CHECK(size_n % 128 == 0 && size_k % 64 == 0 && size_n > 0 && size_k > 0, op,
+              ": needs out_features % 128 == 0 and in_features % 64 == 0 (no padding on this path), got N=", size_n,
+              " K=", size_k);
+  TORCH_CHECK(a_in.size(1) == size_k, op, ": the activation has K=", a_in.size(1), ", the weight ", size_k);
+  const int64_t gs = group_size == -1 ? size_k : group_size;
+  TORCH_CHECK(gs >= 64 && (gs % 64 == 0), op, ": group_size must be -1 or a multiple of 64 (the tile's K), got ",
+              group_size);
+  const int64_t groups = (size_k + gs - 1) / gs;
+  TORCH_CHECK(b_packed.device() == a_in.device() && b_packed.scalar_type() == at::kInt && b_packed.is_contiguous() &&
+                  b_packed.dim() == 2 && b_packed.size(0) == size_k / 16 && b_packed.size(1) == size_n * 2,
+              op, ": b_packed must be contiguous int32 [", size_k / 16, ", ", size_n * 2, "] on ", a_in.device());
+  TORCH_CHECK(scales.device() == a_in.device() && scales.scalar_type() == a_in.scalar_type() &&
+                  scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == groups && scales.size(1) == size_n,
+              op, ": scales must be contiguous ", a_in.scalar_type(), " [", groups, ", ", size_n, "] on ", a_in.device());
+  at::Tensor bias_c;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == a_in.device() && bias->scalar_type() == a_in.scalar_type() && bias->dim() == 1 &&
+                    bias->size(0) == size_n,
+                op, ": bias must be ", a_in.scalar_type(), " [", size_n, "] on ", a_in.device());
+    bias_c = bias->contiguous();
+  }
+  TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op, ": schedule must be 0 (data-parallel) or 1 (stream-K)");
+  const at::Tensor a = a_in.contiguous();
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor c = at::empty({a.size(0), size_n}, a.options());
+  if (a.size(0) == 0) return c;
+  TORCH_CHECK(a.size(0) <= INT32_MAX, op, ": too many rows");
+
+  HopperGemmArgs args;
+  args.a = a.data_ptr();
+  args.b = b_packed.data_ptr();
+  args.scales = scales.data_ptr();
+  args.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+  args.c = c.data_ptr();
+  args.m = static_cast<int>(a.size(0));
+  args.n = static_cast<int>(size_n);
+  args.k = static_cast<int>(size_k);
+  args.group_size = static_cast<int>(gs);
+  args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  const bool half = a.scalar_type() == at::kHalf;
+  using Run = const char* (*)(const HopperGemmArgs&);
+  using Workspace = size_t (*)(const HopperGemmArgs&);
+  const Run run = half ? (schedule ? hopper_gemm_fp16_sk : hopper_gemm_fp16_dp)
+                       : (schedule ? hopper_gemm_bf16_sk : hopper_gemm_bf16_dp);
+  const Workspace workspace = half ? (schedule ? hopper_gemm_workspace_fp16_sk : hopper_gemm_workspace_fp16_dp)
+                                   : (schedule ? hopper_gemm_workspace_bf16_sk : hopper_gemm_workspace_bf16_dp);
+  // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
+  // the same block call after call, and a graph capture takes it from the graph's pool.
+  const size_t ws_bytes = workspace(args);
+  at::Tensor ws;
+  if (ws_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(ws_bytes)}, a.options().dtype(at::kByte));
+    args.workspace = ws.data_ptr();
+  }
+  const char* err = run(args);
+  TORCH_CHECK(err == nullptr, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return c;
+}
+
+}  // namespace
+}  // namespace hf_int4
+
+TORCH_LIBRARY_FRAGMENT(hf_int4, m) {
+  m.def("hopper_int4_gemm(Tensor a, Tensor b_packed, Tensor scales, Tensor? bias, int size_n, int size_k, "
+        "int group_size, int schedule=0) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(hf_int4, CUDA, m) { m.impl("hopper_int4_gemm", &hf_int4::hopper_int4_gemm_cuda); }
+
+extern "C" PyObject* PyInit__hopper(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_hopper", "hf_int4's Hopper (sm_90a, CUTLASS) kernel; importing registers it", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,103 @@
+"""GPU tests of the Hopper kernel (torch.ops.hf_int4.hopper_int4_gemm, CUTLASS TMA + wgmma).
+
+Oracle as in test_decode_kernel: float64 math on the unpacked GPTQ integers of the fixture writer.
+"""
+import glob
+import itertools
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from hf_int4._extension import hopper_available
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not hopper_available(),
+    reason="needs an sm_90 GPU and the built hf_int4._hopper extension",
+)
+
+from test_decode_kernel import DTYPES, F16, _cfg, check, get_layer, get_packed, oracle, poison_allocator  # noqa: E402
+
+from hf_int4 import dispatch, ops  # noqa: E402
+
+M_ALL = [64, 65, 128, 129, 255, 512, 1000, 4096]
+SYM_VARIANTS = list(itertools.product(["gptq", "gptq_v2"], [False, True], [64, 128, -1]))  # fmt, desc_act, gs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt,desc_act,gs", SYM_VARIANTS)
+def test_hopper_matches_the_oracle_small_shape_every_m(dtype, fmt, desc_act, gs):
+    K, N = 576, 1536  # SmolLM2's MLP
+    cfg = _cfg(fmt, True, desc_act, gs)
+    layer, raw = get_layer(K, N, cfg, bias=True)
+    packed = get_packed(K, N, cfg, dtype, bias=True)
+    bias = layer.bias.to(dtype)
+    for M, schedule in itertools.product(M_ALL, (0, 1)):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        poison_allocator(M * N * 2)
+        check(ops.hopper_linear(x, packed, bias, schedule), oracle(raw, x, bias), dtype, f"M={M} schedule {schedule}")
+        poison_allocator(M * N * 2)
+        check(ops.hopper_linear(x, packed, None, schedule), oracle(raw, x), dtype, f"M={M} schedule {schedule} no bias")
+
+
+@pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 14336), (14336, 4096), (8192, 8192)])
+def test_hopper_matches_the_oracle_llama_shapes(K, N):
+    cfg = _cfg(gs=128)
+    _, raw = get_layer(K, N, cfg)
+    for dtype in DTYPES:
+        packed = get_packed(K, N, cfg, dtype)
+        for M, schedule in itertools.product((64, 129, 1000), (0, 1)):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            poison_allocator(M * N * 2)
+            check(ops.hopper_linear(x, packed, None, schedule), oracle(raw, x), dtype, f"{K}x{N} M={M} {dtype} s{schedule}")
+
+
+@pytest.mark.parametrize("schedule", [0, 1])
+def test_hopper_in_a_cuda_graph_and_under_compile(schedule):
+    K, N = 576, 1536
+    cfg = _cfg(gs=64)
+    _, raw = get_layer(K, N, cfg)
+    packed = get_packed(K, N, cfg, F16)
+    x = torch.randn(300, K, device="cuda", dtype=F16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.hopper_linear(x, packed, None, schedule)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.hopper_linear(x, packed, None, schedule)
+    x.copy_(torch.randn_like(x))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, oracle(raw, x), F16, "graph replay")
+    compiled = torch.compile(lambda t: ops.hopper_linear(t, packed, None, schedule), fullgraph=True)
+    check(compiled(x), oracle(raw, x), F16, "compiled")
+    torch.library.opcheck(torch.ops.hf_int4.hopper_int4_gemm,
+                          (x, packed.qweight, packed.scales, None, N, K, packed.group_size, schedule))
+
+
+def test_hopper_refuses_what_it_cannot_run():
+    asym = get_packed(576, 1536, _cfg(sym=False, gs=128), F16)
+    x = torch.randn(64, 576, device="cuda", dtype=F16)
+    with pytest.raises(ValueError, match="symmetric weights only"):
+        ops.hopper_linear(x, asym)
+    odd = get_packed(200, 264, _cfg(gs=32), F16)
+    with pytest.raises(RuntimeError, match="out_features % 128"):
+        ops.hopper_linear(torch.randn(64, 200, device="cuda", dtype=F16), odd)
+    spec = dispatch.LinearSpec.of
+    assert "asymmetric" in dispatch.PATHS["hopper"].unsupported(spec(asym))
+    assert "% 128" in dispatch.PATHS["hopper"].unsupported(spec(odd))
+    g32 = get_packed(576, 1536, _cfg(gs=32), F16)
+    assert "group size 32" in dispatch.PATHS["hopper"].unsupported(spec(g32))
+
+
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="needs cuobjdump")
+def test_hopper_sass_uses_hgmma():
+    import hf_int4
+
+    so = glob.glob(f"{hf_int4.__path__[0]}/_hopper*.so")[0]
+    sass = subprocess.run(["cuobjdump", "-sass", so], capture_output=True, text=True, check=True).stdout
+    assert "HGMMA" in sass
