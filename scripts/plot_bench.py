@@ -1,0 +1,53 @@
+"""Speedup-vs-M plots (one PNG per layer shape) from a `python -m hf_int4.bench --json` file.
+
+    python scripts/plot_bench.py docs/results/bench_dispatch_h100.json docs/results/plots
+
+Each plot: fp16 cuBLAS time / path time for the dispatched path (bold) and every forced path, torch's
+int4 where measured, and the 1.0 line. Needs matplotlib (not a dependency of hf_int4).
+"""
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SERIES = [("dispatched_x", "hf_int4 (dispatched)", "k", 2.5), ("decode_x", "decode kernel", "tab:blue", 1),
+          ("hopper_x", "Hopper, data-parallel", "tab:green", 1), ("hopper_sk_x", "Hopper, stream-K", "tab:olive", 1),
+          ("dequant_x", "dequantize + cuBLAS", "tab:orange", 1), ("torch_int4_x", "torch int4 (tinygemm)", "tab:gray", 1)]
+
+
+def main(src: str, out_dir: str):
+    data = json.loads(Path(src).read_text())
+    shapes = defaultdict(list)
+    for row in data["rows"]:
+        shapes[(row["K"], row["N"])].append(row)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = data["meta"]
+    for (K, N), rows in shapes.items():
+        rows.sort(key=lambda r: r["M"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label, color, width in SERIES:
+            pts = [(r["M"], r[key]) for r in rows if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), label=label, color=color, linewidth=width, marker="." if width > 1 else None)
+        ax.axhline(1.0, color="red", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (rows = batch x tokens)")
+        ax.set_ylabel("speedup vs fp16 cuBLAS")
+        ax.set_title(f"{K}x{N} (K x N), group {meta['group_size']}, {meta['dtype']} - {meta['device']}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"speedup_{K}x{N}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
