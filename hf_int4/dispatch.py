@@ -95,7 +95,8 @@ class DequantCublasPath(KernelPath):
 
 class HopperPath(KernelPath):
     """CUTLASS's mixed-input wgmma GEMM (TMA + warp-specialised), Hopper only: the compute-bound regime.
-    One instance per tile schedule (data-parallel, stream-K); the tables say where each wins."""
+    One instance per configuration (128x128 data-parallel, 128x128 stream-K, 128x256 data-parallel); the
+    tables say where each wins."""
 
     def __init__(self, name: str, schedule: int):
         self.name, self.schedule = name, schedule
@@ -128,7 +129,9 @@ class HopperPath(KernelPath):
 
 
 PATHS: Dict[str, KernelPath] = {
-    p.name: p for p in (DecodePath(), DequantCublasPath(), HopperPath("hopper", 0), HopperPath("hopper_sk", 1))
+    p.name: p
+    for p in (DecodePath(), DequantCublasPath(), HopperPath("hopper", 0), HopperPath("hopper_sk", 1),
+              HopperPath("hopper_wide", 2))
 }
 
 

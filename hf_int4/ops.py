@@ -107,7 +107,7 @@ def dequant_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[tor
 def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor] = None,
                   schedule: int = 0) -> torch.Tensor:
     """The Hopper kernel (CUTLASS, TMA + wgmma): symmetric weights, N % 128 == 0, K % 64 == 0, groups >= 64.
-    schedule: 0 data-parallel tiles, 1 stream-K. hf_int4.dispatch.HopperPath says which layers it takes;
+    schedule: 0 data-parallel 128x128 tiles, 1 stream-K, 2 data-parallel 128 (weights) x 256 (tokens) tiles. hf_int4.dispatch.HopperPath says which layers it takes;
     this checks again and raises otherwise."""
     _check_call("hopper_linear", x, packed, bias)
     if not _HAS_HOPPER:

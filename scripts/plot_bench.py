@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 SERIES = [("dispatched_x", "hf_int4 (dispatched)", "k", 2.5), ("decode_x", "decode kernel", "tab:blue", 1),
           ("hopper_x", "Hopper, data-parallel", "tab:green", 1), ("hopper_sk_x", "Hopper, stream-K", "tab:olive", 1),
+          ("hopper_wide_x", "Hopper, 256-token tiles", "tab:cyan", 1),
           ("dequant_x", "dequantize + cuBLAS", "tab:orange", 1), ("torch_int4_x", "torch int4 (tinygemm)", "tab:gray", 1)]
 
 

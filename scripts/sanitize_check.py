@@ -41,7 +41,7 @@ def main():
         worst = max(worst, err, w_err)
         if "--hopper" in sys.argv and hopper_available() and config.sym and config.group_size in (-1, 128) \
                 and N % 128 == 0 and K % 64 == 0:
-            for schedule in (0, 1):
+            for schedule in (0, 1, 2):
                 h_err = ((hopper_linear(x, packed, bias, schedule).float() - ref).norm() / ref.norm()).item()
                 worst = max(worst, h_err)
                 print(f"  hopper_linear schedule {schedule}: rel err {h_err:.2e}")

@@ -194,9 +194,15 @@ def test_compiled_layer_switches_paths_by_shape_without_graph_breaks(table_cross
         check(compiled(x), oracle(raw, x, module.bias), F16, f"compiled M={rows}")
 
 
-def test_shipped_or_rule_plan_for_this_gpu_covers_every_m(monkeypatch, tmp_path):
+def test_shipped_or_rule_plan_for_this_gpu_runs_every_planned_path_correctly(monkeypatch, tmp_path):
+    """The plan this GPU gets for a Llama-shaped layer (shipped table or rule), run at the first M of every
+    step: each planned path gives the oracle's answer through the module."""
     monkeypatch.setenv("HF_INT4_CACHE", str(tmp_path))  # no user table
-    spec = dispatch.LinearSpec(4096, 4096, 128, True, False, F16)
-    plan = dispatch.plan_for(spec, torch.device("cuda"))
-    assert plan.steps[0][0] == 1 and all(name in dispatch.PATHS for _, name in plan.steps)
-    assert plan.path_name(1) == "decode", plan.describe()
+    module, raw = make_layer(4096, 4096, _cfg(gs=128), F16)
+    plan = module.dispatch_plan()
+    assert plan.steps[0] == (1, "decode") and all(name in dispatch.PATHS for _, name in plan.steps), plan.describe()
+    for first_m, name in plan.steps:
+        assert dispatch.explain(module, first_m).path == name
+        x = torch.randn(first_m, 4096, device="cuda", dtype=F16)
+        poison_allocator(first_m * 4096 * 2)
+        check(module(x), oracle(raw, x, module.bias), F16, f"{name} at M={first_m}")

@@ -33,7 +33,7 @@ def test_hopper_matches_the_oracle_small_shape_every_m(dtype, fmt, desc_act, gs)
     layer, raw = get_layer(K, N, cfg, bias=True)
     packed = get_packed(K, N, cfg, dtype, bias=True)
     bias = layer.bias.to(dtype)
-    for M, schedule in itertools.product(M_ALL, (0, 1)):
+    for M, schedule in itertools.product(M_ALL, (0, 1, 2)):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         poison_allocator(M * N * 2)
         check(ops.hopper_linear(x, packed, bias, schedule), oracle(raw, x, bias), dtype, f"M={M} schedule {schedule}")
@@ -47,13 +47,13 @@ def test_hopper_matches_the_oracle_llama_shapes(K, N):
     _, raw = get_layer(K, N, cfg)
     for dtype in DTYPES:
         packed = get_packed(K, N, cfg, dtype)
-        for M, schedule in itertools.product((64, 129, 1000), (0, 1)):
+        for M, schedule in itertools.product((64, 129, 1000), (0, 1, 2)):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             poison_allocator(M * N * 2)
             check(ops.hopper_linear(x, packed, None, schedule), oracle(raw, x), dtype, f"{K}x{N} M={M} {dtype} s{schedule}")
 
 
-@pytest.mark.parametrize("schedule", [0, 1])
+@pytest.mark.parametrize("schedule", [0, 1, 2])
 def test_hopper_in_a_cuda_graph_and_under_compile(schedule):
     K, N = 576, 1536
     cfg = _cfg(gs=64)

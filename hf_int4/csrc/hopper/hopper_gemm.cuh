@@ -84,12 +84,12 @@ struct Config {
   }
 };
 
-// 128x128x64 tiles, one CTA per cluster, cooperative schedule (CUTLASS's stock mixed-input configuration),
-// with the persistent data-parallel or the stream-K tile scheduler.
-template <class Act, class TileScheduler>
-using Cooperative128 = Config<Act, Shape<_128, _128, _64>, Shape<_1, _1, _1>,
-                              cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                              cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler>;
+// Cooperative schedule, one CTA per cluster, 128 weight rows x TokenTile tokens x 64 k per tile (CUTLASS's
+// stock mixed-input configuration at TokenTile = 128), with the persistent data-parallel or stream-K scheduler.
+template <class Act, class TileScheduler, int TokenTile = 128>
+using Cooperative = Config<Act, Shape<_128, Int<TokenTile>, _64>, Shape<_1, _1, _1>,
+                           cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                           cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler>;
 using DataParallel = void;
 using StreamK = cutlass::gemm::StreamKScheduler;
 

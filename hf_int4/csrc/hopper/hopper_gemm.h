@@ -22,9 +22,10 @@ struct HopperGemmArgs {
   cudaStream_t stream = nullptr;
 };
 
-// Tile schedules, each a translation unit per dtype: 0 data-parallel (one 128x128 output tile per CTA,
-// persistent), 1 stream-K (CUTLASS's heuristic splits K across CTAs when there are too few tiles).
-constexpr int kHopperSchedules = 2;
+// Configurations, each a translation unit per dtype: 0 data-parallel 128x128 tiles (persistent), 1 the same
+// tiles with stream-K (CUTLASS's heuristic splits K across CTAs when there are too few tiles), 2 data-parallel
+// 128 (weights) x 256 (tokens) tiles, which convert each int4 weight once per 256 tokens instead of 128.
+constexpr int kHopperSchedules = 3;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
 #define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
@@ -34,6 +35,8 @@ HF_INT4_HOPPER_DECLARE(fp16, dp)
 HF_INT4_HOPPER_DECLARE(fp16, sk)
 HF_INT4_HOPPER_DECLARE(bf16, dp)
 HF_INT4_HOPPER_DECLARE(bf16, sk)
+HF_INT4_HOPPER_DECLARE(fp16, wide)
+HF_INT4_HOPPER_DECLARE(bf16, wide)
 #undef HF_INT4_HOPPER_DECLARE
 
 }  // namespace hf_int4

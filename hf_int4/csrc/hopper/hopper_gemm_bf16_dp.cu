@@ -2,7 +2,7 @@
 #include "hopper_gemm.cuh"
 
 namespace hf_int4 {
-using Gemm_bf16_dp = hopper::Cooperative128<cutlass::bfloat16_t, hopper::DataParallel>;
+using Gemm_bf16_dp = hopper::Cooperative<cutlass::bfloat16_t, hopper::DataParallel>;
 const char* hopper_gemm_bf16_dp(const HopperGemmArgs& args) { return Gemm_bf16_dp::run(args); }
 size_t hopper_gemm_workspace_bf16_dp(const HopperGemmArgs& args) { return Gemm_bf16_dp::workspace(args); }
 }  // namespace hf_int4

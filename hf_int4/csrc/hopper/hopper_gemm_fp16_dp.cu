@@ -2,7 +2,7 @@
 #include "hopper_gemm.cuh"
 
 namespace hf_int4 {
-using Gemm_fp16_dp = hopper::Cooperative128<cutlass::half_t, hopper::DataParallel>;
+using Gemm_fp16_dp = hopper::Cooperative<cutlass::half_t, hopper::DataParallel>;
 const char* hopper_gemm_fp16_dp(const HopperGemmArgs& args) { return Gemm_fp16_dp::run(args); }
 size_t hopper_gemm_workspace_fp16_dp(const HopperGemmArgs& args) { return Gemm_fp16_dp::workspace(args); }
 }  // namespace hf_int4

@@ -41,7 +41,8 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
                 op, ": bias must be ", a_in.scalar_type(), " [", size_n, "] on ", a_in.device());
     bias_c = bias->contiguous();
   }
-  TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op, ": schedule must be 0 (data-parallel) or 1 (stream-K)");
+  TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op,
+              ": schedule must be 0 (data-parallel), 1 (stream-K) or 2 (data-parallel, 256-token tiles)");
   const at::Tensor a = a_in.contiguous();
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor c = at::empty({a.size(0), size_n}, a.options());
@@ -62,10 +63,13 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   const bool half = a.scalar_type() == at::kHalf;
   using Run = const char* (*)(const HopperGemmArgs&);
   using Workspace = size_t (*)(const HopperGemmArgs&);
-  const Run run = half ? (schedule ? hopper_gemm_fp16_sk : hopper_gemm_fp16_dp)
-                       : (schedule ? hopper_gemm_bf16_sk : hopper_gemm_bf16_dp);
-  const Workspace workspace = half ? (schedule ? hopper_gemm_workspace_fp16_sk : hopper_gemm_workspace_fp16_dp)
-                                   : (schedule ? hopper_gemm_workspace_bf16_sk : hopper_gemm_workspace_bf16_dp);
+  static constexpr Run kRun[2][kHopperSchedules] = {{hopper_gemm_fp16_dp, hopper_gemm_fp16_sk, hopper_gemm_fp16_wide},
+                                                     {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide}};
+  static constexpr Workspace kWorkspace[2][kHopperSchedules] = {
+      {hopper_gemm_workspace_fp16_dp, hopper_gemm_workspace_fp16_sk, hopper_gemm_workspace_fp16_wide},
+      {hopper_gemm_workspace_bf16_dp, hopper_gemm_workspace_bf16_sk, hopper_gemm_workspace_bf16_wide}};
+  const Run run = kRun[half ? 0 : 1][schedule];
+  const Workspace workspace = kWorkspace[half ? 0 : 1][schedule];
   // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
   // the same block call after call, and a graph capture takes it from the graph's pool.
   const size_t ws_bytes = workspace(args);
