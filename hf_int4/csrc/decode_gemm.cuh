@@ -118,6 +118,12 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
                : "r"(smem_u32(smem)));
 }
 
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+}
+
 // The weights q (0..15) stored as signed nibbles q ^ 8 in bits 0-3 and 16-19 of x, as (magic + q) in both
 // halves: ((x ^ c) & m) | (c & ~m) with m = 0x000f000f, c = magic | 0x00080008, one lop3.
 template <uint32_t kMagic2>
@@ -255,12 +261,16 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
   }
   // the lane's word of atom j of its 64 columns: word 32 j + lane of the warp's 512-byte group
   const int b_sh_rd = (kwi * B_KROW + nw * 32) * 4 + lane;
-  // scales / zeros in natural column order: the lane's columns 16 j + 8 h + g of its warp's 64 (in halves)
+  // Scales / zeros are in natural column order; the lane needs columns 16 j + 8 h + g of its warp's 64 as
+  // word j (half h). One ldmatrix.x4.trans does it: matrix j's 8 rows are the 16-byte chunks 2 j, 2 j + 1,
+  // 2 j, 2 j + 1, ... (rows may repeat), and transposed it hands lane 4 g + t the elements (row 2 t,
+  // col g) and (row 2 t + 1, col g): columns 16 j + g and 16 j + 8 + g. Lane L supplies row L % 8 of
+  // matrix L / 8. Offsets in halves.
   int s_sh_rd[SUB];
 #pragma unroll
   for (int s = 0; s < SUB; ++s) {
     const int srow = ((s * KW + kwi) * 16) >> gshift;
-    s_sh_rd[s] = srow * S_ROW * 8 + nw * 64 + g;
+    s_sh_rd[s] = srow * S_ROW * 8 + nw * 64 + (2 * (lane >> 3) + (lane & 1)) * 8;
   }
   const bool s_loader = tid < s_rows * S_ROW;
   const int s_ld_row = tid / S_ROW, s_ld_col = tid % S_ROW;
@@ -360,15 +370,9 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
       }
       return;
     }
-    // half h of word j: column 16 j + 8 h + g (natural column order in shared memory)
-    const uint16_t* ss = reinterpret_cast<const uint16_t*>(sh + L::SM_S + stage * S_STAGE) + s_sh_rd[s];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) fs[buf][j] = uint32_t(ss[16 * j]) | uint32_t(ss[16 * j + 8]) << 16;
-    if (has_zp) {
-      const uint16_t* sz = reinterpret_cast<const uint16_t*>(sh + L::SM_Z + stage * S_STAGE) + s_sh_rd[s];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) fz[buf][j] = uint32_t(sz[16 * j]) | uint32_t(sz[16 * j + 8]) << 16;
-    }
+    ldmatrix_x4_trans(fs[buf], reinterpret_cast<const uint16_t*>(sh + L::SM_S + stage * S_STAGE) + s_sh_rd[s]);
+    if (has_zp)
+      ldmatrix_x4_trans(fz[buf], reinterpret_cast<const uint16_t*>(sh + L::SM_Z + stage * S_STAGE) + s_sh_rd[s]);
   };
 
   auto compute = [&](int buf) {
