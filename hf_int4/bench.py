@@ -18,6 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from hf_int4 import dispatch
+
 LLAMA3_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 8192)]
 DEFAULT_MS = sorted([2**i for i in range(14)] + [3, 48, 96, 192, 384, 768, 1536])  # 1 .. 8192
 TINYGEMM_MAX_M = 512
@@ -94,6 +96,8 @@ class Shape:
         w = torch.randn(N, K, device="cuda", dtype=torch.float16) / K**0.5
         self.fp16 = [w] + [w.clone() for _ in range(1, copies_for(w.numel() * 2))]
         self.tinygemm = self._tinygemm(w, group_size)
+        # the path the dispatched column takes at each M (reads the table once per shape)
+        self.plan = dispatch.plan_for(dispatch.LinearSpec.of(packed), packed.device)
 
     def _tinygemm(self, w, group_size):
         """torch's built-in int4 (bf16): weights from a random fp16 matrix; None where this torch lacks it."""
@@ -113,9 +117,7 @@ class Shape:
 
     def runnable_paths(self):
         """hf_int4's paths (hf_int4.dispatch.PATHS) that can run this layer on this GPU."""
-        from hf_int4 import dispatch
-
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(self.packed[0].device)
         spec = dispatch.LinearSpec.of(self.packed[0])
         return [name for name, path in dispatch.PATHS.items()
                 if path.unsupported(spec) is None and path.device_unsupported(props) is None]
@@ -129,8 +131,6 @@ class Shape:
     def time_paths(self, M: int, paths) -> dict:
         """Median us per call of each named path at M rows: fp16 (F.linear), torch_int4, hf_int4's own paths
         (hf_int4.dispatch.PATHS, forced) and dispatched (the path this layer's plan picks for M)."""
-        from hf_int4 import dispatch
-
         x = torch.randn(M, self.K, device="cuda", dtype=self.dtype)
         row = {"K": self.K, "N": self.N, "M": M, "flops": 2 * M * self.K * self.N}
         for name in paths:
@@ -147,8 +147,7 @@ class Shape:
                 )
             else:
                 if name == "dispatched":
-                    plan = dispatch.plan_for(dispatch.LinearSpec.of(self.packed[0]), x.device)
-                    path = plan.path(M)
+                    path = self.plan.path(M)
                     row["chosen"] = path.name
                 else:
                     path = dispatch.PATHS[name]

@@ -9,8 +9,6 @@ A layer holds its weight in one of two forms, named apart in its buffers and sta
 "gptq" layer (freeing the GPTQ tensors) and plans its GPU paths (hf_int4.dispatch). Each call then runs
 the path its plan names for the call's number of rows, or on CPU the exact reference.
 """
-import logging
-
 import torch
 from torch import nn
 
@@ -18,8 +16,6 @@ from hf_int4 import _extension, dispatch
 from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, is_excluded_module
 from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, pack_gptq_layer
 from hf_int4.reference import dequantize_packed, gptq_matmul_reference, matmul_reference
-
-logger = logging.getLogger("hf_int4.dispatch")
 
 GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 PACKED_PREFIX = "int4_"
@@ -120,7 +116,7 @@ class HfInt4Linear(nn.Module):
         device = torch.device(device) if device is not None else getattr(self, PACKED_PREFIX + "qweight").device
         if self._dispatch is None or self._dispatch[0] != device:
             plan = dispatch.plan_for(dispatch.LinearSpec.of(self.packed_weight()), device)
-            logger.debug("%s (%dx%d): %s", self.name, self.in_features, self.out_features, plan.describe())
+            dispatch.logger.debug("%s (%dx%d): %s", self.name, self.in_features, self.out_features, plan.describe())
             self._dispatch = (device, plan)
         return self._dispatch[1]
 

@@ -144,16 +144,9 @@ template <>
 struct Act<__half> {
   static constexpr uint32_t kMagic2 = 0x64006400u;    // 1024.0 | 1024.0: (q | magic) = 1024 + q
   static constexpr uint32_t kSymZero2 = 0x64086408u;  // 1032.0 = magic + 8
-  // q - z times s for the two weights in bits 0-3 and 16-19 of x; zeros / scales: half `hi` of the words
+  using T2 = __half2;
   template <int hi>
-  __device__ static __forceinline__ uint32_t dequant2(uint32_t x, uint32_t zeros, uint32_t scales) {
-    uint32_t v = nibble_pair<kMagic2>(x);
-    const __half2 z = *reinterpret_cast<const __half2*>(&zeros);
-    const __half2 s = *reinterpret_cast<const __half2*>(&scales);
-    __half2 r = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&v), hi ? __high2half2(z) : __low2half2(z)),
-                        hi ? __high2half2(s) : __low2half2(s));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
+  __device__ static __forceinline__ T2 broadcast(T2 x) { return hi ? __high2half2(x) : __low2half2(x); }
   __device__ static __forceinline__ void mma(const uint32_t (&a)[4], uint32_t b0, uint32_t b1, float (&c)[4]) {
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -169,15 +162,9 @@ template <>
 struct Act<__nv_bfloat16> {
   static constexpr uint32_t kMagic2 = 0x43004300u;    // 128.0 | 128.0 (7 mantissa bits): 128 + q
   static constexpr uint32_t kSymZero2 = 0x43084308u;  // 136.0 = magic + 8
+  using T2 = __nv_bfloat162;
   template <int hi>
-  __device__ static __forceinline__ uint32_t dequant2(uint32_t x, uint32_t zeros, uint32_t scales) {
-    uint32_t v = nibble_pair<kMagic2>(x);
-    const __nv_bfloat162 z = *reinterpret_cast<const __nv_bfloat162*>(&zeros);
-    const __nv_bfloat162 s = *reinterpret_cast<const __nv_bfloat162*>(&scales);
-    __nv_bfloat162 r = __hmul2(__hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), hi ? __high2bfloat162(z) : __low2bfloat162(z)),
-                               hi ? __high2bfloat162(s) : __low2bfloat162(s));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
+  __device__ static __forceinline__ T2 broadcast(T2 x) { return hi ? __high2bfloat162(x) : __low2bfloat162(x); }
   __device__ static __forceinline__ void mma(const uint32_t (&a)[4], uint32_t b0, uint32_t b1, float (&c)[4]) {
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -192,6 +179,18 @@ struct Act<__nv_bfloat16> {
     return __bfloat16_as_ushort(__float2bfloat16_rn(f));
   }
 };
+
+// q - z times s for the two weights in bits 0-3 and 16-19 of x, in either activation dtype; zeros / scales:
+// half `hi` of the words.
+template <typename T, int hi>
+__device__ __forceinline__ uint32_t dequant2(uint32_t x, uint32_t zeros, uint32_t scales) {
+  using A = Act<T>;
+  using T2 = typename A::T2;
+  const uint32_t v = nibble_pair<A::kMagic2>(x);
+  const T2 r = __hmul2(__hsub2(*reinterpret_cast<const T2*>(&v), A::template broadcast<hi>(*reinterpret_cast<const T2*>(&zeros))),
+                       A::template broadcast<hi>(*reinterpret_cast<const T2*>(&scales)));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
 
 // --------------------------------------------------------------------------------------- kernel
 
@@ -383,9 +382,8 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
       for (int h = 0; h < 2; ++h) {
         // scale / zero of column 16 j + 8 h + g: half h of word j
         const uint32_t z = fz[buf][j], sc = fs[buf][j];
-        const uint32_t b0 = h ? D::template dequant2<1>(q >> 4, z, sc) : D::template dequant2<0>(q, z, sc);  // k = 2t, 2t+1
-        const uint32_t b1 = h ? D::template dequant2<1>(q >> 12, z, sc)
-                              : D::template dequant2<0>(q >> 8, z, sc);  // k = 2t+8, 2t+9
+        const uint32_t b0 = h ? dequant2<T, 1>(q >> 4, z, sc) : dequant2<T, 0>(q, z, sc);    // k = 2t, 2t+1
+        const uint32_t b1 = h ? dequant2<T, 1>(q >> 12, z, sc) : dequant2<T, 0>(q >> 8, z, sc);  // k = 2t+8, 2t+9
 #pragma unroll
         for (int i = 0; i < MB; ++i) D::mma(fa[buf][i], b0, b1, acc[i][j][h]);
       }

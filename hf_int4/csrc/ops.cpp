@@ -15,71 +15,10 @@
 #include <utility>
 
 #include "kernels.h"
+#include "op_checks.h"
 
 namespace hf_int4 {
 namespace {
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
-void check_cuda_same_device(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
-                            const char* ref_name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device());
-}
-
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
-struct PackedSizes {
-  int64_t k_pad, n_pad;
-};
-
-// Checks a packed weight (hf_int4.packing's layout) against its logical sizes, and its device / dtype
-// against `ref` (the activation, or the scales where there is none).
-PackedSizes check_packed_weight(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& b_packed,
-                                const at::Tensor& scales, const std::optional<at::Tensor>& zeros, int64_t size_n,
-                                int64_t size_k, int64_t group_size) {
-  TORCH_CHECK(size_k > 0 && size_k % 8 == 0, op, ": size_k must be a positive multiple of 8, got ", size_k);
-  TORCH_CHECK(size_n > 0 && size_n % 8 == 0, op, ": size_n must be a positive multiple of 8, got ", size_n);
-  TORCH_CHECK(group_size == -1 || (group_size >= 16 && (group_size & (group_size - 1)) == 0), op,
-              ": group_size must be -1 or a power of two >= 16 (hf_int4.packing re-expresses other GPTQ group "
-              "sizes), got ", group_size);
-  const int64_t k_pad = round_up(size_k, kPadK), n_pad = round_up(size_n, kPadN);
-  const int64_t g_pad = group_size == -1 ? 1 : cdiv(k_pad, group_size);
-  check_cuda_same_device(op, b_packed, "b_packed", ref, ref_name);
-  TORCH_CHECK(b_packed.scalar_type() == at::kInt, op, ": b_packed must be int32, got ", b_packed.scalar_type());
-  TORCH_CHECK(b_packed.dim() == 2 && b_packed.size(0) == k_pad / 16 && b_packed.size(1) == n_pad * 2, op,
-              ": b_packed has shape ", shape_str(b_packed), ", expected [", k_pad / 16, ", ", n_pad * 2,
-              "] for size_k=", size_k, ", size_n=", size_n);
-  TORCH_CHECK(b_packed.is_contiguous(), op, ": b_packed must be contiguous");
-  check_cuda_same_device(op, scales, "scales", ref, ref_name);
-  TORCH_CHECK(scales.scalar_type() == ref.scalar_type(), op, ": scales are ", scales.scalar_type(), " but ", ref_name,
-              " is ", ref.scalar_type(), " (pack the weight for the activation dtype)");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16, op,
-              ": scales must be float16 or bfloat16, got ", scales.scalar_type());
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == g_pad && scales.size(1) == n_pad, op, ": scales have shape ",
-              shape_str(scales), ", expected [", g_pad, ", ", n_pad, "] for size_k=", size_k, ", size_n=", size_n,
-              ", group_size=", group_size);
-  TORCH_CHECK(scales.is_contiguous(), op, ": scales must be contiguous");
-  TORCH_CHECK(aligned16(b_packed) && aligned16(scales), op,
-              ": b_packed and scales must be 16-byte aligned (use the tensors produced by hf_int4.packing)");
-  if (zeros.has_value()) {
-    check_cuda_same_device(op, *zeros, "zeros", ref, ref_name);
-    TORCH_CHECK(zeros->scalar_type() == scales.scalar_type(), op, ": zeros are ", zeros->scalar_type(),
-                " but the scales are ", scales.scalar_type());
-    TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros have shape ", shape_str(*zeros),
-                ", expected the scales' shape ", shape_str(scales));
-    TORCH_CHECK(zeros->is_contiguous() && aligned16(*zeros), op, ": zeros must be contiguous and 16-byte aligned");
-  }
-  return {k_pad, n_pad};
-}
 
 // One workspace per (device, stream): zeroed int32 counters, which every kernel leaves zero again, and fp32
 // partial tiles. Allocated once and reused by every call on that stream (no allocation / memset in the hot path).
@@ -151,16 +90,7 @@ at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, co
       check_packed_weight(op, a_in, "the activation", b_packed, scales, zeros, size_n, size_k, group_size);
   const int64_t k_pad = sizes.k_pad, n_pad = sizes.n_pad;
   const void* zeros_ptr = zeros.has_value() ? zeros->data_ptr() : nullptr;
-  at::Tensor bias_c;
-  if (bias.has_value()) {
-    check_cuda_same_device(op, *bias, "bias", a_in, "the activation");
-    TORCH_CHECK(bias->scalar_type() == a_in.scalar_type(), op, ": bias is ", bias->scalar_type(),
-                " but the activation is ", a_in.scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == size_n, op, ": bias has shape ", shape_str(*bias),
-                ", expected [", size_n, "]");
-    bias_c = bias->contiguous();
-    if (!aligned16(bias_c)) bias_c = bias_c.clone();
-  }
+  const at::Tensor bias_c = checked_bias(op, bias, a_in, size_n);
   TORCH_CHECK(thread_n == -1 || thread_n == 128 || thread_n == 256, op, ": thread_n must be -1, 128 or 256");
   TORCH_CHECK(thread_k == -1 || thread_k == 64 || thread_k == 128, op, ": thread_k must be -1, 64 or 128");
 

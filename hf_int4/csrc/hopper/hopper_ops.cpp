@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../op_checks.h"
 #include "hopper_gemm.h"
 
 namespace hf_int4 {
@@ -24,23 +25,10 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
               ": needs out_features % 128 == 0 and in_features % 64 == 0 (no padding on this path), got N=", size_n,
               " K=", size_k);
   TORCH_CHECK(a_in.size(1) == size_k, op, ": the activation has K=", a_in.size(1), ", the weight ", size_k);
-  const int64_t gs = group_size == -1 ? size_k : group_size;
-  TORCH_CHECK(gs >= 64 && (gs % 64 == 0), op, ": group_size must be -1 or a multiple of 64 (the tile's K), got ",
-              group_size);
-  const int64_t groups = (size_k + gs - 1) / gs;
-  TORCH_CHECK(b_packed.device() == a_in.device() && b_packed.scalar_type() == at::kInt && b_packed.is_contiguous() &&
-                  b_packed.dim() == 2 && b_packed.size(0) == size_k / 16 && b_packed.size(1) == size_n * 2,
-              op, ": b_packed must be contiguous int32 [", size_k / 16, ", ", size_n * 2, "] on ", a_in.device());
-  TORCH_CHECK(scales.device() == a_in.device() && scales.scalar_type() == a_in.scalar_type() &&
-                  scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == groups && scales.size(1) == size_n,
-              op, ": scales must be contiguous ", a_in.scalar_type(), " [", groups, ", ", size_n, "] on ", a_in.device());
-  at::Tensor bias_c;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device() == a_in.device() && bias->scalar_type() == a_in.scalar_type() && bias->dim() == 1 &&
-                    bias->size(0) == size_n,
-                op, ": bias must be ", a_in.scalar_type(), " [", size_n, "] on ", a_in.device());
-    bias_c = bias->contiguous();
-  }
+  TORCH_CHECK(group_size == -1 || group_size % 64 == 0, op,
+              ": group_size must be -1 or a multiple of 64 (the tile's K), got ", group_size);
+  check_packed_weight(op, a_in, "the activation", b_packed, scales, std::nullopt, size_n, size_k, group_size);
+  const at::Tensor bias_c = checked_bias(op, bias, a_in, size_n);
   TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op,
               ": schedule must be 0 (data-parallel), 1 (stream-K) or 2 (data-parallel, 256-token tiles)");
   const at::Tensor a = a_in.contiguous();
@@ -58,7 +46,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   args.m = static_cast<int>(a.size(0));
   args.n = static_cast<int>(size_n);
   args.k = static_cast<int>(size_k);
-  args.group_size = static_cast<int>(gs);
+  args.group_size = static_cast<int>(group_size == -1 ? size_k : group_size);
   args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
   const bool half = a.scalar_type() == at::kHalf;
   using Run = const char* (*)(const HopperGemmArgs&);
