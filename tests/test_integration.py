@@ -158,3 +158,18 @@ def test_corrupt_sym_zeros_name_the_layer(tmp_path):
     _rewrite_checkpoint(checkpoint, lambda t: t[key].__setitem__((0, 0), 0x12345678))
     with pytest.raises(GPTQFormatError, match=r"layer model\.layers\.0\.mlp\.down_proj: checkpoint says sym=True"):
         AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())
+
+
+def test_packed_view_follows_replaced_buffers():
+    """The layer keeps its PackedInt4Weight view between calls, but never a stale one: whatever replaces
+    a buffer (.to(), accelerate's offload hooks, re-registration) gives the next call the new tensors."""
+    layer = HfInt4Linear(256, 128, False, GPTQConfig(group_size=128), dtype=torch.float16, packed=True)
+    first = layer.packed_weight()
+    assert layer.packed_weight() is first
+    new_scales = torch.randn_like(layer.int4_scales)
+    layer.int4_scales = new_scales  # what set_module_tensor_to_device does
+    assert layer.packed_weight().scales is new_scales
+    layer.to(torch.bfloat16)
+    view = layer.packed_weight()
+    assert view.scales.dtype == torch.bfloat16 and view.scales is layer.int4_scales
+    assert view.qweight is layer.int4_qweight
