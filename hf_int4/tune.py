@@ -18,6 +18,9 @@ import torch
 from hf_int4 import bench, dispatch
 
 TABLE_VERSION = 1
+# The benchmark's shapes (q/k/v and gate/up fused, as serving stacks hold them) plus the separate k/v and
+# gate/up projections that a transformers Llama-3-8B calls: every layer then finds its own measured shape.
+TUNE_SHAPES = bench.LLAMA3_8B_SHAPES + [(4096, 1024), (4096, 14336)]
 
 
 def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) -> dict:
@@ -56,7 +59,7 @@ def main(argv=None):
 
 
 def add_arguments(parser):
-    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in bench.LLAMA3_8B_SHAPES),
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in TUNE_SHAPES),
                         help="layer shapes KxN (in_features x out_features), comma separated")
     parser.add_argument("--ms", default=",".join(map(str, bench.DEFAULT_MS)), help="row counts M to measure")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
