@@ -1,15 +1,16 @@
-"""Writing real-format GPTQ checkpoints: round-to-nearest quantization + AutoGPTQ/GPTQModel packing.
+"""Writing real-format GPTQ checkpoints: round-to-nearest or GPTQ quantization + AutoGPTQ/GPTQModel packing.
 
-This is for test fixtures, the demo and benchmarks: RTN is not GPTQ (no Hessian-based error
-correction), but the files it writes are byte-for-byte what AutoGPTQ (v1, "gptq") or GPTQModel
-(v2, "gptq_v2") write for the same integers, so the reader and kernels see real checkpoints.
+Round-to-nearest (RTN, no calibration data) is for test fixtures, the demo and benchmarks; with
+calibration data quantize_model_state runs the GPTQ algorithm (gptq_solver) on the same grid. Either
+way the files are byte-for-byte what AutoGPTQ (v1, "gptq") or GPTQModel (v2, "gptq_v2") write for the
+same integers, so the reader and kernels see real checkpoints.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +37,45 @@ def _act_order_g_idx(perm: torch.Tensor, config: GPTQConfig, name: str) -> torch
     return g_idx
 
 
+def group_range(W: torch.Tensor, g_idx: torch.Tensor, G: int, config: GPTQConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's find_params range per group: (xmin, xmax) [G, N] of W [K, N], row k in group g_idx[k].
+
+    The range always contains 0; sym mirrors it to [-max|x|, max|x|]. One deliberate difference: sym
+    always mirrors (GPTQ keeps xmin = 0 for an all-positive group, which clips half its values).
+    An all-zero group gets [-1, 1] so that its scale stays positive."""
+    index = g_idx.long().unsqueeze(1).expand_as(W)
+    # Reducing onto zeros with include_self gives min(x.min(), 0) / max(x.max(), 0) in one go.
+    xmin = torch.zeros(G, W.shape[1], device=W.device).scatter_reduce(0, index, W, "amin", include_self=True)
+    xmax = torch.zeros(G, W.shape[1], device=W.device).scatter_reduce(0, index, W, "amax", include_self=True)
+    if config.sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+
+
+def grid_of_range(xmin: torch.Tensor, xmax: torch.Tensor, config: GPTQConfig, name: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(zeros int32, scales fp16) of ranges [xmin, xmax] containing 0: scale = (xmax - xmin) / 15;
+    sym zero 8, asym zero = round(-xmin / scale)."""
+    scale = (xmax - xmin) / MAXQ
+    if config.sym:
+        zeros = torch.full(scale.shape, (MAXQ + 1) // 2, dtype=torch.int32, device=scale.device)
+    else:
+        zeros = torch.round(-xmin / scale).clamp(0, MAXQ).to(torch.int32)
+    scales = scale.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
+    if not bool(torch.isfinite(scales).all()):
+        _fail(name, "weights too large for fp16 scales (|w| > ~4.9e5)")
+    return zeros, scales
+
+
+def round_to_grid(W: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The 4-bit integers (as floats) nearest to W on the grid of zeros / fp16 scales broadcast against it.
+
+    Rounding with the fp16 scales that get stored, as AutoGPTQ's pack() does, keeps
+    |w - dequant| <= scale / 2 (up to fp16 rounding of the scale)."""
+    return (torch.round(W / scales.float()) + zeros).clamp(0, MAXQ)
+
+
 def quantize_rtn(
     weight: torch.Tensor,
     config: GPTQConfig,
@@ -44,20 +84,13 @@ def quantize_rtn(
     generator: Optional[torch.Generator] = None,
     name: str = "",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest 4-bit quantization of an nn.Linear weight [N, K] with GPTQ's Quantizer rules.
+    """Round-to-nearest 4-bit quantization of an nn.Linear weight [N, K] with GPTQ's Quantizer rules (group_range, grid_of_range).
 
     Returns (intweight int32 [K, N], zeros int32 [G, N] (true zeros), scales fp16 [G, N], g_idx int32 [K]).
     With desc_act (or an explicit act_order_perm) groups are formed over a permuted row order; without
-    a perm a random one is drawn from `generator` (RTN has no Hessian to order by).
-
-    Per group, as GPTQ's find_params: the range [xmin, xmax] always contains 0; sym uses
-    [-max|x|, max|x|] with zero 8; asym uses zero = round(-xmin / scale); scale = (xmax - xmin) / 15.
-    One deliberate difference: sym always mirrors the range (GPTQ keeps xmin = 0 for an all-positive
-    group, which clips half its values). Integers are rounded with the fp16 scales that get stored,
-    as AutoGPTQ's pack() does, so |w - dequant| <= scale / 2 (up to fp16 rounding of the scale)."""
+    a perm a random one is drawn from `generator` (RTN has no Hessian to order by)."""
     W = weight.detach().float().t()  # [K, N]
-    K, N = W.shape
-    G = config.num_groups(K)
+    K = W.shape[0]
     if act_order_perm is None and config.desc_act:
         act_order_perm = torch.randperm(K, generator=generator)
     if act_order_perm is not None:
@@ -65,26 +98,9 @@ def quantize_rtn(
     else:
         g_idx = config.group_of_rows(K)
     g_idx = g_idx.to(W.device)
-    index = g_idx.long().unsqueeze(1).expand(K, N)
-    # Reducing onto zeros with include_self gives min(x.min(), 0) / max(x.max(), 0) in one go.
-    xmin = torch.zeros(G, N, device=W.device).scatter_reduce(0, index, W, "amin", include_self=True)
-    xmax = torch.zeros(G, N, device=W.device).scatter_reduce(0, index, W, "amax", include_self=True)
-    if config.sym:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
-    empty = (xmin == 0) & (xmax == 0)
-    xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / MAXQ
-    if config.sym:
-        zeros = torch.full((G, N), (MAXQ + 1) // 2, dtype=torch.int32, device=W.device)
-    else:
-        zeros = torch.round(-xmin / scale).clamp(0, MAXQ).to(torch.int32)
-    scales = scale.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
-    if not bool(torch.isfinite(scales).all()):
-        _fail(name, "weights too large for fp16 scales (|w| > ~4.9e5)")
+    zeros, scales = grid_of_range(*group_range(W, g_idx, config.num_groups(K), config), config, name)
     g = g_idx.long()
-    q = torch.round(W / scales.float()[g]) + zeros[g]
-    intweight = q.clamp(0, MAXQ).to(torch.int32)
+    intweight = round_to_grid(W, zeros[g], scales[g]).to(torch.int32)
     return intweight, zeros, scales, g_idx
 
 
@@ -209,16 +225,36 @@ def random_gptq_layer(
 
 
 @torch.no_grad()
-def quantize_model_state(model: nn.Module, config: GPTQConfig, modules_to_not_convert=("lm_head",), *, seed: int = 0, progress: bool = True) -> Dict[str, torch.Tensor]:
-    """The checkpoint's tensors: every nn.Linear not excluded as GPTQ tensors, the rest as they are."""
+def quantize_model_state(
+    model: nn.Module,
+    config: GPTQConfig,
+    modules_to_not_convert=("lm_head",),
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    calibration: Optional[Sequence[torch.Tensor]] = None,
+) -> Dict[str, torch.Tensor]:
+    """The checkpoint's tensors: every nn.Linear not excluded as GPTQ tensors, the rest as they are.
+
+    With `calibration` (token-id tensors) the weights are chosen by GPTQ (gptq_solver) from the
+    Hessians of those inputs, else rounded to nearest."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_excluded_module(n, modules_to_not_convert)]
+    if calibration is None:
+        quantized_layers = ((n, quantize_rtn(m.weight, config, generator=gen, name=n)) for n, m in linears)
+    else:
+        from hf_int4.formats.gptq_solver import gptq_quantize_model  # it imports this module
+
+        quantized_layers = gptq_quantize_model(model, calibration, [n for n, _ in linears], config)
+    modules = dict(linears)
     out: Dict[str, torch.Tensor] = {}
     done = set()
-    for name, module in tqdm(linears, desc="RTN-quantizing", unit="layer", disable=not progress):
-        packed = pack_gptq_tensors(*quantize_rtn(module.weight, config, generator=gen, name=name), config, name=name)
+    desc = "RTN-quantizing" if calibration is None else "GPTQ-quantizing"
+    for name, quantized in tqdm(quantized_layers, desc=desc, total=len(linears), unit="layer", disable=not progress):
+        module = modules[name]
+        packed = pack_gptq_tensors(*quantized, config, name=name)
         out.update({f"{name}.{k}": v.cpu() for k, v in packed.items()})
         done.add(f"{name}.weight")
         if module.bias is not None:
@@ -249,20 +285,26 @@ def write_gptq_checkpoint(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    calibration: Optional[Sequence[torch.Tensor]] = None,
 ) -> str:
-    """RTN-quantize `model` (a transformers PreTrainedModel) into a GPTQ checkpoint directory.
+    """Quantize `model` (a transformers PreTrainedModel) into a GPTQ checkpoint directory: round-to-nearest,
+    or GPTQ from the Hessians of `calibration` (a list of token-id tensors) when given.
 
     Writes model.safetensors (or shards + index), config.json with quantization_config, quantize_config.json,
     the generation config and the tokenizer when given. Everything goes to a temporary directory next
     to out_dir that is renamed at the end, so out_dir is never half-written. An existing non-empty
     out_dir is replaced only with overwrite=True. Returns out_dir."""
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        tensors = quantize_model_state(model, config, modules_to_not_convert, seed=seed, progress=progress)
+        tensors = quantize_model_state(
+            model, config, modules_to_not_convert, seed=seed, progress=progress, calibration=calibration
+        )
         writer = ShardWriter(tmp, max_shard_size)
         for key, tensor in tensors.items():
             writer.add(key, tensor)
         writer.finish()
         cfg = model.config.to_dict()
+        if not cfg.get("architectures"):  # e.g. a model loaded from GGUF; tools read the class from here
+            cfg["architectures"] = [type(model).__name__]
         cfg["quantization_config"] = config.to_dict()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True, default=str)
