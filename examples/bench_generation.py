@@ -111,15 +111,20 @@ def compiled_decode_step(model):
     return torch.compile(step, mode="reduce-overhead", fullgraph=True)
 
 
+def prefilled(model, batch: int, prompt: int, decode_steps: int):
+    """(StaticCache, first new token, its position) after an eager prefill of random prompts, with room for
+    `decode_steps` more tokens. The position stays on the GPU and advances there: a host-made tensor per step
+    would synchronise the stream every token and hide the CPU's launch work behind nothing."""
+    cache = StaticCache(config=model.config, max_cache_len=prompt + decode_steps)
+    ids = torch.randint(1000, 100000, (batch, prompt), device="cuda")
+    logits = model(ids, cache_position=torch.arange(prompt, device="cuda"), past_key_values=cache, use_cache=True).logits
+    return cache, logits[:, -1].argmax(-1, keepdim=True), torch.tensor([prompt], device="cuda")
+
+
 @torch.no_grad()
 def decode_step_tokens_per_second(model, step, batch: int, prompt: int, steps: int, repeats: int) -> dict:
     warmup = 3  # compile, record the CUDA graph, replay
-    cache = StaticCache(config=model.config, max_cache_len=prompt + warmup + steps * repeats)
-    ids = torch.randint(1000, 100000, (batch, prompt), device="cuda")
-    logits = model(ids, cache_position=torch.arange(prompt, device="cuda"), past_key_values=cache, use_cache=True).logits
-    # The position stays on the GPU and advances there: a host-made tensor per step would synchronise the
-    # stream every token and hide the CPU's launch work behind nothing.
-    token, pos = logits[:, -1].argmax(-1, keepdim=True), torch.tensor([prompt], device="cuda")
+    cache, token, pos = prefilled(model, batch, prompt, warmup + steps * repeats)
     start = time.perf_counter()
     for _ in range(warmup):
         token, pos = step(token, pos, cache).clone(), pos + 1
@@ -140,10 +145,7 @@ def decode_step_tokens_per_second(model, step, batch: int, prompt: int, steps: i
 def profile_decode_step(model, step, batch: int, prompt: int) -> str:
     """Where a compiled decode step's GPU time goes: the kernels by total CUDA time over 8 steps."""
     decode_step_tokens_per_second(model, step, batch, prompt, 8, 1)  # compile and warm up this batch size
-    cache = StaticCache(config=model.config, max_cache_len=prompt + 16)
-    ids = torch.randint(1000, 100000, (batch, prompt), device="cuda")
-    token = model(ids, cache_position=torch.arange(prompt, device="cuda"), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    pos = torch.tensor([prompt], device="cuda")
+    cache, token, pos = prefilled(model, batch, prompt, 8)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(8):
             token, pos = step(token, pos, cache).clone(), pos + 1

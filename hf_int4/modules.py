@@ -87,19 +87,16 @@ class HfInt4Linear(nn.Module):
         so no cache object enters a traced graph."""
         buffers = self._buffers
         names = PackedInt4Weight.TENSOR_NAMES
+        compiling = torch.compiler.is_compiling()
         cached = self._packed
-        if (
-            cached is None
-            or torch.compiler.is_compiling()
-            or any(buffers.get(PACKED_PREFIX + name) is not getattr(cached, name) for name in names)
-        ):
+        if compiling or cached is None or any(buffers.get(PACKED_PREFIX + name) is not getattr(cached, name) for name in names):
             cached = PackedInt4Weight(
                 *(buffers.get(PACKED_PREFIX + name) for name in names),
                 self.in_features,
                 self.out_features,
                 kernel_group_size(self.config.group_size),
             )
-            if not torch.compiler.is_compiling():
+            if not compiling:
                 self._packed = cached
         return cached
 

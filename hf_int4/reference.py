@@ -10,14 +10,18 @@ import torch
 from hf_int4.formats.gptq import GPTQFormatError, GPTQLayer
 
 
-def dequantize_gptq(layer: GPTQLayer) -> torch.Tensor:
-    """fp32 [K, N]: w[k, n] = scales[g, n] * (q[k, n] - zero[g, n]) with g = g_idx[k].
+def dequantize_ints(intweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """fp32 [K, N] of unpacked GPTQ tensors: w[k, n] = scales[g, n] * (q[k, n] - zero[g, n]) with g = g_idx[k].
 
     q - zero is a small exact integer and fp16 -> fp32 is exact, so each element is one correctly
     rounded fp32 multiply: bit-identical to AutoGPTQ / GPTQModel dequantizing in fp32."""
-    g = layer.g_idx.long()
-    diff = layer.int_weight() - layer.int_zeros()[g]
-    return layer.scales.float()[g] * diff.float()
+    g = g_idx.long()
+    return scales.float()[g] * (intweight - zeros[g]).float()
+
+
+def dequantize_gptq(layer: GPTQLayer) -> torch.Tensor:
+    """fp32 [K, N] of a (packed) GPTQ layer: dequantize_ints of its unpacked integers."""
+    return dequantize_ints(layer.int_weight(), layer.int_zeros(), layer.scales, layer.g_idx)
 
 
 def gptq_matmul_reference(x: torch.Tensor, layer: GPTQLayer, weight: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 
 from hf_int4.formats.gptq import GPTQConfig
 from hf_int4.formats.gptq_writer import _act_order_g_idx, grid_of_range, group_range, round_to_grid
+from hf_int4.reference import dequantize_ints
 
 BLOCK = 128  # rows per lazy batch update, as in the reference implementation
 PERCDAMP = 0.01  # dampening: this fraction of mean(diag H) is added to the diagonal
@@ -129,7 +130,7 @@ def gptq_quantize_model(
             hessians = hooks.hessians()
             for name in names:
                 quantized = gptq_quantize(modules[name].weight, hessians.pop(name), config, name=name)
-                modules[name].weight.copy_(_dequantize(*quantized).t())
+                modules[name].weight.copy_(dequantize_ints(*quantized).t())
                 done.add(name)
                 yield name, quantized
             # the next block's inputs: this block's outputs, now from its quantized weights
@@ -140,12 +141,6 @@ def gptq_quantize_model(
         hessians = collect_hessians(qmodel, input_ids_batches, rest)
         for name in rest:
             yield name, gptq_quantize(modules[name].weight, hessians.pop(name), config, name=name)
-
-
-def _dequantize(intweight, zeros, scales, g_idx) -> torch.Tensor:
-    """fp32 [K, N] of unpacked GPTQ integers, as the reference dequantization computes it."""
-    g = g_idx.long()
-    return scales.float()[g] * (intweight - zeros[g]).float()
 
 
 def output_error_grid(rows: torch.Tensor, input_power: torch.Tensor, config: GPTQConfig, name: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
