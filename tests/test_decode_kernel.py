@@ -288,6 +288,45 @@ def test_explicit_workspace_counters_are_left_zero(partial_slots):
         torch.ops.hf_int4.int4_gemm(x, packed.qweight, packed.scales, None, ws[:1000], N, K, packed.group_size, None)
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_chained_layers_wait_for_their_input(graph):
+    """Each call may launch before the previous one ends (programmatic dependent launch): it must still read
+    the previous call's finished output as its activations, and share the workspace safely. A chain of
+    adjacent calls (no other kernel in between) where every output feeds the next; eager outputs land in
+    NaN-poisoned buffers, graph replays see the previous replay's values in theirs."""
+    K, n_layers = 2048, 6
+    cfg = _cfg("gptq", True, False, 128)
+    layers = [get_layer(K, K, cfg, seed=80 + i) for i in range(n_layers)]
+    packed = [get_packed(K, K, cfg, F16, seed=80 + i) for i in range(n_layers)]
+    for M, sms in ((1, -1), (16, 7), (64, -1)):
+        x = torch.randn(M, K, dtype=F16, device="cuda")
+
+        def chain():
+            outs, h = [], x
+            for p in packed:
+                h = ops.int4_gemm(h, p, sms=sms)
+                outs.append(h)
+            return outs
+
+        def check_chain(outs):
+            torch.cuda.synchronize()
+            for i, ((_, raw), inp, out) in enumerate(zip(layers, [x] + outs[:-1], outs)):
+                check(out, oracle(raw, inp), F16, f"M={M} sms={sms} graph={graph} layer {i}")
+
+        chain()  # warm up: workspace, kernel attributes
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs = chain()
+            for _ in range(2):
+                x.copy_(torch.randn_like(x))
+                g.replay()
+                check_chain(outs)
+        else:
+            poison_allocator(M * K * 2, copies=n_layers + 2)
+            check_chain(chain())
+
+
 @pytest.mark.parametrize("fresh_stream", [False, True])
 def test_cuda_graph(fresh_stream):
     K, N = 1536, 576

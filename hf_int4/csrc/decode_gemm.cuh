@@ -20,6 +20,10 @@
 // for anybody, so the tail is one reduction step and blocks need not be co-resident. M > 64 runs as
 // several 64-row problems inside one launch ("par") plus a remainder launch.
 //
+// Early launch (M <= 16, sm_90): behind another int4 GEMM, a launch may start while that one finishes its
+// reduction tail (programmatic dependent launch); its blocks request their first weights at once and wait
+// for the earlier kernel only before reading activations or the workspace (start_pipeline, launch_one).
+//
 // Dequant: (q | magic) - (magic + z) == q - z exactly (fp16 magic 1024, bf16 magic 128), then times the
 // group scale. Zeros are (magic + z) in the activation dtype; symmetric weights use the constant
 // magic + 8 (zero registers set once), so sym and asym share one code path.
@@ -103,6 +107,19 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem));
+}
+
+// Programmatic dependent launch (sm_90): wait until the preceding kernel has completed and its writes are
+// visible (a no-op when not launched early); let the following kernel launch early.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -207,6 +224,7 @@ struct KernelParams {
   int par;    // 16 * MB-row problems in this launch
   int size_n, size_k, n_pad, k_pad;
   int group_shift;  // log2(group size) for a power-of-two group size; 31 for one group (per-channel)
+  bool early;       // launched early behind another kernel (launch_one): split prologue, see start_pipeline
 };
 
 template <typename T, int MB, int TN, int TK>
@@ -309,29 +327,46 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
                      a_row0 + it * L::A_ROW_STEP < rows_valid;
   };
 
-  // ---- global -> shared for the next tile of the slice (if any) into pipeline stage `stage`
+  // ---- global -> shared for the next tile of the slice into pipeline stage `stage`, in two parts: the
+  // weights (B, scales, zeros) depend on no earlier kernel, the activations (A) may be the previous one's output.
+  auto fetch_weights = [&](int stage) {
+    int4* sb = sh + L::SM_B + stage * B_STAGE + tid;
+#pragma unroll
+    for (int it = 0; it < B_ITERS; ++it) cp_async16(sb + it * kThreads, b_next + it * b_it_stride);
+    if (s_loader) {
+      const int grp = ((kt_next * TK) >> gshift) + s_ld_row;
+      const int off = grp * s_stride + nc * S_ROW + s_ld_col;
+      cp_async16(sh + L::SM_S + stage * S_STAGE + tid, p.scales + off);
+      if (has_zp) cp_async16(sh + L::SM_Z + stage * S_STAGE + tid, p.zeros + off);
+    }
+    b_next += b_tile_stride;
+    ++kt_next;
+  };
+  // Rows >= M are not loaded at all: their garbage only reaches accumulator rows that are never written
+  // out. Chunks beyond K in valid rows are zero-filled (they are summed).
+  auto fetch_act = [&](int stage) {
+    int4* sa = sh + L::SM_A + stage * A_STAGE + a_sh_wr;
+    const bool k_ok = a_chunk_next < kchunks;
+#pragma unroll
+    for (int it = 0; it < A_ITERS; ++it)
+      if (a_row_ok[it]) cp_async16_zfill(sa + it * kThreads, k_ok ? a_next + it * a_it_stride : p.a, k_ok);
+    a_next += A_ROW;
+    a_chunk_next += A_ROW;
+  };
+  // the same by plain loads, for the prologue of an early-launched block (start_pipeline)
+  auto load_act = [&](int stage) {
+    int4* sa = sh + L::SM_A + stage * A_STAGE + a_sh_wr;
+    const bool k_ok = a_chunk_next < kchunks;
+#pragma unroll
+    for (int it = 0; it < A_ITERS; ++it)
+      if (a_row_ok[it]) sa[it * kThreads] = k_ok ? __ldcg(a_next + it * a_it_stride) : make_int4(0, 0, 0, 0);
+    a_next += A_ROW;
+    a_chunk_next += A_ROW;
+  };
   auto fetch = [&](int stage, bool pred) {
     if (pred) {
-      int4* sa = sh + L::SM_A + stage * A_STAGE + a_sh_wr;
-      const bool k_ok = a_chunk_next < kchunks;
-      // Rows >= M are not loaded at all: their garbage only reaches accumulator rows that are never
-      // written out. Chunks beyond K in valid rows are zero-filled (they are summed).
-#pragma unroll
-      for (int it = 0; it < A_ITERS; ++it)
-        if (a_row_ok[it]) cp_async16_zfill(sa + it * kThreads, k_ok ? a_next + it * a_it_stride : p.a, k_ok);
-      int4* sb = sh + L::SM_B + stage * B_STAGE + tid;
-#pragma unroll
-      for (int it = 0; it < B_ITERS; ++it) cp_async16(sb + it * kThreads, b_next + it * b_it_stride);
-      if (s_loader) {
-        const int grp = ((kt_next * TK) >> gshift) + s_ld_row;
-        const int off = grp * s_stride + nc * S_ROW + s_ld_col;
-        cp_async16(sh + L::SM_S + stage * S_STAGE + tid, p.scales + off);
-        if (has_zp) cp_async16(sh + L::SM_Z + stage * S_STAGE + tid, p.zeros + off);
-      }
-      a_next += A_ROW;
-      a_chunk_next += A_ROW;
-      b_next += b_tile_stride;
-      ++kt_next;
+      fetch_act(stage);
+      fetch_weights(stage);
     }
     cp_async_commit();  // also when idle, so that wait_group counts stay aligned
   };
@@ -390,9 +425,25 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
     }
   };
 
-  auto start_pipeline = [&]() {
+  // A block launched early (programmatic dependent launch, see launch_one) runs while the previous kernel
+  // still finishes: its first slice requests the prologue's weights at once, and only then waits for that
+  // kernel, before it reads the activations (plain loads: the weights' commit groups are already counted)
+  // or touches the workspace.
+  auto start_pipeline = [&](bool first) {
+    if (first && p.early) {
 #pragma unroll
-    for (int st = 0; st < ST - 1; ++st) fetch(st, st < slice_iters);
+      for (int st = 0; st < ST - 1; ++st) {
+        if (st < slice_iters) fetch_weights(st);
+        cp_async_commit();
+      }
+      grid_dependency_wait();
+#pragma unroll
+      for (int st = 0; st < ST - 1; ++st)
+        if (st < slice_iters) load_act(st);
+    } else {
+#pragma unroll
+      for (int st = 0; st < ST - 1; ++st) fetch(st, st < slice_iters);
+    }
 #pragma unroll
     for (int i = 0; i < MB; ++i)
 #pragma unroll
@@ -505,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
 
   // ---- main loop
   init_slice();
-  start_pipeline();
+  start_pipeline(true);
   int done = 0;  // tiles of the current slice consumed
   while (true) {
 #pragma unroll
@@ -525,11 +576,13 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
       if (done == slice_iters) break;
     }
     if (done == slice_iters) {
+      // the stripe's loads are all done: the next kernel may launch and fetch its weights during our tail
+      if (tile + slice_iters >= tile_end) launch_dependents();
       finish_slice();
       tile += slice_iters;
       if (tile >= tile_end) break;
       init_slice();
-      start_pipeline();
+      start_pipeline(false);
       done = 0;
     }
   }
@@ -561,7 +614,8 @@ inline int smem_bytes_cfg(TileCfg c, int mb) {
 
 struct DeviceInfo {
   int sms = 0;
-  int max_smem = 0;
+  int max_smem = 0;    // per block, opt-in
+  int early_smem = 0;  // > 0: launch single-m-block kernels early, with this much shared memory (launch_one)
 };
 
 inline const char* device_info(int device, DeviceInfo* out) {
@@ -569,11 +623,15 @@ inline const char* device_info(int device, DeviceInfo* out) {
   if (device < 0 || device >= 64) return "hf_int4: device index out of range";
   DeviceInfo& d = cache[device];
   if (d.sms == 0) {
-    int sms = 0, smem = 0;
+    int sms = 0, smem = 0, sm_smem = 0, major = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
       return "hf_int4: cudaDeviceGetAttribute failed";
     d.max_smem = smem;
+    const int half_sm = sm_smem / 2 + 1024;  // more than half an SM: one block per SM
+    d.early_smem = major >= 9 && half_sm <= smem ? half_sm : 0;
     d.sms = sms;
   }
   *out = d;
@@ -619,31 +677,51 @@ inline const char* pick_cfg(int mb, bool many_problems, const Int4GemmArgs& a, i
 
 // Grid: `forced_blocks` when given (tests, tuning), else one block per SM (measured on H100: 2-4 blocks per
 // SM were no faster, up to 50% slower), never more than the tiles or the workspace's partial slots (two per block).
+//
+// Single-m-block launches (M <= 16) are launched early behind a preceding int4 GEMM (programmatic stream
+// serialization: they start when it triggers launch_dependents, and wait for its completion only before
+// reading activations), which hides part of the launch and pipeline fill: 0.2-8.7% faster at M = 1..16 on
+// H200, most on small layers (docs/kernel_notes.md step 11). Larger m-blocks are not launched early (an H100
+// measurement found M = 64 4% slower). Early blocks get more than half an SM's shared memory so that they
+// cannot pile up two per SM (measured 25% slower on H100).
 template <typename T, int MB, int TN, int TK>
-inline const char* launch_one(const KernelParams& kp, int sms, int forced_blocks, int64_t total, int64_t slot_pairs,
-                              int device, cudaStream_t stream) {
+inline const char* launch_one(const KernelParams& kp, const DeviceInfo& info, int forced_blocks, int64_t total,
+                              int64_t slot_pairs, int device, cudaStream_t stream) {
   auto kernel = int4_gemm_kernel<T, MB, TN, TK>;
-  constexpr int smem = Tile<MB, TN, TK>::SMEM_BYTES;
+  const bool early = MB == 1 && info.early_smem > 0;
+  KernelParams params = kp;
+  params.early = early;
+  const int smem = early ? cmax(Tile<MB, TN, TK>::SMEM_BYTES, info.early_smem) : Tile<MB, TN, TK>::SMEM_BYTES;
   static bool attr_set[64] = {};
   if (!attr_set[device]) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
       return "hf_int4: cudaFuncSetAttribute(MaxDynamicSharedMemorySize) failed";
     attr_set[device] = true;
   }
-  const int64_t want = forced_blocks > 0 ? forced_blocks : sms;
+  const int64_t want = forced_blocks > 0 ? forced_blocks : info.sms;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, total, slot_pairs})));
-  kernel<<<blocks, kThreads, smem, stream>>>(kp);
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = early ? 1 : 0;
+  if (cudaLaunchKernelEx(&cfg, kernel, params) != cudaSuccess) return "hf_int4: launching the int4 GEMM kernel failed";
   return nullptr;
 }
 
 template <typename T, int TN, int TK>
-inline const char* launch_mb(int mb, const KernelParams& kp, int sms, int forced_blocks, int64_t total,
+inline const char* launch_mb(int mb, const KernelParams& kp, const DeviceInfo& info, int forced_blocks, int64_t total,
                              int64_t slot_pairs, int device, cudaStream_t stream) {
   switch (mb) {
-    case 1: return launch_one<T, 1, TN, TK>(kp, sms, forced_blocks, total, slot_pairs, device, stream);
-    case 2: return launch_one<T, 2, TN, TK>(kp, sms, forced_blocks, total, slot_pairs, device, stream);
-    case 3: return launch_one<T, 3, TN, TK>(kp, sms, forced_blocks, total, slot_pairs, device, stream);
-    case 4: return launch_one<T, 4, TN, TK>(kp, sms, forced_blocks, total, slot_pairs, device, stream);
+    case 1: return launch_one<T, 1, TN, TK>(kp, info, forced_blocks, total, slot_pairs, device, stream);
+    case 2: return launch_one<T, 2, TN, TK>(kp, info, forced_blocks, total, slot_pairs, device, stream);
+    case 3: return launch_one<T, 3, TN, TK>(kp, info, forced_blocks, total, slot_pairs, device, stream);
+    case 4: return launch_one<T, 4, TN, TK>(kp, info, forced_blocks, total, slot_pairs, device, stream);
     default: return "hf_int4: internal error (m blocks)";
   }
 }
@@ -698,16 +776,17 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
     kp.n_pad = a.n_pad;
     kp.k_pad = a.k_pad;
     kp.group_shift = group_shift;
+    kp.early = false;  // launch_one decides
     const int64_t total = int64_t(a.k_pad / cfg.tk) * n_tiles * par;
     // every block needs two partial slots (a single block never splits a column)
     const int64_t slot_pairs = (a.workspace_size - kCounterInts) / (16 * mb * cfg.tn) / 2;
     const char* err;
     if (cfg.tn == 128 && cfg.tk == 128)
-      err = launch_mb<T, 128, 128>(mb, kp, info.sms, a.sms, total, slot_pairs, a.device, a.stream);
+      err = launch_mb<T, 128, 128>(mb, kp, info, a.sms, total, slot_pairs, a.device, a.stream);
     else if (cfg.tn == 256 && cfg.tk == 64)
-      err = launch_mb<T, 256, 64>(mb, kp, info.sms, a.sms, total, slot_pairs, a.device, a.stream);
+      err = launch_mb<T, 256, 64>(mb, kp, info, a.sms, total, slot_pairs, a.device, a.stream);
     else
-      err = launch_mb<T, 128, 64>(mb, kp, info.sms, a.sms, total, slot_pairs, a.device, a.stream);
+      err = launch_mb<T, 128, 64>(mb, kp, info, a.sms, total, slot_pairs, a.device, a.stream);
     if (err) return err;
     rows_done += rows;
   }
