@@ -343,29 +343,25 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
     ++kt_next;
   };
   // Rows >= M are not loaded at all: their garbage only reaches accumulator rows that are never written
-  // out. Chunks beyond K in valid rows are zero-filled (they are summed).
-  auto fetch_act = [&](int stage) {
+  // out. Chunks beyond K in valid rows are zero-filled (they are summed). By cp.async, or by plain loads
+  // (async false: the prologue of an early-launched block, start_pipeline).
+  auto fetch_act = [&](int stage, bool async) {
     int4* sa = sh + L::SM_A + stage * A_STAGE + a_sh_wr;
     const bool k_ok = a_chunk_next < kchunks;
 #pragma unroll
-    for (int it = 0; it < A_ITERS; ++it)
-      if (a_row_ok[it]) cp_async16_zfill(sa + it * kThreads, k_ok ? a_next + it * a_it_stride : p.a, k_ok);
-    a_next += A_ROW;
-    a_chunk_next += A_ROW;
-  };
-  // the same by plain loads, for the prologue of an early-launched block (start_pipeline)
-  auto load_act = [&](int stage) {
-    int4* sa = sh + L::SM_A + stage * A_STAGE + a_sh_wr;
-    const bool k_ok = a_chunk_next < kchunks;
-#pragma unroll
-    for (int it = 0; it < A_ITERS; ++it)
-      if (a_row_ok[it]) sa[it * kThreads] = k_ok ? __ldcg(a_next + it * a_it_stride) : make_int4(0, 0, 0, 0);
+    for (int it = 0; it < A_ITERS; ++it) {
+      if (!a_row_ok[it]) continue;
+      if (async)
+        cp_async16_zfill(sa + it * kThreads, k_ok ? a_next + it * a_it_stride : p.a, k_ok);
+      else
+        sa[it * kThreads] = k_ok ? __ldcg(a_next + it * a_it_stride) : make_int4(0, 0, 0, 0);
+    }
     a_next += A_ROW;
     a_chunk_next += A_ROW;
   };
   auto fetch = [&](int stage, bool pred) {
     if (pred) {
-      fetch_act(stage);
+      fetch_act(stage, true);
       fetch_weights(stage);
     }
     cp_async_commit();  // also when idle, so that wait_group counts stay aligned
@@ -439,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
       grid_dependency_wait();
 #pragma unroll
       for (int st = 0; st < ST - 1; ++st)
-        if (st < slice_iters) load_act(st);
+        if (st < slice_iters) fetch_act(st, false);
     } else {
 #pragma unroll
       for (int st = 0; st < ST - 1; ++st) fetch(st, st < slice_iters);
@@ -685,12 +681,11 @@ inline const char* pick_cfg(int mb, bool many_problems, const Int4GemmArgs& a, i
 // measurement found M = 64 4% slower). Early blocks get more than half an SM's shared memory so that they
 // cannot pile up two per SM (measured 25% slower on H100).
 template <typename T, int MB, int TN, int TK>
-inline const char* launch_one(const KernelParams& kp, const DeviceInfo& info, int forced_blocks, int64_t total,
+inline const char* launch_one(KernelParams kp, const DeviceInfo& info, int forced_blocks, int64_t total,
                               int64_t slot_pairs, int device, cudaStream_t stream) {
   auto kernel = int4_gemm_kernel<T, MB, TN, TK>;
   const bool early = MB == 1 && info.early_smem > 0;
-  KernelParams params = kp;
-  params.early = early;
+  kp.early = early;
   const int smem = early ? cmax(Tile<MB, TN, TK>::SMEM_BYTES, info.early_smem) : Tile<MB, TN, TK>::SMEM_BYTES;
   static bool attr_set[64] = {};
   if (!attr_set[device]) {
@@ -710,7 +705,7 @@ inline const char* launch_one(const KernelParams& kp, const DeviceInfo& info, in
   cfg.stream = stream;
   cfg.attrs = &attr;
   cfg.numAttrs = early ? 1 : 0;
-  if (cudaLaunchKernelEx(&cfg, kernel, params) != cudaSuccess) return "hf_int4: launching the int4 GEMM kernel failed";
+  if (cudaLaunchKernelEx(&cfg, kernel, kp) != cudaSuccess) return "hf_int4: launching the int4 GEMM kernel failed";
   return nullptr;
 }
 
@@ -775,8 +770,7 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
     kp.size_k = a.size_k;
     kp.n_pad = a.n_pad;
     kp.k_pad = a.k_pad;
-    kp.group_shift = group_shift;
-    kp.early = false;  // launch_one decides
+    kp.group_shift = group_shift;  // kp.early: launch_one decides
     const int64_t total = int64_t(a.k_pad / cfg.tk) * n_tiles * par;
     // every block needs two partial slots (a single block never splits a column)
     const int64_t slot_pairs = (a.workspace_size - kCounterInts) / (16 * mb * cfg.tn) / 2;
