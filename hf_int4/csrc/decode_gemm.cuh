@@ -49,6 +49,10 @@ constexpr int kWarps = kThreads / 32;
 #define HF_INT4_STAGES 4
 #endif
 constexpr int kStages = HF_INT4_STAGES;
+// early launch of single-m-block kernels on sm_90+ (a tuning knob: 0 turns it off, e.g. to co-locate blocks)
+#ifndef HF_INT4_EARLY_LAUNCH
+#define HF_INT4_EARLY_LAUNCH 1
+#endif
 constexpr int kMaxPar = 16;  // 64-row problems per launch
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -627,7 +631,7 @@ inline const char* device_info(int device, DeviceInfo* out) {
       return "hf_int4: cudaDeviceGetAttribute failed";
     d.max_smem = smem;
     const int half_sm = sm_smem / 2 + 1024;  // more than half an SM: one block per SM
-    d.early_smem = major >= 9 && half_sm <= smem ? half_sm : 0;
+    d.early_smem = HF_INT4_EARLY_LAUNCH && major >= 9 && half_sm <= smem ? half_sm : 0;
     d.sms = sms;
   }
   *out = d;
