@@ -30,9 +30,10 @@ __global__ void read_kernel(const int4* p, int64_t n, int* sink) {
 // The GEMM's access order without its arithmetic: block b reads the weight tiles of its stripe (column-major
 // (k-tile, n-tile) order, TN columns x 16 * TKB rows per tile, one TN * 8-byte run per 16-row k-block), DEPTH tiles in
 // flight per thread. Tells a slow access pattern apart from a slow pipeline.
+constexpr int kPatternThreads = 256;
 template <int TN, int TKB, int DEPTH>
 __global__ void pattern_read_kernel(const int4* b, int n_pad, int k_tiles, int n_tiles, int* sink) {
-  constexpr int RUN = TN / 2, PER = TKB * RUN / 256;  // int4 per k-block run, loads per thread per tile
+  constexpr int RUN = TN / 2, PER = TKB * RUN / kPatternThreads;  // int4 per k-block run, loads per thread per tile
   const int total = k_tiles * n_tiles, iters = (total + gridDim.x - 1) / gridDim.x;
   const int t0 = blockIdx.x * iters, t1 = min(total, t0 + iters);
   const int64_t row = n_pad / 2;
@@ -43,7 +44,7 @@ __global__ void pattern_read_kernel(const int4* b, int n_pad, int k_tiles, int n
     for (int d = 0; d < DEPTH; ++d)
 #pragma unroll
       for (int l = 0; l < PER; ++l) {
-        const int tt = min(t + d, t1 - 1), e = threadIdx.x + l * 256;
+        const int tt = min(t + d, t1 - 1), e = threadIdx.x + l * kPatternThreads;
         const int col = tt / k_tiles, kt = tt % k_tiles;
         v[d][l] = __ldcs(b + (int64_t(kt) * TKB + e / RUN) * row + col * RUN + e % RUN);
       }
@@ -128,16 +129,14 @@ int main(int argc, char** argv) {
   const float t_read = time_graph([&] {
     for (int i = 0; i < calls; ++i) read_kernel<<<sms * 4, 512, 0, s>>>(reinterpret_cast<const int4*>(b + (i % copies) * b_ints), b_ints / 4, sink);
   }, calls, s);
-  float t_pat[2];
   const int kt128 = K / 128, nt128 = N / 128;
-  t_pat[0] = time_graph([&] {
-    for (int i = 0; i < calls; ++i)
-      pattern_read_kernel<128, 8, 4><<<sms, 256, 0, s>>>(reinterpret_cast<const int4*>(b + (i % copies) * b_ints), N, kt128, nt128, sink);
-  }, calls, s);
-  t_pat[1] = time_graph([&] {
-    for (int i = 0; i < calls; ++i)
-      pattern_read_kernel<128, 8, 8><<<sms, 256, 0, s>>>(reinterpret_cast<const int4*>(b + (i % copies) * b_ints), N, kt128, nt128, sink);
-  }, calls, s);
+  auto time_pattern = [&](auto kernel) {
+    return time_graph([&] {
+      for (int i = 0; i < calls; ++i)
+        kernel<<<sms, kPatternThreads, 0, s>>>(reinterpret_cast<const int4*>(b + (i % copies) * b_ints), N, kt128, nt128, sink);
+    }, calls, s);
+  };
+  const float t_pat[2] = {time_pattern(pattern_read_kernel<128, 8, 4>), time_pattern(pattern_read_kernel<128, 8, 8>)};
   CK(cudaGetLastError());
   const double mb = (b_ints * 4 + s_halves * 2) / 1e6;
   const double wmb = b_ints * 4 / 1e6;
