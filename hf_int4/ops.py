@@ -72,8 +72,9 @@ def int4_gemm(
 ) -> torch.Tensor:
     """The decode kernel: x [..., K] @ dequant(packed) [K, N] (+ bias) -> [..., N] in x's dtype.
 
-    thread_n / thread_k (tile: 128x128, 256x64 or 128x64) and sms (number of thread blocks) override the
-    kernel's heuristics; they are for tuning and tests."""
+    Up to 8 rows run the streaming kernel, more rows the tiled kernel. thread_n / thread_k (the tiled kernel's
+    tile: 128x128, 256x64 or 128x64) and sms (its number of thread blocks; for up to 8 rows, the streaming
+    kernel's number of k-splits) override the heuristics; they are for tuning and tests."""
     _check_call("int4_gemm", x, packed, bias)
     K, N = packed.in_features, packed.out_features
     out = torch.ops.hf_int4.int4_gemm(

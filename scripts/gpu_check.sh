@@ -10,7 +10,7 @@
 #   one call carries at most 64 MiB, so a first call copies one half to the warm machine).
 #   generation: examples/bench_generation.py (Llama-3-8B-shaped model, hf_int4 vs fp16 generate()).
 #   probe: the decode kernel alone, no torch (scripts/probe_sweep.sh; PROBE_BASE=.probe/base for an A/B).
-#   sweep: decode-kernel experiments (knobs, patches, ncu stall sections; scripts/experiments/decode_sweep.sh).
+#   sweep: the streaming (M <= 8) decode kernel against PROBE_BASE's headers (scripts/experiments/stream_sweep.sh).
 #   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS / TUNE_ARGS /
 #   QUALITY_ARGS / GEN_ARGS (extra args)
 set -uo pipefail
@@ -81,7 +81,7 @@ for stage in $stages; do
     probe)
       run probe bash scripts/probe_sweep.sh ;;
     sweep)
-      OUT="$OUT" run sweep bash scripts/experiments/decode_sweep.sh ;;
+      OUT="$OUT" run sweep bash scripts/experiments/stream_sweep.sh ;;
     demo)
       run demo python3 examples/demo.py ;;
     quality)

@@ -19,6 +19,7 @@ from hf_int4.reference import dequantize_gptq, gptq_matmul_reference
 
 CASES = [  # (K, N, M, config, dtype)
     (576, 1536, 1, GPTQConfig(group_size=128), torch.float16),
+    (1000, 200, 5, GPTQConfig(group_size=32, sym=False, checkpoint_format="gptq_v2"), torch.float16),  # k-splits
     (576, 1536, 17, GPTQConfig(group_size=128, sym=False, checkpoint_format="gptq_v2"), torch.bfloat16),
     (1024, 264, 65, GPTQConfig(group_size=32, sym=False, desc_act=True), torch.float16),
     (2048, 2048, 129, GPTQConfig(group_size=-1), torch.bfloat16),

@@ -236,6 +236,56 @@ def test_leading_dims_noncontiguous_and_empty():
     assert run(torch.empty(0, K, dtype=F16, device="cuda"), packed).shape == (0, N)
 
 
+# ------------------------------------------------------------------------- the streaming kernel (M <= 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sym", [True, False])
+def test_stream_kernel_one_hot_rows_recover_dequantized_weight_exactly(dtype, sym):
+    """Up to 8 rows run the streaming kernel, which adds raw (magic + q) products and subtracts the zero per chunk:
+    with one-hot rows every output must still be exactly the kernel-rounded weight ((q - z) * s rounded once)."""
+    K, N = 256, 320
+    cfg = _cfg(sym=sym, gs=32)
+    packed = get_packed(K, N, cfg, dtype)
+    want = dequantize_like_kernel(packed).to(dtype)
+    for m0 in range(0, K, 8):
+        x = torch.zeros(8, K, dtype=dtype, device="cuda")
+        x[torch.arange(8), m0 + torch.arange(8)] = 1
+        out = run(x, packed)
+        bad = (out != want[m0:m0 + 8]).nonzero()
+        assert bad.numel() == 0, f"{bad.shape[0]} weights wrong in rows {m0}..{m0 + 7}, first (row, col) {bad[:4].tolist()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gs", [16, 32, 64, 128, -1])  # chunks of 1, 2, 4, 8 and 8 k-blocks
+@pytest.mark.parametrize("sym", [True, False])
+def test_stream_kernel_chunks_splits_and_tails(gs, sym, dtype):
+    """Every chunk size, forced k-splits (even, uneven, more splits than a warp has chunks), K = 1000 (a partial
+    last chunk and a half k-block, 1000 % 16 = 8) and N = 200 (columns past N in the last 64-column tile)."""
+    K, N = 1000, 200
+    cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
+    layer, raw = get_layer(K, N, cfg, bias=True, seed=91)
+    packed = get_packed(K, N, cfg, dtype, bias=True, seed=91)
+    bias = raw["bias"].to(dtype)
+    for M, splits in itertools.product((1, 3, 8), (-1, 1, 2, 3, 7, 64)):
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        check(run(x, packed, bias, sms=splits), oracle(raw, x, bias), dtype, f"g{gs} M={M} splits={splits}")
+
+
+@pytest.mark.parametrize("M", [1, 5, 8])
+def test_stream_kernel_reads_nothing_past_its_rows(M):
+    """x is the head of a NaN-filled buffer: a read past row M - 1 or past column K - 1 of the last row (the
+    lanes of rows >= M, the k-blocks past K) would turn outputs into NaN."""
+    K, N = 1000, 512
+    cfg = _cfg("gptq_v2", False, False, 64)  # no act-order: its column gather would copy x
+    layer, raw = get_layer(K, N, cfg, seed=92)
+    packed = get_packed(K, N, cfg, F16, seed=92)
+    buf = torch.full((M * K + 64 * K,), float("nan"), dtype=F16, device="cuda")
+    buf[: M * K] = torch.randn(M * K, dtype=F16, device="cuda")
+    x = buf[: M * K].view(M, K)
+    check(run(x, packed), oracle(raw, x), F16, f"M={M} NaN after the last row")
+
+
 # ------------------------------------------------------------------------------------------- repack
 
 
@@ -420,8 +470,9 @@ def test_bad_inputs_raise_clear_errors():
         op(x, packed.qweight[:4], packed.scales, None, None, N, K, 128, None)
     with pytest.raises(RuntimeError, match="CUDA tensors only"):
         op(x.cpu(), packed.qweight.cpu(), packed.scales.cpu(), None, None, N, K, 128, None)
+    x32 = torch.randn(32, K, dtype=F16, device="cuda")  # tiles are the tiled kernel's: rows past 16
     with pytest.raises(RuntimeError, match="thread_n/thread_k tile is not available"):
-        op(x, packed.qweight, packed.scales, None, None, N, K, 128, None, 128, 128, -1)  # 576 % 128 != 0
+        op(x32, packed.qweight, packed.scales, None, None, N, K, 128, None, 128, 128, -1)  # 576 % 128 != 0
 
 
 # -------------------------------------------------------------------------------- diagnostics / bench

@@ -1,5 +1,7 @@
 // Mixed-precision GEMM C[M, N] = A[M, K] @ dequant(W)[K, N] for 4-bit GPTQ weights (fp16 / bf16
-// activations, fp32 accumulation), built for decode (M = 1..64) at HBM bandwidth.
+// activations, fp32 accumulation), built for decode (M = 1..64) at HBM bandwidth. run_int4_gemm (below) runs
+// blocks of at most stream::kMaxRows rows with the streaming kernel (stream_gemm.cuh) and the rest with this
+// tiled kernel.
 //
 // Design (after Marlin, IST-DASLab): 256 threads = 8 warps per block; a block tile is 16 MB rows x TN
 // columns x TK rows of K. The TN / 64 "n-warps" own 64 columns each, the 8 / (TN / 64) "k-warps" split the
@@ -20,7 +22,7 @@
 // for anybody, so the tail is one reduction step and blocks need not be co-resident. M > 64 runs as
 // several 64-row problems inside one launch ("par") plus a remainder launch.
 //
-// Early launch (M <= 16, sm_90): behind another int4 GEMM, a launch may start while that one finishes its
+// Early launch (9..16 rows, sm_90): behind another int4 GEMM, a launch may start while that one finishes its
 // reduction tail (programmatic dependent launch); its blocks request their first weights at once and wait
 // for the earlier kernel only before reading activations or the workspace (start_pipeline, launch_one).
 //
@@ -37,7 +39,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "gemm_common.cuh"
 #include "kernels.h"
+#include "stream_gemm.cuh"
 
 namespace hf_int4 {
 namespace gemm {
@@ -55,8 +59,6 @@ constexpr int kStages = HF_INT4_STAGES;
 #endif
 constexpr int kMaxPar = 16;  // 64-row problems per launch
 
-__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
-__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 
 // ------------------------------------------------------------------------------------ tile geometry
 
@@ -113,19 +115,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem));
 }
 
-// Programmatic dependent launch (sm_90): wait until the preceding kernel has completed and its writes are
-// visible (a no-op when not launched early); let the following kernel launch early.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -144,62 +133,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(smem)));
 }
-
-// The weights q (0..15) stored as signed nibbles q ^ 8 in bits 0-3 and 16-19 of x, as (magic + q) in both
-// halves: ((x ^ c) & m) | (c & ~m) with m = 0x000f000f, c = magic | 0x00080008, one lop3.
-template <uint32_t kMagic2>
-__device__ __forceinline__ uint32_t nibble_pair(uint32_t x) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, %4;\n"
-      : "=r"(r)
-      : "r"(x), "r"(0x000f000fu), "r"(kMagic2 | 0x00080008u), "n"(((0xf0 ^ 0xaa) & 0xcc) | (0xaa & ~0xcc & 0xff)));
-  return r;
-}
-
-// ------------------------------------------------------------------------------- dtype specifics
-
-template <typename T>
-struct Act;
-
-template <>
-struct Act<__half> {
-  static constexpr uint32_t kMagic2 = 0x64006400u;    // 1024.0 | 1024.0: (q | magic) = 1024 + q
-  static constexpr uint32_t kSymZero2 = 0x64086408u;  // 1032.0 = magic + 8
-  using T2 = __half2;
-  template <int hi>
-  __device__ static __forceinline__ T2 broadcast(T2 x) { return hi ? __high2half2(x) : __low2half2(x); }
-  __device__ static __forceinline__ void mma(const uint32_t (&a)[4], uint32_t b0, uint32_t b1, float (&c)[4]) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ static __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
-  __device__ static __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
-
-template <>
-struct Act<__nv_bfloat16> {
-  static constexpr uint32_t kMagic2 = 0x43004300u;    // 128.0 | 128.0 (7 mantissa bits): 128 + q
-  static constexpr uint32_t kSymZero2 = 0x43084308u;  // 136.0 = magic + 8
-  using T2 = __nv_bfloat162;
-  template <int hi>
-  __device__ static __forceinline__ T2 broadcast(T2 x) { return hi ? __high2bfloat162(x) : __low2bfloat162(x); }
-  __device__ static __forceinline__ void mma(const uint32_t (&a)[4], uint32_t b0, uint32_t b1, float (&c)[4]) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ static __forceinline__ float to_float(uint16_t bits) {
-    return __bfloat162float(__ushort_as_bfloat16(bits));
-  }
-  __device__ static __forceinline__ uint16_t from_float(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-};
 
 // q - z times s for the two weights in bits 0-3 and 16-19 of x, in either activation dtype; zeros / scales:
 // half `hi` of the words.
@@ -742,6 +675,12 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
   int rows_done = 0;
   while (rows_done < a.m) {
     const int rem = a.m - rows_done;
+    if (rem <= stream::kMaxRows) {  // decode-sized block (or the last few rows): the streaming kernel
+      if (a.workspace_size < kCounterInts) return "hf_int4: the workspace is smaller than its counter block";
+      return stream::run_stream_gemm<T>(a, A + static_cast<int64_t>(rows_done) * a.size_k,
+                                        C + static_cast<int64_t>(rows_done) * a.size_n, rem, group_shift, info.sms,
+                                        HF_INT4_EARLY_LAUNCH && info.early_smem > 0);
+    }
     int mb, par;
     if (rem > 64) {
       mb = 4;

@@ -33,7 +33,7 @@ struct Int4GemmArgs {
   int n_pad = 0, k_pad = 0;      // packed sizes
   int group_size = 0;            // effective group size in rows (k_pad for per-channel)
   int thread_n = -1, thread_k = -1;  // tile override (-1: heuristic)
-  int sms = -1;                  // number of thread blocks (-1: one per SM)
+  int sms = -1;                  // tiled kernel: thread blocks (-1: one per SM); streaming kernel (M <= 8): k-splits
   int device = 0;
   cudaStream_t stream = nullptr;
 };

@@ -1,0 +1,88 @@
+// Device helpers shared by the int4 GEMM kernels (decode_gemm.cuh: the tiled kernel, stream_gemm.cuh: the
+// small-M streaming kernel): programmatic-dependent-launch controls, the lop3 nibble decode and the
+// activation dtype specifics (magic numbers, mma, conversions).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace hf_int4 {
+namespace gemm {
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+// Programmatic dependent launch (sm_90): wait until the preceding kernel has completed and its writes are
+// visible (a no-op when not launched early); let the following kernel launch early.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// The weights q (0..15) stored as signed nibbles q ^ 8 in bits 0-3 and 16-19 of x, as (magic + q) in both
+// halves: ((x ^ c) & m) | (c & ~m) with m = 0x000f000f, c = magic | 0x00080008, one lop3.
+template <uint32_t kMagic2>
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t x) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n"
+      : "=r"(r)
+      : "r"(x), "r"(0x000f000fu), "r"(kMagic2 | 0x00080008u), "n"(((0xf0 ^ 0xaa) & 0xcc) | (0xaa & ~0xcc & 0xff)));
+  return r;
+}
+
+// ------------------------------------------------------------------------------- dtype specifics
+
+template <typename T>
+struct Act;
+
+template <>
+struct Act<__half> {
+  static constexpr uint32_t kMagic2 = 0x64006400u;    // 1024.0 | 1024.0: (q | magic) = 1024 + q
+  static constexpr uint32_t kSymZero2 = 0x64086408u;  // 1032.0 = magic + 8
+  using T2 = __half2;
+  template <int hi>
+  __device__ static __forceinline__ T2 broadcast(T2 x) { return hi ? __high2half2(x) : __low2half2(x); }
+  __device__ static __forceinline__ void mma(const uint32_t (&a)[4], uint32_t b0, uint32_t b1, float (&c)[4]) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  __device__ static __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+
+template <>
+struct Act<__nv_bfloat16> {
+  static constexpr uint32_t kMagic2 = 0x43004300u;    // 128.0 | 128.0 (7 mantissa bits): 128 + q
+  static constexpr uint32_t kSymZero2 = 0x43084308u;  // 136.0 = magic + 8
+  using T2 = __nv_bfloat162;
+  template <int hi>
+  __device__ static __forceinline__ T2 broadcast(T2 x) { return hi ? __high2bfloat162(x) : __low2bfloat162(x); }
+  __device__ static __forceinline__ void mma(const uint32_t (&a)[4], uint32_t b0, uint32_t b1, float (&c)[4]) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static __forceinline__ float to_float(uint16_t bits) {
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+  __device__ static __forceinline__ uint16_t from_float(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+};
+
+}  // namespace gemm
+}  // namespace hf_int4

@@ -1,0 +1,350 @@
+// Small-M int4 GEMM (up to 8 rows: decode), C[M, N] = A[M, K] @ dequant(W)[K, N], built to stream the
+// weights at HBM bandwidth. decode_gemm.cuh's run_int4_gemm sends every block of at most kMaxRows rows here.
+//
+// Why not the tiled kernel: at small M its cp.async -> shared -> ldmatrix pipeline with a block barrier per
+// tile is latency-bound (docs/kernel_notes.md: 0.45 issued warps per scheduler, 2.4 of 4.4 TB/s on H200).
+// Here each lane loads its own word of each 16 x 16 atom straight from global memory into registers, DEPTH
+// k-blocks ahead, with no shared memory and no barrier until the end. The packed layout (kernels.h) makes word
+// `lane` of an atom exactly the lane's A fragment of W^T for mma.m16n8k16 ("swap AB": the weights are A and
+// the activations B, so one mma covers 16 columns x 8 rows of M).
+//
+// Work split: a CTA (8 warps) owns WA atoms (16 WA columns) and one of `splits` equal k-ranges; its warps take
+// chunks of CKB k-blocks round-robin, so the CTAs sweep K together and the GPU reads bands of consecutive rows.
+// A chunk lies in one group: its raw products are accumulated in fp32, then the zeros are subtracted and the
+// scale applied once per chunk (RawFrag). The warps are summed in shared memory in a fixed order; with
+// splits > 1 each CTA stores its fp32 partial in the workspace and the last CTA of a column tile to arrive sums
+// the partials in split order (deterministic) and leaves the counter zero.
+//
+// Early launch (sm_90, programmatic dependent launch): the prologue requests the first DEPTH k-blocks of
+// weights and scales, then waits for the previous kernel before it reads activations or the workspace.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "gemm_common.cuh"
+#include "kernels.h"
+
+namespace hf_int4 {
+namespace gemm {
+namespace stream {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kMaxRows = 8;        // one n8 block of the mma
+// 16 x 16 atoms per warp per k-block: 4 (one 512-byte run per warp and k-block; 2 was 10-25% slower), 2 for
+// chunks of 1-2 k-blocks (groups of 16-32 rows), where 4 spills at 128 registers.
+__host__ __device__ constexpr int atoms_for(int ckb) { return ckb >= 4 ? 4 : 2; }
+constexpr int kDepth = 8;          // k-blocks of weights in flight per warp
+constexpr int kPartFloats = kMaxRows * 16 * 4;  // a CTA's partial slot in the workspace (the widest CTA)
+
+// Activations of rows past M: their loads read zeros here (no predicate per load). Large enough for a
+// chunk's offsets (16 (CKB - 1) + 10 halves).
+static __device__ uint32_t g_zero_acts[80];
+
+struct Params {
+  const uint16_t* a;       // [m, size_k], 16-byte aligned rows
+  const uint32_t* b;       // packed weight [kb_total, n_pad * 2]
+  const uint16_t* scales;  // [G_pad, n_pad]
+  const uint16_t* zeros;   // [G_pad, n_pad] (magic + z); nullptr: symmetric
+  const uint16_t* bias;    // [size_n] or nullptr
+  uint16_t* c;             // [m, size_n]
+  int* counters;           // per column tile, zero between launches
+  float* partials;         // one kPartFloats slot per CTA (splits > 1)
+  int m, size_n, size_k, n_pad, kb_total;
+  int group_shift;         // log2(group size); 31 for one group
+  int splits;              // k-ranges per column tile
+  int chunks;              // ceil(kb_total / CKB)
+};
+
+// Two weights (q ^ 8 in bits pos..pos+3 and pos+16..pos+19 of x) as magic + unit * q in both halves, one lop3.
+template <uint32_t kMagic2, int kPos>
+__device__ __forceinline__ uint32_t raw_pair(uint32_t x) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n"
+      : "=r"(r)
+      : "r"(x), "r"(0x000f000fu << kPos), "r"(kMagic2 | (0x00080008u << kPos)),
+        "n"(((0xf0 ^ 0xaa) & 0xcc) | (0xaa & ~0xcc & 0xff)));
+  return r;
+}
+
+// The A fragment of W^T (rows n = g, g + 8; k pairs 2t, 2t + 8) from the lane's packed word, raw: each value is
+// magic + unit * q, exact. The zeros are subtracted per chunk in fp32, part - (magic + unit z) * sum(x), which
+// saves an hsub2 per weight pair. The offset cancels there, so it should be few units: fp16 puts the nibbles at
+// mantissa bits 4-7 (unit 16, offset 64 units; at bits 0-3 it would be 1024), bf16 at bits 0-3 (offset 128).
+template <typename T>
+struct RawFrag;
+template <>
+struct RawFrag<__half> {
+  static constexpr float kUnit = 16.f, kMagic = 1024.f;
+  static constexpr uint32_t kOnes2 = 0x3c003c00u;  // 1.0 | 1.0
+  __device__ static __forceinline__ void decode(uint32_t w, uint32_t (&f)[4]) {
+    f[0] = raw_pair<0x64006400u, 4>(w << 4);  // slots 0, 4: row g, k 2t, 2t + 1
+    f[1] = raw_pair<0x64006400u, 4>(w);       // slots 1, 5: row g + 8
+    f[2] = raw_pair<0x64006400u, 4>(w >> 4);  // slots 2, 6: row g, k 2t + 8, 2t + 9
+    f[3] = raw_pair<0x64006400u, 4>(w >> 8);  // slots 3, 7: row g + 8
+  }
+};
+template <>
+struct RawFrag<__nv_bfloat16> {
+  static constexpr float kUnit = 1.f, kMagic = 128.f;
+  static constexpr uint32_t kOnes2 = 0x3f803f80u;
+  __device__ static __forceinline__ void decode(uint32_t w, uint32_t (&f)[4]) {
+    f[0] = raw_pair<0x43004300u, 0>(w);
+    f[1] = raw_pair<0x43004300u, 0>(w >> 4);
+    f[2] = raw_pair<0x43004300u, 0>(w >> 8);
+    f[3] = raw_pair<0x43004300u, 0>(w >> 12);
+  }
+};
+
+template <typename T, int CKB>
+__global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p) {
+  using D = Act<T>;
+  using R = RawFrag<T>;
+  constexpr int U = cmax(kDepth, CKB);  // steps per unrolled round: whole chunks and whole rings
+  constexpr int WA = atoms_for(CKB), COLS = 16 * WA;
+  static_assert(U % kDepth == 0 && U % CKB == 0, "ring slots and chunk positions must repeat every round");
+  __shared__ float red[kWarps][kMaxRows][COLS + 4];  // + 4: conflict-free fragment writes
+  __shared__ int s_last;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int col_tiles = p.n_pad / COLS;
+  const int split = blockIdx.x / col_tiles, tile = blockIdx.x - split * col_tiles;
+  const int col0 = tile * COLS;
+  const int c_begin = static_cast<int>(static_cast<int64_t>(split) * p.chunks / p.splits);
+  const int c_end = static_cast<int>(static_cast<int64_t>(split + 1) * p.chunks / p.splits);
+  const int my_chunks = c_end - c_begin > warp ? ceil_div(c_end - c_begin - warp, kWarps) : 0;
+  const int row_words = 2 * p.n_pad, row_bytes = 4 * row_words;  // 32-bit: an address is one IMAD.WIDE
+  const uint32_t* b_lane = p.b + 2 * col0 + lane;  // word of atom a in k-block kb: + kb * row_words + 32 a
+  const bool has_zp = p.zeros != nullptr;
+  // x[g][k + 2t]; rows past M read zeros (g_zero_acts)
+  const uint16_t* x_row = g < p.m ? p.a + static_cast<int64_t>(g) * p.size_k + 2 * t : nullptr;
+
+  // The load stream runs kDepth steps ahead of the compute. Step j of this warp is k-block j % CKB of its chunk
+  // j / CKB, which is chunk c_begin + warp + 8 (j / CKB) of K. Addresses are set up once per chunk.
+  const uint32_t* w_chunk;  // the lane's word of atom 0 in the chunk's first k-block
+  const uint16_t* x_chunk;  // x[g][chunk's first k + 2t]
+  int kb_last;              // the chunk's last k-block inside K_pad, relative to its first
+  int k_valid;              // size_k - (chunk's first k + 2t): activation pairs at offsets < k_valid exist
+
+  // Rings, by step: weights and activations step % kDepth; scales and zeros step % U, at chunk starts only.
+  uint32_t wr[kDepth][WA];  // the lane's packed word of each atom
+  uint32_t xr[kDepth][2];       // B fragments: x[g][k0 + 2t, +1] and [k0 + 2t + 8, +9]
+  uint32_t sr[U][WA];       // scales of columns 16 a + g (low half) and 16 a + 8 + g (high)
+  uint32_t zr[U][WA];       // zeros likewise (asymmetric only)
+
+  // A chunk past the warp's last (the tail of the last round) reads chunk 0's weights with zero activations and
+  // zero scales: it adds nothing. Weights past K_pad repeat the chunk's last k-block (times zero activations).
+  auto load_chunk = [&](int lc, int q, bool weights) {  // the warp's chunk lc, first step at round position q
+    const bool ok = lc < my_chunks;
+    const int kb = ok ? (c_begin + warp + kWarps * lc) * CKB : 0;
+    kb_last = min(CKB, p.kb_total - kb) - 1;
+    k_valid = ok ? p.size_k - kb * 16 - 2 * t : 0;
+    w_chunk = b_lane + static_cast<int64_t>(kb) * row_words;
+    x_chunk = x_row != nullptr ? x_row + kb * 16 : reinterpret_cast<const uint16_t*>(g_zero_acts);
+    if (weights) {
+      const int64_t srow = static_cast<int64_t>((kb * 16) >> p.group_shift) * p.n_pad + col0 + g;
+#pragma unroll
+      for (int a = 0; a < WA; ++a) {
+        sr[q][a] = ok ? uint32_t(__ldg(p.scales + srow + 16 * a)) | uint32_t(__ldg(p.scales + srow + 16 * a + 8)) << 16 : 0u;
+        if (has_zp)
+          zr[q][a] = uint32_t(__ldg(p.zeros + srow + 16 * a)) | uint32_t(__ldg(p.zeros + srow + 16 * a + 8)) << 16;
+      }
+    }
+  };
+  // Weights and scales do not depend on the previous kernel. Activations may be its output: plain loads
+  // (not the read-only path), issued only after grid_dependency_wait.
+  auto load_weights = [&](int q) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(w_chunk) +
+                                                          min(q % CKB, kb_last) * row_bytes);
+#pragma unroll
+    for (int a = 0; a < WA; ++a) wr[q % kDepth][a] = __ldcs(w + 32 * a);
+  };
+  auto load_acts = [&](int q) {
+    const int i = q % CKB;
+    const uint32_t* x = reinterpret_cast<const uint32_t*>(x_chunk + 16 * i);
+    xr[q % kDepth][0] = 16 * i < k_valid ? x[0] : 0u;
+    xr[q % kDepth][1] = 16 * i + 8 < k_valid ? x[4] : 0u;
+  };
+
+  float acc[WA][4];
+  float part[WA][4];        // the current chunk's raw sums: sum (magic + unit q) x
+  float xs[4];                  // the current chunk's sum of x (c0, c1: rows 2t, 2t + 1 of M)
+  uint32_t sc[WA], zc[WA];  // the current chunk's scales / zeros (columns g, g + 8)
+  const uint32_t ones[4] = {R::kOnes2, R::kOnes2, R::kOnes2, R::kOnes2};
+#pragma unroll
+  for (int a = 0; a < WA; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[a][e] = 0.f;
+
+#pragma unroll
+  for (int q = 0; q < kDepth; ++q) {
+    if (q % CKB == 0) load_chunk(q / CKB, q, true);
+    load_weights(q);
+  }
+  grid_dependency_wait();
+#pragma unroll
+  for (int q = 0; q < kDepth; ++q) {
+    if (q % CKB == 0) load_chunk(q / CKB, q, false);
+    load_acts(q);
+  }
+  int next_chunk = ceil_div(kDepth, CKB);  // the warp's chunk that the load stream starts next
+
+  // Steps past the warp's last (the end of its last round) compute on zero activations and zero scales.
+  for (int j0 = 0; j0 < my_chunks * CKB; j0 += U) {
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const int u = q % kDepth, i = q % CKB;  // ring slot, position in the chunk (constants after unrolling)
+      if (i == 0) {
+#pragma unroll
+        for (int a = 0; a < WA; ++a) {
+          sc[a] = sr[q][a];
+          zc[a] = zr[q][a];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) xs[e] = 0.f;
+      }
+      D::mma(ones, xr[u][0], xr[u][1], xs);
+#pragma unroll
+      for (int a = 0; a < WA; ++a) {
+        uint32_t frag[4];
+        R::decode(wr[u][a], frag);
+        if (i == 0)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[a][e] = 0.f;
+        D::mma(frag, xr[u][0], xr[u][1], part[a]);
+      }
+      if (i == CKB - 1) {  // chunk end: acc += s / unit * (part - (magic + unit z) * sum(x))
+#pragma unroll
+        for (int a = 0; a < WA; ++a) {
+          float s[2], zf[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            s[h] = D::to_float(static_cast<uint16_t>(sc[a] >> 16 * h)) * (1.f / R::kUnit);
+            zf[h] = has_zp ? R::kMagic + R::kUnit * (D::to_float(static_cast<uint16_t>(zc[a] >> 16 * h)) - R::kMagic)
+                           : R::kMagic + R::kUnit * 8.f;
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[a][e] = fmaf(s[e >> 1], fmaf(-zf[e >> 1], xs[e & 1], part[a][e]), acc[a][e]);
+        }
+      }
+      const int ql = (q + kDepth) % U;  // round position of the step loaded now
+      if (ql % CKB == 0) load_chunk(next_chunk++, ql, true);
+      load_weights(ql);
+      load_acts(ql);
+    }
+  }
+  // every load of this CTA is done: the next kernel may launch and fetch its weights during our tail
+  launch_dependents();
+
+  // ---- sum the warps (C fragment: row n = 16 a + g (+ 8 for e >= 2), column m = 2 t + (e & 1))
+#pragma unroll
+  for (int a = 0; a < WA; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][2 * t + (e & 1)][16 * a + g + 8 * (e >> 1)] = acc[a][e];
+  __syncthreads();
+
+  auto write_out = [&](int m, int n, float v) {
+    const int col = col0 + n;
+    if (col >= p.size_n) return;
+    if (p.bias != nullptr) v += D::to_float(__ldg(p.bias + col));
+    p.c[static_cast<int64_t>(m) * p.size_n + col] = D::from_float(v);
+  };
+  float* my_part = p.partials + static_cast<int64_t>(blockIdx.x) * kPartFloats;
+  for (int o = threadIdx.x; o < p.m * COLS; o += kThreads) {
+    const int m = o / COLS, n = o % COLS;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[w][m][n];
+    if (p.splits == 1)
+      write_out(m, n, v);
+    else
+      __stcg(my_part + o, v);
+  }
+  if (p.splits == 1) return;
+
+  // ---- the last CTA of the column tile sums the partials in split order
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int o = threadIdx.x; o < p.m * COLS; o += kThreads) {
+    float v = 0.f;
+    for (int s = 0; s < p.splits; ++s) v += __ldcg(p.partials + static_cast<int64_t>(s * col_tiles + tile) * kPartFloats + o);
+    write_out(o / COLS, o % COLS, v);
+  }
+  if (threadIdx.x == 0) p.counters[tile] = 0;
+}
+
+// ------------------------------------------------------------------------------------ host side
+
+// K-splits, measured on H200 (scripts/experiments/stream_sweep.sh, M = 1): one wave of about two CTAs per SM is
+// fastest (more, smaller CTAs were 10-30% slower), and splits that give the warps unequal numbers of chunks are
+// slow (3 splits of 64 chunks: 1.2x, of 32: 1.8x). So: a power of two, at most two CTAs per SM, at least half a
+// chunk per warp (small layers). forced_splits > 0 (tests) overrides.
+inline int choose_splits(int col_tiles, int chunks, int sms, int forced_splits, int64_t partial_floats) {
+  int s = 1;
+  if (forced_splits > 0)
+    s = std::min(forced_splits, chunks);
+  else
+    while (2 * s * col_tiles <= 2 * sms && chunks / (2 * s) >= kWarps / 2) s *= 2;
+  while (s > 1 && int64_t(s) * col_tiles * kPartFloats > partial_floats) --s;  // one partial per CTA
+  return s;
+}
+
+template <typename T, int CKB>
+const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
+  const int col_tiles = a.n_pad / (16 * atoms_for(CKB));
+  p.chunks = ceil_div(p.kb_total, CKB);
+  p.splits = choose_splits(col_tiles, p.chunks, sms, a.sms, a.workspace_size - kCounterInts);
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(col_tiles * p.splits);
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = a.stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = early ? 1 : 0;
+  if (cudaLaunchKernelEx(&cfg, stream_gemm_kernel<T, CKB>, p) != cudaSuccess)
+    return "hf_int4: launching the small-M int4 GEMM kernel failed";
+  return nullptr;
+}
+
+// m (<= kMaxRows) rows of A -> C. group_shift as in the tiled kernel; sms: the GPU's SM count; early: may launch early behind the
+// previous kernel (sm_90+). a.sms > 0 forces the number of k-splits (tests).
+template <typename T>
+const char* run_stream_gemm(const Int4GemmArgs& a, const uint16_t* A, uint16_t* C, int m, int group_shift, int sms,
+                            bool early) {
+  Params p;
+  p.a = A;
+  p.b = static_cast<const uint32_t*>(a.b);
+  p.scales = static_cast<const uint16_t*>(a.scales);
+  p.zeros = static_cast<const uint16_t*>(a.zeros);
+  p.bias = static_cast<const uint16_t*>(a.bias);
+  p.c = C;
+  p.counters = a.workspace;
+  p.partials = reinterpret_cast<float*>(a.workspace + kCounterInts);
+  p.m = m;
+  p.size_n = a.size_n;
+  p.size_k = a.size_k;
+  p.n_pad = a.n_pad;
+  p.kb_total = a.k_pad / 16;
+  p.group_shift = group_shift;
+  // a chunk lies in one group: CKB * 16 rows divide the (power-of-two) group size
+  switch (group_shift >= 31 ? 8 : std::min(8, 1 << (group_shift - 4))) {
+    case 1: return launch<T, 1>(p, a, sms, early);
+    case 2: return launch<T, 2>(p, a, sms, early);
+    case 4: return launch<T, 4>(p, a, sms, early);
+    default: return launch<T, 8>(p, a, sms, early);
+  }
+}
+
+}  // namespace stream
+}  // namespace gemm
+}  // namespace hf_int4
