@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Decode-kernel A/B on a GPU machine, without torch: scripts/decode_probe.cu built against this tree's
-# hf_int4/csrc and, where PROBE_BASE names a folder holding another decode_gemm.cuh + kernels.h (e.g. the last
+# hf_int4/csrc and, where PROBE_BASE names a folder holding another copy of the kernel headers (e.g. the last
 # commit's, copied into the ignored .probe/base and carried), against that one too; per shape and M the two
 # run one after the other. Columns: per-call time and TB/s of the GEMM, then of a plain read of the weights.
 #   PROBE_BASE=.probe/base PROBE_SHAPES="4096x4096 8192x8192" PROBE_MS="1 16" scripts/probe_sweep.sh

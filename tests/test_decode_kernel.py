@@ -109,27 +109,34 @@ def check(out, ref, dtype, ctx=""):
 # --------------------------------------------------------------------------- smoke / layout debugging
 
 
+# (rows per call, tile): 64 rows run the tiled kernel with each tile, 8 rows the streaming kernel
+IDENTITY_RUNS = [(64, tile) for tile in TILES] + [(8, None)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("rows,tile", IDENTITY_RUNS, ids=[f"{r}rows-{t}" for r, t in IDENTITY_RUNS])
 @pytest.mark.parametrize("sym", [True, False])
-def test_identity_input_recovers_dequantized_weight_exactly(dtype, tile, sym):
-    """x = I: out[i] is row i of the dequantized weight, exactly (a single product per output).
+def test_identity_input_recovers_dequantized_weight_exactly(dtype, rows, tile, sym):
+    """x = I, `rows` rows per call: out[i] is row i of the dequantized weight, exactly (a single product per
+    output; the streaming kernel adds raw (magic + q) products and subtracts the zero per chunk, and must still
+    land exactly on (q - z) * s rounded once).
 
     The first test to look at when anything fails: a mismatch pinpoints (k, n) and thus the lane / nibble."""
     K, N = 256, 256
     cfg = _cfg(sym=sym, gs=64)
     packed = get_packed(K, N, cfg, dtype)
     want = dequantize_like_kernel(packed).to(dtype)
-    for m0 in range(0, K, 64):
-        x = torch.zeros(64, K, dtype=dtype, device="cuda")
-        x[torch.arange(64), m0 + torch.arange(64)] = 1
-        out = run(x, packed, thread_n=tile[0], thread_k=tile[1])
-        bad = (out != want[m0:m0 + 64]).nonzero()
+    kw = {} if tile is None else {"thread_n": tile[0], "thread_k": tile[1]}
+    for m0 in range(0, K, rows):
+        x = torch.zeros(rows, K, dtype=dtype, device="cuda")
+        x[torch.arange(rows), m0 + torch.arange(rows)] = 1
+        out = run(x, packed, **kw)
+        bad = (out != want[m0:m0 + rows]).nonzero()
         if bad.numel():
             k, n = (bad[:8, 0] + m0).tolist(), bad[:8, 1].tolist()
             info = [f"(k={a}, n={b}: lane {4 * (b % 8) + (a % 8) // 2}, word {(b % 64) // 16}, "
                     f"slot {4 * (a % 2) + 2 * ((b % 16) // 8) + (a % 16) // 8})" for a, b in zip(k, n)]
-            pytest.fail(f"{bad.shape[0]} of {64 * N} weights wrong in rows {m0}..{m0 + 63}, first: {info}; "
+            pytest.fail(f"{bad.shape[0]} of {rows * N} weights wrong in rows {m0}..{m0 + rows - 1}, first: {info}; "
                         f"got {out[bad[0, 0], bad[0, 1]].item()} want {want[m0 + bad[0, 0], bad[0, 1]].item()}")
 
 
@@ -237,23 +244,6 @@ def test_leading_dims_noncontiguous_and_empty():
 
 
 # ------------------------------------------------------------------------- the streaming kernel (M <= 8)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sym", [True, False])
-def test_stream_kernel_one_hot_rows_recover_dequantized_weight_exactly(dtype, sym):
-    """Up to 8 rows run the streaming kernel, which adds raw (magic + q) products and subtracts the zero per chunk:
-    with one-hot rows every output must still be exactly the kernel-rounded weight ((q - z) * s rounded once)."""
-    K, N = 256, 320
-    cfg = _cfg(sym=sym, gs=32)
-    packed = get_packed(K, N, cfg, dtype)
-    want = dequantize_like_kernel(packed).to(dtype)
-    for m0 in range(0, K, 8):
-        x = torch.zeros(8, K, dtype=dtype, device="cuda")
-        x[torch.arange(8), m0 + torch.arange(8)] = 1
-        out = run(x, packed)
-        bad = (out != want[m0:m0 + 8]).nonzero()
-        assert bad.numel() == 0, f"{bad.shape[0]} weights wrong in rows {m0}..{m0 + 7}, first (row, col) {bad[:4].tolist()}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
