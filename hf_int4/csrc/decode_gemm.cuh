@@ -548,7 +548,8 @@ inline int smem_bytes_cfg(TileCfg c, int mb) {
 struct DeviceInfo {
   int sms = 0;
   int max_smem = 0;    // per block, opt-in
-  int early_smem = 0;  // > 0: launch single-m-block kernels early, with this much shared memory (launch_one)
+  bool early = false;  // sm_90+ and HF_INT4_EARLY_LAUNCH: calls of up to 16 rows may launch early
+  int early_smem = 0;  // > 0: the tiled kernel's early single-m-block launches take this much shared memory (launch_one)
 };
 
 inline const char* device_info(int device, DeviceInfo* out) {
@@ -564,7 +565,8 @@ inline const char* device_info(int device, DeviceInfo* out) {
       return "hf_int4: cudaDeviceGetAttribute failed";
     d.max_smem = smem;
     const int half_sm = sm_smem / 2 + 1024;  // more than half an SM: one block per SM
-    d.early_smem = HF_INT4_EARLY_LAUNCH && major >= 9 && half_sm <= smem ? half_sm : 0;
+    d.early = HF_INT4_EARLY_LAUNCH && major >= 9;
+    d.early_smem = d.early && half_sm <= smem ? half_sm : 0;
     d.sms = sms;
   }
   *out = d;
@@ -679,7 +681,7 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
       if (a.workspace_size < kCounterInts) return "hf_int4: the workspace is smaller than its counter block";
       return stream::run_stream_gemm<T>(a, A + static_cast<int64_t>(rows_done) * a.size_k,
                                         C + static_cast<int64_t>(rows_done) * a.size_n, rem, group_shift, info.sms,
-                                        HF_INT4_EARLY_LAUNCH && info.early_smem > 0);
+                                        info.early);
     }
     int mb, par;
     if (rem > 64) {

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
 
   // Rings, by step: weights and activations step % kDepth; scales and zeros step % U, at chunk starts only.
   uint32_t wr[kDepth][WA];  // the lane's packed word of each atom
-  uint32_t xr[kDepth][2];       // B fragments: x[g][k0 + 2t, +1] and [k0 + 2t + 8, +9]
+  uint32_t xr[kDepth][2];   // B fragments: x[g][k0 + 2t, +1] and [k0 + 2t + 8, +9]
   uint32_t sr[U][WA];       // scales of columns 16 a + g (low half) and 16 a + 8 + g (high)
   uint32_t zr[U][WA];       // zeros likewise (asymmetric only)
 
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
 #pragma unroll
       for (int a = 0; a < WA; ++a) {
         sr[q][a] = ok ? uint32_t(__ldg(p.scales + srow + 16 * a)) | uint32_t(__ldg(p.scales + srow + 16 * a + 8)) << 16 : 0u;
-        if (has_zp)
+        if (has_zp)  // (symmetric: zr and zc stay unset and unread)
           zr[q][a] = uint32_t(__ldg(p.zeros + srow + 16 * a)) | uint32_t(__ldg(p.zeros + srow + 16 * a + 8)) << 16;
       }
     }
@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   };
 
   float acc[WA][4];
-  float part[WA][4];        // the current chunk's raw sums: sum (magic + unit q) x
-  float xs[4];                  // the current chunk's sum of x (c0, c1: rows 2t, 2t + 1 of M)
+  float part[WA][4];       // the current chunk's raw sums: sum (magic + unit q) x
+  float xs[4];             // the current chunk's sum of x (c0, c1: rows 2t, 2t + 1 of M)
   uint32_t sc[WA], zc[WA];  // the current chunk's scales / zeros (columns g, g + 8)
   const uint32_t ones[4] = {R::kOnes2, R::kOnes2, R::kOnes2, R::kOnes2};
 #pragma unroll
