@@ -72,7 +72,8 @@ class KernelPath:
 
 
 class DecodePath(KernelPath):
-    """The Marlin-class kernel: reads the int4 weights once; the fastest at small M."""
+    """The decode kernels (one op): up to 8 rows a streaming kernel, more a Marlin-class tiled one; both read the
+    int4 weights once and are the fastest at small M."""
 
     name = "decode"
 
