@@ -59,7 +59,6 @@ constexpr int kStages = HF_INT4_STAGES;
 #endif
 constexpr int kMaxPar = 16;  // 64-row problems per launch
 
-
 // ------------------------------------------------------------------------------------ tile geometry
 
 template <int MB, int TN, int TK>
@@ -140,7 +139,7 @@ template <typename T, int hi>
 __device__ __forceinline__ uint32_t dequant2(uint32_t x, uint32_t zeros, uint32_t scales) {
   using A = Act<T>;
   using T2 = typename A::T2;
-  const uint32_t v = nibble_pair<A::kMagic2>(x);
+  const uint32_t v = raw_pair<A::kMagic2>(x);
   const T2 r = __hmul2(__hsub2(*reinterpret_cast<const T2*>(&v), A::template broadcast<hi>(*reinterpret_cast<const T2*>(&zeros))),
                        A::template broadcast<hi>(*reinterpret_cast<const T2*>(&scales)));
   return *reinterpret_cast<const uint32_t*>(&r);
@@ -674,11 +673,11 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
     }
   const auto* A = static_cast<const uint16_t*>(a.a);
   auto* C = static_cast<uint16_t*>(a.c);
+  if (a.workspace_size < kCounterInts) return "hf_int4: the workspace is smaller than its counter block";
   int rows_done = 0;
   while (rows_done < a.m) {
     const int rem = a.m - rows_done;
     if (rem <= stream::kMaxRows) {  // decode-sized block (or the last few rows): the streaming kernel
-      if (a.workspace_size < kCounterInts) return "hf_int4: the workspace is smaller than its counter block";
       return stream::run_stream_gemm<T>(a, A + static_cast<int64_t>(rows_done) * a.size_k,
                                         C + static_cast<int64_t>(rows_done) * a.size_n, rem, group_shift, info.sms,
                                         info.early);
@@ -694,7 +693,6 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
     TileCfg cfg;
     if (const char* err = pick_cfg(mb, rem > 64, a, info.max_smem, &cfg)) return err;
     const int n_tiles = a.n_pad / cfg.tn;
-    if (a.workspace_size < kCounterInts) return "hf_int4: the workspace is smaller than its counter block";
     const int par_ws = kCounterInts / n_tiles;
     if (par_ws < 1) return "hf_int4: N is too large for the workspace counters";
     par = std::min({par, kMaxPar, par_ws});

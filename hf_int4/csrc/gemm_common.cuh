@@ -28,14 +28,16 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
-// The weights q (0..15) stored as signed nibbles q ^ 8 in bits 0-3 and 16-19 of x, as (magic + q) in both
-// halves: ((x ^ c) & m) | (c & ~m) with m = 0x000f000f, c = magic | 0x00080008, one lop3.
-template <uint32_t kMagic2>
-__device__ __forceinline__ uint32_t nibble_pair(uint32_t x) {
+// Two weights q (0..15), stored as signed nibbles q ^ 8 in bits pos..pos+3 and pos+16..pos+19 of x, as
+// magic + 2^pos q in both halves: ((x ^ c) & m) | (c & ~m) with m = 0x000f000f << pos, c = magic | 0x00080008 << pos,
+// one lop3. pos = 0: magic + q.
+template <uint32_t kMagic2, int kPos = 0>
+__device__ __forceinline__ uint32_t raw_pair(uint32_t x) {
   uint32_t r;
   asm("lop3.b32 %0, %1, %2, %3, %4;\n"
       : "=r"(r)
-      : "r"(x), "r"(0x000f000fu), "r"(kMagic2 | 0x00080008u), "n"(((0xf0 ^ 0xaa) & 0xcc) | (0xaa & ~0xcc & 0xff)));
+      : "r"(x), "r"(0x000f000fu << kPos), "r"(kMagic2 | (0x00080008u << kPos)),
+        "n"(((0xf0 ^ 0xaa) & 0xcc) | (0xaa & ~0xcc & 0xff)));
   return r;
 }
 

@@ -59,17 +59,6 @@ struct Params {
   int chunks;              // ceil(kb_total / CKB)
 };
 
-// Two weights (q ^ 8 in bits pos..pos+3 and pos+16..pos+19 of x) as magic + unit * q in both halves, one lop3.
-template <uint32_t kMagic2, int kPos>
-__device__ __forceinline__ uint32_t raw_pair(uint32_t x) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, %4;\n"
-      : "=r"(r)
-      : "r"(x), "r"(0x000f000fu << kPos), "r"(kMagic2 | (0x00080008u << kPos)),
-        "n"(((0xf0 ^ 0xaa) & 0xcc) | (0xaa & ~0xcc & 0xff)));
-  return r;
-}
-
 // The A fragment of W^T (rows n = g, g + 8; k pairs 2t, 2t + 8) from the lane's packed word, raw: each value is
 // magic + unit * q, exact. The zeros are subtracted per chunk in fp32, part - (magic + unit z) * sum(x), which
 // saves an hsub2 per weight pair. The offset cancels there, so it should be few units: fp16 puts the nibbles at
@@ -81,10 +70,10 @@ struct RawFrag<__half> {
   static constexpr float kUnit = 16.f, kMagic = 1024.f;
   static constexpr uint32_t kOnes2 = 0x3c003c00u;  // 1.0 | 1.0
   __device__ static __forceinline__ void decode(uint32_t w, uint32_t (&f)[4]) {
-    f[0] = raw_pair<0x64006400u, 4>(w << 4);  // slots 0, 4: row g, k 2t, 2t + 1
-    f[1] = raw_pair<0x64006400u, 4>(w);       // slots 1, 5: row g + 8
-    f[2] = raw_pair<0x64006400u, 4>(w >> 4);  // slots 2, 6: row g, k 2t + 8, 2t + 9
-    f[3] = raw_pair<0x64006400u, 4>(w >> 8);  // slots 3, 7: row g + 8
+    f[0] = raw_pair<Act<__half>::kMagic2, 4>(w << 4);  // slots 0, 4: row g, k 2t, 2t + 1
+    f[1] = raw_pair<Act<__half>::kMagic2, 4>(w);       // slots 1, 5: row g + 8
+    f[2] = raw_pair<Act<__half>::kMagic2, 4>(w >> 4);  // slots 2, 6: row g, k 2t + 8, 2t + 9
+    f[3] = raw_pair<Act<__half>::kMagic2, 4>(w >> 8);  // slots 3, 7: row g + 8
   }
 };
 template <>
@@ -92,10 +81,10 @@ struct RawFrag<__nv_bfloat16> {
   static constexpr float kUnit = 1.f, kMagic = 128.f;
   static constexpr uint32_t kOnes2 = 0x3f803f80u;
   __device__ static __forceinline__ void decode(uint32_t w, uint32_t (&f)[4]) {
-    f[0] = raw_pair<0x43004300u, 0>(w);
-    f[1] = raw_pair<0x43004300u, 0>(w >> 4);
-    f[2] = raw_pair<0x43004300u, 0>(w >> 8);
-    f[3] = raw_pair<0x43004300u, 0>(w >> 12);
+    f[0] = raw_pair<Act<__nv_bfloat16>::kMagic2>(w);
+    f[1] = raw_pair<Act<__nv_bfloat16>::kMagic2>(w >> 4);
+    f[2] = raw_pair<Act<__nv_bfloat16>::kMagic2>(w >> 8);
+    f[3] = raw_pair<Act<__nv_bfloat16>::kMagic2>(w >> 12);
   }
 };
 
