@@ -193,12 +193,13 @@ def test_llm_shapes(K, N, dtype):
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("gs", [32, 128, -1])
 def test_every_tile_and_m_block(tile, gs, dtype):
-    """All 12 kernels per dtype (3 tiles x m-blocks 1..4), with and without forced cross-block reductions."""
+    """All 12 tiled kernels per dtype (3 tiles x m-blocks of 9-16, 17-32, 33-48, 49-64 rows) and, for 1 row and the
+    last rows of 65 and 200, the streaming kernel; with and without forced cross-block reductions / k-splits."""
     K, N = 1024, 768
     cfg = _cfg("gptq_v2", False, gs != -1, gs)
     layer, raw = get_layer(K, N, cfg, seed=21)
     packed = get_packed(K, N, cfg, dtype, seed=21)
-    for M in (1, 17, 40, 64, 65, 200):
+    for M in (1, 12, 17, 40, 64, 65, 200):
         for sms in (-1, 3, 16):
             x = torch.randn(M, K, dtype=dtype, device="cuda")
             out = run(x, packed, thread_n=tile[0], thread_k=tile[1], sms=sms)
