@@ -174,7 +174,6 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
   constexpr int ST = L::STAGES;
 
   extern __shared__ int4 sh[];
-  __shared__ int s_last;  // this block completed a split column's arrivals
 
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
@@ -459,13 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
       }
     }
     if (!split) return;
-    // Publish the partial; the block that completes the column's arrival count does the final sum.
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) s_last = atomicAdd(p.counters + slice_col, 1) == last_blk - first_blk;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
+    if (!arrives_last(p.counters + slice_col, last_blk - first_blk + 1)) return;
     for (int e = tid; e < rows_valid * (TN / 8); e += kThreads) {
       const int r = e / (TN / 8), c8 = e % (TN / 8);
       const int col = nc * TN + c8 * 8;
@@ -576,7 +569,7 @@ inline bool cfg_valid(TileCfg c, int mb, const Int4GemmArgs& a, int max_smem) {
   if (a.n_pad % c.tn != 0 || a.k_pad % c.tk != 0) return false;
   const int gs = a.group_size;  // a power of two >= 16, or k_pad (one group)
   if (!(gs % c.tk == 0 || c.tk % gs == 0)) return false;
-  return smem_bytes_cfg(c, mb) + 64 <= max_smem;  // + the static s_last
+  return smem_bytes_cfg(c, mb) + 64 <= max_smem;  // + the static flag of arrives_last
 }
 
 // Tile choice: small batches favour more, thinner column slices (better spread over the SMs);

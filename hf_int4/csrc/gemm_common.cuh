@@ -28,6 +28,20 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
+// Split-reduction handshake of both kernels: publishes the fp32 partial this block has just stored and counts
+// its arrival on `counter`; true only in the block that completes the `blocks` arrivals, which may then read every
+// partial (it sums them in a fixed order, so results do not depend on the arrival order) and resets the counter.
+__device__ __forceinline__ bool arrives_last(int* counter, int blocks) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == blocks - 1;
+  __syncthreads();
+  if (!s_last) return false;
+  __threadfence();
+  return true;
+}
+
 // Two weights q (0..15), stored as signed nibbles q ^ 8 in bits pos..pos+3 and pos+16..pos+19 of x, as
 // magic + 2^pos q in both halves: ((x ^ c) & m) | (c & ~m) with m = 0x000f000f << pos, c = magic | 0x00080008 << pos,
 // one lop3. pos = 0: magic + q.
