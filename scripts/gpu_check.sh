@@ -2,7 +2,7 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [tune] [bench] [probe] [sweep] [demo] [quality] [generation]
+#   scripts/gpu_check.sh [build] [test] [sanitize] [tune] [bench] [probe] [demo] [quality] [generation]
 #   (no argument: the first five)
 #   tune writes this GPU's dispatch table into HF_INT4_CACHE (/tmp/hf_int4_cache for every stage, so the
 #   bench's dispatched column uses it) and $OUT/dispatch_table.json (copy it to hf_int4/tables/ to ship it).
@@ -10,7 +10,6 @@
 #   one call carries at most 64 MiB, so a first call copies one half to the warm machine).
 #   generation: examples/bench_generation.py (Llama-3-8B-shaped model, hf_int4 vs fp16 generate()).
 #   probe: the decode kernel alone, no torch (scripts/probe_sweep.sh; PROBE_BASE=.probe/base for an A/B).
-#   sweep: the streaming (M <= 8) decode kernel against PROBE_BASE's headers (scripts/experiments/stream_sweep.sh).
 #   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS / TUNE_ARGS /
 #   QUALITY_ARGS / GEN_ARGS (extra args)
 set -uo pipefail
@@ -80,8 +79,6 @@ for stage in $stages; do
       run bench python3 -m hf_int4.bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
     probe)
       run probe bash scripts/probe_sweep.sh ;;
-    sweep)
-      OUT="$OUT" run sweep bash scripts/experiments/stream_sweep.sh ;;
     demo)
       run demo python3 examples/demo.py ;;
     quality)

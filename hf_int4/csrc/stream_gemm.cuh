@@ -96,7 +96,6 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   constexpr int WA = atoms_for(CKB), COLS = 16 * WA;
   static_assert(U % kDepth == 0 && U % CKB == 0, "ring slots and chunk positions must repeat every round");
   __shared__ float red[kWarps][kMaxRows][COLS + 4];  // + 4: conflict-free fragment writes
-  __shared__ int s_last;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -256,12 +255,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   if (p.splits == 1) return;
 
   // ---- the last CTA of the column tile sums the partials in split order
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!arrives_last(p.counters + tile, p.splits)) return;
   for (int o = threadIdx.x; o < p.m * COLS; o += kThreads) {
     float v = 0.f;
     for (int s = 0; s < p.splits; ++s) v += __ldcg(p.partials + static_cast<int64_t>(s * col_tiles + tile) * kPartFloats + o);
@@ -272,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
 
 // ------------------------------------------------------------------------------------ host side
 
-// K-splits, measured on H200 (scripts/experiments/stream_sweep.sh, M = 1): one wave of about two CTAs per SM is
+// K-splits, measured on H200 (decode probe, scripts/probe_sweep.sh, M = 1): one wave of about two CTAs per SM is
 // fastest (more, smaller CTAs were 10-30% slower), and splits that give the warps unequal numbers of chunks are
 // slow (3 splits of 64 chunks: 1.2x, of 32: 1.8x). So: a power of two, at most two CTAs per SM, at least half a
 // chunk per warp (small layers). forced_splits > 0 (tests) overrides.
