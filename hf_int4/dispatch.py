@@ -96,11 +96,11 @@ class DequantCublasPath(KernelPath):
 
 class HopperPath(KernelPath):
     """CUTLASS's mixed-input wgmma GEMM (TMA + warp-specialised), Hopper only: the compute-bound regime.
-    One instance per configuration (128x128 data-parallel, 128x128 stream-K, 128x256 data-parallel); the
-    tables say where each wins."""
+    One instance per configuration (tile, scheduler, split-K; hf_int4.ops.hopper_linear); the tables say where
+    each wins."""
 
-    def __init__(self, name: str, schedule: int):
-        self.name, self.schedule = name, schedule
+    def __init__(self, name: str, schedule: int, splits: int = 0):
+        self.name, self.schedule, self.splits = name, schedule, splits
 
     def unsupported(self, spec):
         why = super().unsupported(spec)
@@ -126,13 +126,18 @@ class HopperPath(KernelPath):
     def run(self, x, packed, bias):
         from hf_int4.ops import hopper_linear
 
-        return hopper_linear(x, packed, bias, self.schedule)
+        return hopper_linear(x, packed, bias, self.schedule, self.splits)
 
 
 PATHS: Dict[str, KernelPath] = {
     p.name: p
     for p in (DecodePath(), DequantCublasPath(), HopperPath("hopper", 0), HopperPath("hopper_sk", 1),
-              HopperPath("hopper_wide", 2))
+              HopperPath("hopper_wide", 2),
+              # CTAs take one k-half each: for the M = 96..256 where a layer has fewer 128x128 tiles than SMs
+              HopperPath("hopper_split2", 1, 2),
+              # 64-token tiles: half the MMA work of a 128-token tile at M <= 64, and twice the tiles
+              HopperPath("hopper_narrow", 3), HopperPath("hopper_narrow_split2", 3, 2),
+              HopperPath("hopper_narrow_split4", 3, 4))
 }
 
 

@@ -106,10 +106,14 @@ def dequant_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[tor
 
 
 def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor] = None,
-                  schedule: int = 0) -> torch.Tensor:
+                  schedule: int = 0, splits: int = 0) -> torch.Tensor:
     """The Hopper kernel (CUTLASS, TMA + wgmma): symmetric weights, N % 128 == 0, K % 64 == 0, groups >= 64.
-    schedule: 0 data-parallel 128x128 tiles, 1 stream-K, 2 data-parallel 128 (weights) x 256 (tokens) tiles. hf_int4.dispatch.HopperPath says which layers it takes;
-    this checks again and raises otherwise."""
+
+    schedule: 0 data-parallel 128 (weights) x 128 (tokens) tiles, 1 the same tiles with the stream-K scheduler,
+    2 data-parallel 128 x 256 tiles, 3 128 x 64 tiles with the stream-K scheduler. splits (schedules 1 and 3):
+    0 CUTLASS's heuristic (stream-K where tiles are fewer than SMs), 1 data-parallel, s > 1 split-K in s parts
+    (partials reduced in K order: deterministic). hf_int4.dispatch.HopperPath says which layers it takes; this
+    checks again and raises otherwise."""
     _check_call("hopper_linear", x, packed, bias)
     if not _HAS_HOPPER:
         raise RuntimeError("hf_int4.hopper_linear needs hf_int4._hopper (built for sm_90a with the CUTLASS headers)")
@@ -117,7 +121,7 @@ def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torc
         raise ValueError("hf_int4.hopper_linear: symmetric weights only (this layer has zero points)")
     out = torch.ops.hf_int4.hopper_int4_gemm(
         _rows_in_packed_order(x, packed), packed.qweight, packed.scales, bias, packed.out_features,
-        packed.in_features, packed.group_size, schedule,
+        packed.in_features, packed.group_size, schedule, splits,
     )
     return out.reshape(*x.shape[:-1], packed.out_features)
 
@@ -157,7 +161,7 @@ if _HAS_EXTENSION:
     if _HAS_HOPPER:
 
         @torch.library.register_fake("hf_int4::hopper_int4_gemm")
-        def _hopper_int4_gemm_fake(a, b_packed, scales, bias, size_n, size_k, group_size, schedule=0):
+        def _hopper_int4_gemm_fake(a, b_packed, scales, bias, size_n, size_k, group_size, schedule=0, splits=0):
             torch._check(a.dim() == 2 and a.shape[1] == size_k, lambda: "hf_int4::hopper_int4_gemm: bad activation shape")
             return a.new_empty((a.shape[0], size_n))
 

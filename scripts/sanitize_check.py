@@ -9,11 +9,11 @@ import sys
 
 import torch
 
+from hf_int4 import dispatch
 from hf_int4._extension import hopper_available
-
 from hf_int4.formats import GPTQConfig
 from hf_int4.formats.gptq_writer import random_gptq_layer
-from hf_int4.ops import dequantize, hopper_linear, int4_gemm
+from hf_int4.ops import dequantize, int4_gemm
 from hf_int4.packing import pack_gptq_layer
 from hf_int4.reference import dequantize_gptq, gptq_matmul_reference
 
@@ -42,10 +42,11 @@ def main():
         worst = max(worst, err, w_err)
         if "--hopper" in sys.argv and hopper_available() and config.sym and config.group_size in (-1, 128) \
                 and N % 128 == 0 and K % 64 == 0:
-            for schedule in (0, 1, 2):
-                h_err = ((hopper_linear(x, packed, bias, schedule).float() - ref).norm() / ref.norm()).item()
-                worst = max(worst, h_err)
-                print(f"  hopper_linear schedule {schedule}: rel err {h_err:.2e}")
+            for path in dispatch.PATHS.values():
+                if isinstance(path, dispatch.HopperPath):
+                    h_err = ((path.run(x, packed, bias).float() - ref).norm() / ref.norm()).item()
+                    worst = max(worst, h_err)
+                    print(f"  {path.name}: rel err {h_err:.2e}")
         print(f"K={K} N={N} M={M} {config} {dtype}: int4_gemm rel err {err:.2e}, dequantize rel err {w_err:.2e}")
     # back-to-back M = 1 calls, each output the next one's input: launched early behind one another
     # (programmatic dependent launch, decode_gemm.cuh), they share the workspace

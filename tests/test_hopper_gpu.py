@@ -22,6 +22,8 @@ from test_decode_kernel import DTYPES, F16, _cfg, check, get_layer, get_packed, 
 from hf_int4 import dispatch, ops  # noqa: E402
 
 M_ALL = [64, 65, 128, 129, 255, 512, 1000, 4096]
+# every configuration dispatch can pick: (schedule, splits) of each Hopper path
+CONFIGS = [(p.schedule, p.splits) for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
 SYM_VARIANTS = list(itertools.product(["gptq", "gptq_v2"], [False, True], [64, 128, -1]))  # fmt, desc_act, gs
 
 
@@ -33,12 +35,13 @@ def test_hopper_matches_the_oracle_small_shape_every_m(dtype, fmt, desc_act, gs)
     layer, raw = get_layer(K, N, cfg, bias=True)
     packed = get_packed(K, N, cfg, dtype, bias=True)
     bias = layer.bias.to(dtype)
-    for M, schedule in itertools.product(M_ALL, (0, 1, 2)):
+    for M, (schedule, splits) in itertools.product(M_ALL, CONFIGS):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
+        where = f"M={M} schedule {schedule} splits {splits}"
         poison_allocator(M * N * 2)
-        check(ops.hopper_linear(x, packed, bias, schedule), oracle(raw, x, bias), dtype, f"M={M} schedule {schedule}")
+        check(ops.hopper_linear(x, packed, bias, schedule, splits), oracle(raw, x, bias), dtype, where)
         poison_allocator(M * N * 2)
-        check(ops.hopper_linear(x, packed, None, schedule), oracle(raw, x), dtype, f"M={M} schedule {schedule} no bias")
+        check(ops.hopper_linear(x, packed, None, schedule, splits), oracle(raw, x), dtype, where + " no bias")
 
 
 @pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 14336), (14336, 4096), (8192, 8192)])
@@ -47,14 +50,17 @@ def test_hopper_matches_the_oracle_llama_shapes(K, N):
     _, raw = get_layer(K, N, cfg)
     for dtype in DTYPES:
         packed = get_packed(K, N, cfg, dtype)
-        for M, schedule in itertools.product((64, 129, 1000), (0, 1, 2)):
+        for M, (schedule, splits) in itertools.product((64, 129, 1000), CONFIGS):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             poison_allocator(M * N * 2)
-            check(ops.hopper_linear(x, packed, None, schedule), oracle(raw, x), dtype, f"{K}x{N} M={M} {dtype} s{schedule}")
+            out = ops.hopper_linear(x, packed, None, schedule, splits)
+            check(out, oracle(raw, x), dtype, f"{K}x{N} M={M} {dtype} schedule {schedule} splits {splits}")
+            if splits > 1:  # partial tiles are summed in K order: the same bits every time
+                assert torch.equal(ops.hopper_linear(x, packed, None, schedule, splits), out)
 
 
-@pytest.mark.parametrize("schedule", [0, 1, 2])
-def test_hopper_in_a_cuda_graph_and_under_compile(schedule):
+@pytest.mark.parametrize("schedule,splits", CONFIGS)
+def test_hopper_in_a_cuda_graph_and_under_compile(schedule, splits):
     K, N = 576, 1536
     cfg = _cfg(gs=64)
     _, raw = get_layer(K, N, cfg)
@@ -63,20 +69,20 @@ def test_hopper_in_a_cuda_graph_and_under_compile(schedule):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        ops.hopper_linear(x, packed, None, schedule)
+        ops.hopper_linear(x, packed, None, schedule, splits)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ops.hopper_linear(x, packed, None, schedule)
+        out = ops.hopper_linear(x, packed, None, schedule, splits)
     x.copy_(torch.randn_like(x))
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
     check(out, oracle(raw, x), F16, "graph replay")
-    compiled = torch.compile(lambda t: ops.hopper_linear(t, packed, None, schedule), fullgraph=True)
+    compiled = torch.compile(lambda t: ops.hopper_linear(t, packed, None, schedule, splits), fullgraph=True)
     check(compiled(x), oracle(raw, x), F16, "compiled")
     torch.library.opcheck(torch.ops.hf_int4.hopper_int4_gemm,
-                          (x, packed.qweight, packed.scales, None, N, K, packed.group_size, schedule))
+                          (x, packed.qweight, packed.scales, None, N, K, packed.group_size, schedule, splits))
 
 
 def test_hopper_refuses_what_it_cannot_run():
@@ -87,6 +93,9 @@ def test_hopper_refuses_what_it_cannot_run():
     odd = get_packed(200, 264, _cfg(gs=32), F16)
     with pytest.raises(RuntimeError, match="out_features % 128"):
         ops.hopper_linear(torch.randn(64, 200, device="cuda", dtype=F16), odd)
+    sym = get_packed(576, 1536, _cfg(gs=128), F16)
+    with pytest.raises(RuntimeError, match="splits .* apply to the stream-K configurations"):
+        ops.hopper_linear(x, sym, None, 0, 2)  # the data-parallel kernel cannot split K
     spec = dispatch.LinearSpec.of
     assert "asymmetric" in dispatch.PATHS["hopper"].unsupported(spec(asym))
     assert "% 128" in dispatch.PATHS["hopper"].unsupported(spec(odd))

@@ -17,6 +17,8 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include <type_traits>
+
 #include "hopper_gemm.h"
 #include "cutlass/util/mixed_dtype_utils.hpp"  // compute_memory_reordering_atom
 
@@ -24,6 +26,9 @@ namespace hf_int4 {
 namespace hopper {
 
 using namespace cute;
+
+using DataParallel = void;  // CUTLASS's persistent data-parallel tile scheduler
+using StreamK = cutlass::gemm::StreamKScheduler;
 
 template <class Act, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
           class TileScheduler>
@@ -67,6 +72,13 @@ struct Config {
     args.epilogue.thread.alpha = 1.f;
     args.epilogue.thread.beta = 0.f;
     args.epilogue.thread.bias_ptr = static_cast<const Act*>(a.bias);
+    if constexpr (std::is_same_v<TileScheduler, StreamK>) {
+      // Partial tiles are reduced in K order (CUTLASS's default, deterministic "turnstile"): the same
+      // input gives the same bits whatever the timing.
+      using Mode = cutlass::gemm::kernel::detail::DecompositionMode;
+      args.scheduler.splits = a.splits > 1 ? a.splits : 1;
+      args.scheduler.decomposition_mode = a.splits == 0 ? Mode::Heuristic : a.splits == 1 ? Mode::DataParallel : Mode::SplitK;
+    }
     return args;
   }
 
@@ -90,8 +102,6 @@ template <class Act, class TileScheduler, int TokenTile = 128>
 using Cooperative = Config<Act, Shape<_128, Int<TokenTile>, _64>, Shape<_1, _1, _1>,
                            cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                            cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler>;
-using DataParallel = void;
-using StreamK = cutlass::gemm::StreamKScheduler;
 
 }  // namespace hopper
 }  // namespace hf_int4

@@ -19,13 +19,16 @@ struct HopperGemmArgs {
   void* workspace = nullptr;
   int m = 0, n = 0, k = 0;       // n % 128 == 0, k % 64 == 0 (no padding on this path)
   int group_size = 0;            // >= 64, or k for per-channel
+  int splits = 0;                // stream-K configurations only: 0 CUTLASS's heuristic, 1 data-parallel, s > 1 split-K
   cudaStream_t stream = nullptr;
 };
 
 // Configurations, each a translation unit per dtype: 0 data-parallel 128x128 tiles (persistent), 1 the same
-// tiles with stream-K (CUTLASS's heuristic splits K across CTAs when there are too few tiles), 2 data-parallel
-// 128 (weights) x 256 (tokens) tiles, which convert each int4 weight once per 256 tokens instead of 128.
-constexpr int kHopperSchedules = 3;
+// tiles with the stream-K scheduler (CUTLASS's heuristic splits K across CTAs when there are too few tiles, or
+// `splits` forces split-K), 2 data-parallel 128 (weights) x 256 (tokens) tiles, which convert each int4 weight
+// once per 256 tokens instead of 128, 3 128 x 64 tiles with the stream-K scheduler: at M <= 64 a 128-token
+// tile would spend half its MMAs on padding rows.
+constexpr int kHopperSchedules = 4;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
 #define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
@@ -37,6 +40,8 @@ HF_INT4_HOPPER_DECLARE(bf16, dp)
 HF_INT4_HOPPER_DECLARE(bf16, sk)
 HF_INT4_HOPPER_DECLARE(fp16, wide)
 HF_INT4_HOPPER_DECLARE(bf16, wide)
+HF_INT4_HOPPER_DECLARE(fp16, narrow)
+HF_INT4_HOPPER_DECLARE(bf16, narrow)
 #undef HF_INT4_HOPPER_DECLARE
 
 }  // namespace hf_int4

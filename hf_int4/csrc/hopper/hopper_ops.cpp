@@ -16,7 +16,7 @@ namespace {
 
 at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, const at::Tensor& scales,
                                  const std::optional<at::Tensor>& bias, int64_t size_n, int64_t size_k,
-                                 int64_t group_size, int64_t schedule) {
+                                 int64_t group_size, int64_t schedule, int64_t splits) {
   const char* op = "hf_int4::hopper_int4_gemm";
   TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2, op, ": the activation must be a 2-D CUDA tensor");
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
@@ -30,7 +30,12 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   check_packed_weight(op, a_in, "the activation", b_packed, scales, std::nullopt, size_n, size_k, group_size);
   const at::Tensor bias_c = checked_bias(op, bias, a_in, size_n);
   TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op,
-              ": schedule must be 0 (data-parallel), 1 (stream-K) or 2 (data-parallel, 256-token tiles)");
+              ": schedule must be 0 (data-parallel), 1 (stream-K), 2 (data-parallel, 256-token tiles) or 3 (stream-K, "
+              "64-token tiles), got ", schedule);
+  const bool stream_k = schedule == 1 || schedule == 3;
+  TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64), op,
+              ": splits (0 CUTLASS's heuristic, 1 data-parallel, 2..64 split-K) apply to the stream-K configurations "
+              "(schedule 1 or 3), got splits=", splits, " with schedule ", schedule);
   const at::Tensor a = a_in.contiguous();
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor c = at::empty({a.size(0), size_n}, a.options());
@@ -47,15 +52,19 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   args.n = static_cast<int>(size_n);
   args.k = static_cast<int>(size_k);
   args.group_size = static_cast<int>(group_size == -1 ? size_k : group_size);
+  args.splits = static_cast<int>(splits);
   args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
   const bool half = a.scalar_type() == at::kHalf;
   using Run = const char* (*)(const HopperGemmArgs&);
   using Workspace = size_t (*)(const HopperGemmArgs&);
-  static constexpr Run kRun[2][kHopperSchedules] = {{hopper_gemm_fp16_dp, hopper_gemm_fp16_sk, hopper_gemm_fp16_wide},
-                                                     {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide}};
+  static constexpr Run kRun[2][kHopperSchedules] = {
+      {hopper_gemm_fp16_dp, hopper_gemm_fp16_sk, hopper_gemm_fp16_wide, hopper_gemm_fp16_narrow},
+      {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide, hopper_gemm_bf16_narrow}};
   static constexpr Workspace kWorkspace[2][kHopperSchedules] = {
-      {hopper_gemm_workspace_fp16_dp, hopper_gemm_workspace_fp16_sk, hopper_gemm_workspace_fp16_wide},
-      {hopper_gemm_workspace_bf16_dp, hopper_gemm_workspace_bf16_sk, hopper_gemm_workspace_bf16_wide}};
+      {hopper_gemm_workspace_fp16_dp, hopper_gemm_workspace_fp16_sk, hopper_gemm_workspace_fp16_wide,
+       hopper_gemm_workspace_fp16_narrow},
+      {hopper_gemm_workspace_bf16_dp, hopper_gemm_workspace_bf16_sk, hopper_gemm_workspace_bf16_wide,
+       hopper_gemm_workspace_bf16_narrow}};
   const Run run = kRun[half ? 0 : 1][schedule];
   const Workspace workspace = kWorkspace[half ? 0 : 1][schedule];
   // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
@@ -77,7 +86,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
 
 TORCH_LIBRARY_FRAGMENT(hf_int4, m) {
   m.def("hopper_int4_gemm(Tensor a, Tensor b_packed, Tensor scales, Tensor? bias, int size_n, int size_k, "
-        "int group_size, int schedule=0) -> Tensor",
+        "int group_size, int schedule=0, int splits=0) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 }
 
