@@ -168,13 +168,29 @@ def prefill_ms(model, tokens: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def prefill_gpu_profile(model, tokens: int):
+    """(GPU kernel ms, table of the kernels by CUDA time) of one eager prefill: against its measured wall time,
+    says whether the prefill waits on the GPU or on the host issuing launches."""
+    ids = torch.randint(1000, 100000, (1, tokens), device="cuda")
+    model(ids, logits_to_keep=1, use_cache=False)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model(ids, logits_to_keep=1, use_cache=False)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    return gpu_ms, events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16, 64])
     parser.add_argument("--prefill", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--decode", nargs="*", default=["step", "generate"], choices=["step", "generate"],
                         help="decode measurements: the compiled step alone, and/or generate()")
-    parser.add_argument("--profile", action="store_true", help="print where a decode step's GPU time goes, per batch")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where a decode step's GPU time goes, per batch, and each prefill's GPU kernel time")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens for the decode runs")
     parser.add_argument("--new-tokens", type=int, nargs=2, default=[32, 160], metavar=("N1", "N2"))
     parser.add_argument("--repeats", type=int, default=3)
@@ -213,6 +229,13 @@ def main():
         result["prefill"].append(row)
         save()
         print(f"{tokens:>14} {row['fp16_ms']:>9.1f} {row['int4_ms']:>9.1f} {row['time_ratio']:>14.3f}x", flush=True)
+    if args.profile:
+        for row in result["prefill"]:
+            for name, model in (("fp16", fp16), ("int4", int4)):
+                row[f"{name}_gpu_ms"], table = prefill_gpu_profile(model, row["tokens"])
+                print(f"--- prefill profile: {name}, {row['tokens']} tokens: GPU kernels {row[f'{name}_gpu_ms']:.1f} ms "
+                      f"of the {row[f'{name}_ms']:.1f} ms measured above\n{table}", flush=True)
+        save()
 
     steps = {"fp16": compiled_decode_step(fp16), "int4": compiled_decode_step(int4)}
     if args.profile:
