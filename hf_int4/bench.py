@@ -7,8 +7,9 @@ built-in int4, side by side.
 dequantize pass alone per shape, as a percentage of the measured copy bandwidth.
 
 Method: every path is timed as a CUDA graph of many calls that rotate over enough weight copies
-(> 4x the L2 size in total) that the weights stream from HBM, not L2; each graph is replayed several
-times and the median per-call time is reported. Ratios are fp16_us / path_us from the same run.
+(> 4x the L2 size in total) that the weights stream from HBM, not L2; at each M the paths' graphs are
+replayed in turn, several rounds, and the median per-call time is reported. Ratios are fp16_us / path_us
+from the same run.
 """
 import argparse
 import json
@@ -44,30 +45,42 @@ def copy_bandwidth() -> float:
 
 def time_rotating(fn, copies: int, calls: int = 0, replays: int = 7) -> float:
     """Median microseconds per call of fn(i) over a CUDA graph of `calls` calls, i rotating over copies."""
-    calls = calls or max(copies * 2, 20)
+    return time_interleaved({"": (fn, copies)}, calls, replays)[""]
+
+
+def time_interleaved(fns: dict, calls: int = 0, replays: int = 7) -> dict:
+    """{name: median us per call} for {name: (fn, copies)}: each fn as a CUDA graph of many calls fn(i), i rotating
+    over its copies; the graphs replay in turn (A B C A B C ...), so that every one meets the same clocks: at large
+    M the GPU's clock follows its power draw, and paths timed one after the other differed by up to 15% run to run."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for i in range(copies):  # warm-up: lazy init, autotuning, workspace
-            fn(i)
+        for fn, copies in fns.values():
+            for i in range(copies):  # warm-up: lazy init, autotuning, workspace
+                fn(i)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % copies)
-    graph.replay()
+    graphs = {}
+    for name, (fn, copies) in fns.items():
+        n = calls or max(copies * 2, 20)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(n):
+                fn(i % copies)
+        graph.replay()
+        graphs[name] = (graph, n)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return statistics.median(times)
+        for name, (graph, n) in graphs.items():
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) * 1e3 / n)
+    del graphs
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copies_for(bytes_per_copy: int) -> int:
@@ -129,29 +142,30 @@ class Shape:
         return time_rotating(lambda i: dequantize(self.packed[i]), len(self.packed))
 
     def time_paths(self, M: int, paths) -> dict:
-        """Median us per call of each named path at M rows: fp16 (F.linear), torch_int4, hf_int4's own paths
-        (hf_int4.dispatch.PATHS, forced) and dispatched (the path this layer's plan picks for M)."""
+        """Median us per call of each named path at M rows, timed interleaved (time_interleaved): fp16 (F.linear),
+        torch_int4, hf_int4's own paths (hf_int4.dispatch.PATHS, forced) and dispatched (the path this layer's
+        plan picks for M)."""
         x = torch.randn(M, self.K, device="cuda", dtype=self.dtype)
         row = {"K": self.K, "N": self.N, "M": M, "flops": 2 * M * self.K * self.N}
+        fns = {}
         for name in paths:
             if name == "fp16":
                 x16 = x.to(torch.float16)
-                row["fp16_us"] = time_rotating(lambda i: F.linear(x16, self.fp16[i]), len(self.fp16))
+                fns[name] = (lambda i: F.linear(x16, self.fp16[i]), len(self.fp16))
             elif name == "torch_int4":
                 if self.tinygemm is None or M > TINYGEMM_MAX_M:  # it is far behind beyond; keep the run short
                     continue
                 gs, wqs, sz = self.tinygemm
                 xb = x.to(torch.bfloat16)
-                row["torch_int4_us"] = time_rotating(
-                    lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs)
-                )
+                fns[name] = (lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs))
             else:
                 if name == "dispatched":
                     path = self.plan.path(M)
                     row["chosen"] = path.name
                 else:
                     path = dispatch.PATHS[name]
-                row[f"{name}_us"] = time_rotating(lambda i: path.run(x, self.packed[i], None), len(self.packed))
+                fns[name] = (lambda i, path=path: path.run(x, self.packed[i], None), len(self.packed))
+        row.update({f"{name}_us": us for name, us in time_interleaved(fns).items()})
         return row
 
 
