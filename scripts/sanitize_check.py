@@ -40,10 +40,10 @@ def main():
         w_ref = dequantize_gptq(layer)[perm].T  # [N, K] in packed row order
         w_err = ((dequantize(packed).float() - w_ref).norm() / w_ref.norm()).item()
         worst = max(worst, err, w_err)
-        if "--hopper" in sys.argv and hopper_available() and config.sym and config.group_size in (-1, 128) \
-                and N % 128 == 0 and K % 64 == 0:
+        if "--hopper" in sys.argv and hopper_available():
+            spec = dispatch.LinearSpec.of(packed)
             for path in dispatch.PATHS.values():
-                if isinstance(path, dispatch.HopperPath):
+                if isinstance(path, dispatch.HopperPath) and path.unsupported(spec) is None:
                     h_err = ((path.run(x, packed, bias).float() - ref).norm() / ref.norm()).item()
                     worst = max(worst, h_err)
                     print(f"  {path.name}: rel err {h_err:.2e}")
