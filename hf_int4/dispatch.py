@@ -94,6 +94,9 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
+PARTIAL_SUM_SCHEDULES = (4, 5)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+
+
 class HopperPath(KernelPath):
     """CUTLASS's mixed-input wgmma GEMM (TMA + warp-specialised), Hopper only: the compute-bound regime.
     One instance per configuration (tile, scheduler, split-K; hf_int4.ops.hopper_linear); the tables say where
@@ -112,6 +115,12 @@ class HopperPath(KernelPath):
             return f"needs out_features % 128 == 0 and in_features % 64 == 0, got {spec.out_features}x{spec.in_features}"
         if spec.group_size != -1 and spec.group_size % 64:
             return f"group size {spec.group_size} is below the kernel's K tile (64)"
+        if self.schedule in PARTIAL_SUM_SCHEDULES:
+            K, group = spec.in_features, spec.group_size
+            if group == -1:
+                return "per-channel scales: the K-slices would all read one scale row (not wired)"
+            if K % (64 * self.splits) or (K // self.splits) % group:
+                return f"K={K} does not cut into {self.splits} slices of whole 64-row tiles and groups of {group}"
         return None
 
     def device_unsupported(self, props):
@@ -137,7 +146,10 @@ PATHS: Dict[str, KernelPath] = {
               HopperPath("hopper_split2", 1, 2),
               # 64-token tiles: half the MMA work of a 128-token tile at M <= 64, and twice the tiles
               HopperPath("hopper_narrow", 3), HopperPath("hopper_narrow_split2", 3, 2),
-              HopperPath("hopper_narrow_split4", 3, 4))
+              HopperPath("hopper_narrow_split4", 3, 4),
+              # the same splits with every K-slice at once (no turnstile), then a sum: layers with few tiles
+              HopperPath("hopper_partials2", 4, 2), HopperPath("hopper_partials4", 4, 4),
+              HopperPath("hopper_narrow_partials2", 5, 2), HopperPath("hopper_narrow_partials4", 5, 4))
 }
 
 

@@ -23,6 +23,7 @@ CASES = [  # (K, N, M, config, dtype)
     (576, 1536, 17, GPTQConfig(group_size=128, sym=False, checkpoint_format="gptq_v2"), torch.bfloat16),
     (1024, 264, 65, GPTQConfig(group_size=32, sym=False, desc_act=True), torch.float16),
     (2048, 2048, 129, GPTQConfig(group_size=-1), torch.bfloat16),
+    (1024, 1536, 96, GPTQConfig(group_size=128), torch.float16),  # every Hopper configuration, split-K sums too
 ]
 
 

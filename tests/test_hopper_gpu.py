@@ -22,8 +22,13 @@ from test_decode_kernel import DTYPES, F16, _cfg, check, get_layer, get_packed, 
 from hf_int4 import dispatch, ops  # noqa: E402
 
 M_ALL = [64, 65, 128, 129, 255, 512, 1000, 4096]
-# every configuration dispatch can pick: (schedule, splits) of each Hopper path
-CONFIGS = [(p.schedule, p.splits) for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
+HOPPER_PATHS = [p for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
+
+
+def configs(packed):
+    """(schedule, splits) of every Hopper configuration dispatch can pick for this layer."""
+    spec = dispatch.LinearSpec.of(packed)
+    return [(p.schedule, p.splits) for p in HOPPER_PATHS if p.unsupported(spec) is None]
 SYM_VARIANTS = list(itertools.product(["gptq", "gptq_v2"], [False, True], [64, 128, -1]))  # fmt, desc_act, gs
 
 
@@ -35,7 +40,7 @@ def test_hopper_matches_the_oracle_small_shape_every_m(dtype, fmt, desc_act, gs)
     layer, raw = get_layer(K, N, cfg, bias=True)
     packed = get_packed(K, N, cfg, dtype, bias=True)
     bias = layer.bias.to(dtype)
-    for M, (schedule, splits) in itertools.product(M_ALL, CONFIGS):
+    for M, (schedule, splits) in itertools.product(M_ALL, configs(packed)):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         where = f"M={M} schedule {schedule} splits {splits}"
         poison_allocator(M * N * 2)
@@ -44,13 +49,33 @@ def test_hopper_matches_the_oracle_small_shape_every_m(dtype, fmt, desc_act, gs)
         check(ops.hopper_linear(x, packed, None, schedule, splits), oracle(raw, x), dtype, where + " no bias")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt,desc_act,gs", [v for v in SYM_VARIANTS if v[2] != -1])
+def test_hopper_split_k_partials_every_variant(dtype, fmt, desc_act, gs):
+    """Schedules 4 and 5 (K-slices as a batch into fp32 partials, then a sum) on a K that every split cuts into
+    whole groups."""
+    K, N = 1024, 384
+    cfg = _cfg(fmt, True, desc_act, gs)
+    layer, raw = get_layer(K, N, cfg, bias=True)
+    packed = get_packed(K, N, cfg, dtype, bias=True)
+    bias = layer.bias.to(dtype)
+    runs = [(p.schedule, p.splits) for p in HOPPER_PATHS if p.schedule in dispatch.PARTIAL_SUM_SCHEDULES]
+    assert runs and all(c in configs(packed) for c in runs)
+    for M, (schedule, splits) in itertools.product([48, 64, 65, 129, 1000], runs):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        poison_allocator(M * N * 4 * splits)
+        out = ops.hopper_linear(x, packed, bias, schedule, splits)
+        check(out, oracle(raw, x, bias), dtype, f"M={M} schedule {schedule} splits {splits}")
+        assert torch.equal(ops.hopper_linear(x, packed, bias, schedule, splits), out)
+
+
 @pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 14336), (14336, 4096), (8192, 8192)])
 def test_hopper_matches_the_oracle_llama_shapes(K, N):
     cfg = _cfg(gs=128)
     _, raw = get_layer(K, N, cfg)
     for dtype in DTYPES:
         packed = get_packed(K, N, cfg, dtype)
-        for M, (schedule, splits) in itertools.product((64, 129, 1000), CONFIGS):
+        for M, (schedule, splits) in itertools.product((64, 129, 1000), configs(packed)):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             poison_allocator(M * N * 2)
             out = ops.hopper_linear(x, packed, None, schedule, splits)
@@ -59,9 +84,9 @@ def test_hopper_matches_the_oracle_llama_shapes(K, N):
                 assert torch.equal(ops.hopper_linear(x, packed, None, schedule, splits), out)
 
 
-@pytest.mark.parametrize("schedule,splits", CONFIGS)
+@pytest.mark.parametrize("schedule,splits", [(p.schedule, p.splits) for p in HOPPER_PATHS])  # groups of 64
 def test_hopper_in_a_cuda_graph_and_under_compile(schedule, splits):
-    K, N = 576, 1536
+    K, N = 1024, 1536  # K cuts into 4 slices of whole tiles and groups
     cfg = _cfg(gs=64)
     _, raw = get_layer(K, N, cfg)
     packed = get_packed(K, N, cfg, F16)
@@ -96,11 +121,16 @@ def test_hopper_refuses_what_it_cannot_run():
     sym = get_packed(576, 1536, _cfg(gs=128), F16)
     with pytest.raises(RuntimeError, match="splits .* apply to the stream-K configurations"):
         ops.hopper_linear(x, sym, None, 0, 2)  # the data-parallel kernel cannot split K
+    with pytest.raises(RuntimeError, match="slices of whole 64-row tiles"):
+        ops.hopper_linear(x, sym, None, 4, 2)  # K = 576: 288-row slices
     spec = dispatch.LinearSpec.of
+    assert "slices" in dispatch.PATHS["hopper_partials2"].unsupported(spec(sym))
     assert "asymmetric" in dispatch.PATHS["hopper"].unsupported(spec(asym))
     assert "% 128" in dispatch.PATHS["hopper"].unsupported(spec(odd))
     g32 = get_packed(576, 1536, _cfg(gs=32), F16)
     assert "group size 32" in dispatch.PATHS["hopper"].unsupported(spec(g32))
+    per_channel = get_packed(1024, 384, _cfg(gs=-1), F16)
+    assert "per-channel" in dispatch.PATHS["hopper_partials2"].unsupported(spec(per_channel))
 
 
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="needs cuobjdump")

@@ -30,9 +30,46 @@ using namespace cute;
 using DataParallel = void;  // CUTLASS's persistent data-parallel tile scheduler
 using StreamK = cutlass::gemm::StreamKScheduler;
 
+// out [m, n] = sum over the splits of partials [splits, m, n] (+ bias), in split order.
+template <class Act>
+__global__ void reduce_partials_kernel(const float4* __restrict__ partials, const Act* __restrict__ bias,
+                                       Act* __restrict__ out, int64_t quads, int n, int splits) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= quads) return;
+  float4 v = partials[i];
+  for (int s = 1; s < splits; ++s) {
+    const float4 p = partials[i + s * quads];
+    v.x += p.x, v.y += p.y, v.z += p.z, v.w += p.w;
+  }
+  using Quad = cutlass::AlignedArray<Act, 4>;  // one 8-byte load / store
+  if (bias != nullptr) {
+    const Quad b = *reinterpret_cast<const Quad*>(bias + (4 * i) % n);
+    v.x += float(b[0]), v.y += float(b[1]), v.z += float(b[2]), v.w += float(b[3]);
+  }
+  Quad o;
+  o[0] = Act(v.x), o[1] = Act(v.y), o[2] = Act(v.z), o[3] = Act(v.w);
+  *reinterpret_cast<Quad*>(out + 4 * i) = o;
+}
+
+template <class Act>
+const char* reduce_partials(const HopperGemmArgs& a) {
+  const int64_t quads = int64_t(a.m) * a.n / 4;  // n % 128 == 0
+  constexpr int kThreads = 256;
+  reduce_partials_kernel<Act><<<static_cast<unsigned>((quads + kThreads - 1) / kThreads), kThreads, 0, a.stream>>>(
+      reinterpret_cast<const float4*>(a.partials), static_cast<const Act*>(a.bias), static_cast<Act*>(a.c), quads,
+      a.n, a.splits);
+  return cudaGetLastError() == cudaSuccess ? nullptr : "hf_int4::hopper_int4_gemm: launching the split-K sum failed";
+}
+
+// Out = Act: C = A W (+ bias). Out = float: split-K partials, HopperGemmArgs::splits K-slices run as a batch
+// (L = splits) that writes fp32 partials [splits, m, n] to HopperGemmArgs::partials, summed afterwards by
+// reduce_partials: every slice runs at once and no CTA waits for another (CUTLASS's own split-K reduces the
+// partial tiles one CTA after the other).
 template <class Act, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
-          class TileScheduler>
+          class TileScheduler, class Out = Act>
 struct Config {
+  static constexpr bool kPartials = std::is_same_v<Out, float>;
+  static constexpr int kOutAlign = 16 / sizeof(Out);
   using Quant = cutlass::int4b_t;
   using Accumulator = float;
   // The packed layout (kernels.h): one reordering atom (16 x 16), values shuffled [0,2,4,6,1,3,5,7].
@@ -42,11 +79,12 @@ struct Config {
   using LayoutQuant = decltype(tile_to_shape(AtomQuant{}, Layout<Shape<int, int, int>, StrideAct>{}));
   using LayoutOutT = cutlass::layout::ColumnMajor;  // C^T [n, m] column-major == C [m, n] row-major
 
-  using Fusion = cutlass::epilogue::fusion::LinCombPerRowBias<Act, float, Act, Act, float>;
+  using Fusion = std::conditional_t<kPartials, cutlass::epilogue::fusion::LinearCombination<float, float, float, float>,
+                                    cutlass::epilogue::fusion::LinCombPerRowBias<Act, float, Act, Act, float>>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, float, void, LayoutOutT, 8, Act, LayoutOutT, 8,
-      EpilogueSchedule, Fusion>::CollectiveOp;
+      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, float, void, LayoutOutT, kOutAlign, Out, LayoutOutT,
+      kOutAlign, EpilogueSchedule, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<Quant, Act>, LayoutQuant, 32, Act,
       cutlass::layout::ColumnMajor, 8, Accumulator, TileShape, ClusterShape,
@@ -58,20 +96,24 @@ struct Config {
   static typename Gemm::Arguments arguments(const HopperGemmArgs& a) {
     using StrideScale = typename Mainloop::StrideScale;
     using StrideOut = typename Kernel::StrideD;
-    const int groups = (a.k + a.group_size - 1) / a.group_size;
-    const auto layout_b = tile_to_shape(AtomQuant{}, make_shape(a.n, a.k, 1));
-    const auto stride_a = cutlass::make_cute_packed_stride(StrideAct{}, make_shape(a.m, a.k, 1));
-    const auto stride_s = cutlass::make_cute_packed_stride(StrideScale{}, make_shape(a.n, groups, 1));
-    const auto stride_c = cutlass::make_cute_packed_stride(StrideOut{}, make_shape(a.n, a.m, 1));
+    // Partials: batch l is the K-slice [l k_s, (l + 1) k_s). In the packed weight and the scales the slices lie
+    // one after the other, so their batched layouts are the unbatched ones; the activations step k_s columns.
+    const int slices = kPartials ? a.splits : 1, k_s = a.k / slices;  // partials: groups never straddle slices
+    const auto layout_b = tile_to_shape(AtomQuant{}, make_shape(a.n, k_s, slices));
+    const StrideAct stride_a{int64_t(a.k), _1{}, int64_t(k_s)};
+    const auto stride_s =
+        cutlass::make_cute_packed_stride(StrideScale{}, make_shape(a.n, (k_s + a.group_size - 1) / a.group_size, slices));
+    const auto stride_c = cutlass::make_cute_packed_stride(StrideOut{}, make_shape(a.n, a.m, slices));
+    Out* out = kPartials ? static_cast<Out*>(static_cast<void*>(a.partials)) : static_cast<Out*>(a.c);
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
-        {a.n, a.m, a.k, 1},
+        {a.n, a.m, k_s, slices},
         {static_cast<const Quant*>(a.b), layout_b, static_cast<const Act*>(a.a), stride_a,
          static_cast<const Act*>(a.scales), stride_s, a.group_size},
-        {{}, nullptr, stride_c, static_cast<Act*>(a.c), stride_c}};
+        {{}, nullptr, stride_c, out, stride_c}};
     args.epilogue.thread.alpha = 1.f;
     args.epilogue.thread.beta = 0.f;
-    args.epilogue.thread.bias_ptr = static_cast<const Act*>(a.bias);
+    if constexpr (!kPartials) args.epilogue.thread.bias_ptr = static_cast<const Act*>(a.bias);
     if constexpr (std::is_same_v<TileScheduler, StreamK>) {
       // Partial tiles are reduced in K order (CUTLASS's default, deterministic "turnstile"): the same
       // input gives the same bits whatever the timing.
@@ -92,16 +134,17 @@ struct Config {
     if (gemm.initialize(args, a.workspace, a.stream) != cutlass::Status::kSuccess)
       return "hf_int4::hopper_int4_gemm: CUTLASS kernel initialisation failed";
     if (gemm.run(a.stream) != cutlass::Status::kSuccess) return "hf_int4::hopper_int4_gemm: CUTLASS launch failed";
+    if constexpr (kPartials) return reduce_partials<Act>(a);
     return nullptr;
   }
 };
 
 // Cooperative schedule, one CTA per cluster, 128 weight rows x TokenTile tokens x 64 k per tile (CUTLASS's
 // stock mixed-input configuration at TokenTile = 128), with the persistent data-parallel or stream-K scheduler.
-template <class Act, class TileScheduler, int TokenTile = 128>
+template <class Act, class TileScheduler, int TokenTile = 128, class Out = Act>
 using Cooperative = Config<Act, Shape<_128, Int<TokenTile>, _64>, Shape<_1, _1, _1>,
                            cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                           cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler>;
+                           cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler, Out>;
 
 }  // namespace hopper
 }  // namespace hf_int4

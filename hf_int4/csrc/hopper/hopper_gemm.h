@@ -17,9 +17,11 @@ struct HopperGemmArgs {
   const void* bias = nullptr;    // [n] or nullptr
   void* c = nullptr;             // [m, n]
   void* workspace = nullptr;
+  float* partials = nullptr;     // schedules 4, 5: [splits, m, n] fp32
   int m = 0, n = 0, k = 0;       // n % 128 == 0, k % 64 == 0 (no padding on this path)
   int group_size = 0;            // >= 64, or k for per-channel
-  int splits = 0;                // stream-K configurations only: 0 CUTLASS's heuristic, 1 data-parallel, s > 1 split-K
+  int splits = 0;                // stream-K configurations: 0 CUTLASS's heuristic, 1 data-parallel, s > 1 split-K;
+                                 // partial-sum configurations: s >= 2 K-slices
   cudaStream_t stream = nullptr;
 };
 
@@ -27,8 +29,9 @@ struct HopperGemmArgs {
 // tiles with the stream-K scheduler (CUTLASS's heuristic splits K across CTAs when there are too few tiles, or
 // `splits` forces split-K), 2 data-parallel 128 (weights) x 256 (tokens) tiles, which convert each int4 weight
 // once per 256 tokens instead of 128, 3 128 x 64 tiles with the stream-K scheduler: at M <= 64 a 128-token
-// tile would spend half its MMAs on padding rows.
-constexpr int kHopperSchedules = 4;
+// tile would spend half its MMAs on padding rows; 4 and 5: split-K with 128 x 128 and 128 x 64 tiles, every K-slice
+// at once writing fp32 partials, then one kernel sums them (hopper_gemm.cuh, Config with Out = float).
+constexpr int kHopperSchedules = 6;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
 #define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
@@ -42,6 +45,10 @@ HF_INT4_HOPPER_DECLARE(fp16, wide)
 HF_INT4_HOPPER_DECLARE(bf16, wide)
 HF_INT4_HOPPER_DECLARE(fp16, narrow)
 HF_INT4_HOPPER_DECLARE(bf16, narrow)
+HF_INT4_HOPPER_DECLARE(fp16, partials)
+HF_INT4_HOPPER_DECLARE(bf16, partials)
+HF_INT4_HOPPER_DECLARE(fp16, partials_narrow)
+HF_INT4_HOPPER_DECLARE(bf16, partials_narrow)
 #undef HF_INT4_HOPPER_DECLARE
 
 }  // namespace hf_int4

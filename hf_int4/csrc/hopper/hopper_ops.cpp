@@ -30,12 +30,16 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   check_packed_weight(op, a_in, "the activation", b_packed, scales, std::nullopt, size_n, size_k, group_size);
   const at::Tensor bias_c = checked_bias(op, bias, a_in, size_n);
   TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op,
-              ": schedule must be 0 (data-parallel), 1 (stream-K), 2 (data-parallel, 256-token tiles) or 3 (stream-K, "
-              "64-token tiles), got ", schedule);
-  const bool stream_k = schedule == 1 || schedule == 3;
-  TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64), op,
+              ": schedule must be 0 (data-parallel), 1 (stream-K), 2 (data-parallel, 256-token tiles), 3 (stream-K, "
+              "64-token tiles), 4 (split-K partials) or 5 (split-K partials, 64-token tiles), got ", schedule);
+  const bool stream_k = schedule == 1 || schedule == 3, partials = schedule >= 4;
+  TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
               ": splits (0 CUTLASS's heuristic, 1 data-parallel, 2..64 split-K) apply to the stream-K configurations "
               "(schedule 1 or 3), got splits=", splits, " with schedule ", schedule);
+  TORCH_CHECK(!partials || (splits >= 2 && splits <= 16 && group_size != -1 && size_k % (64 * splits) == 0 &&
+                            (size_k / splits) % group_size == 0),
+              op, ": the split-K schedules (4, 5) need 2..16 splits that cut K into slices of whole 64-row tiles and "
+              "whole groups (not per channel), got splits=", splits, " for K=", size_k, ", group size ", group_size);
   const at::Tensor a = a_in.contiguous();
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor c = at::empty({a.size(0), size_n}, a.options());
@@ -58,13 +62,17 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   using Run = const char* (*)(const HopperGemmArgs&);
   using Workspace = size_t (*)(const HopperGemmArgs&);
   static constexpr Run kRun[2][kHopperSchedules] = {
-      {hopper_gemm_fp16_dp, hopper_gemm_fp16_sk, hopper_gemm_fp16_wide, hopper_gemm_fp16_narrow},
-      {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide, hopper_gemm_bf16_narrow}};
+      {hopper_gemm_fp16_dp, hopper_gemm_fp16_sk, hopper_gemm_fp16_wide, hopper_gemm_fp16_narrow,
+       hopper_gemm_fp16_partials, hopper_gemm_fp16_partials_narrow},
+      {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide, hopper_gemm_bf16_narrow,
+       hopper_gemm_bf16_partials, hopper_gemm_bf16_partials_narrow}};
   static constexpr Workspace kWorkspace[2][kHopperSchedules] = {
       {hopper_gemm_workspace_fp16_dp, hopper_gemm_workspace_fp16_sk, hopper_gemm_workspace_fp16_wide,
-       hopper_gemm_workspace_fp16_narrow},
+       hopper_gemm_workspace_fp16_narrow, hopper_gemm_workspace_fp16_partials,
+       hopper_gemm_workspace_fp16_partials_narrow},
       {hopper_gemm_workspace_bf16_dp, hopper_gemm_workspace_bf16_sk, hopper_gemm_workspace_bf16_wide,
-       hopper_gemm_workspace_bf16_narrow}};
+       hopper_gemm_workspace_bf16_narrow, hopper_gemm_workspace_bf16_partials,
+       hopper_gemm_workspace_bf16_partials_narrow}};
   const Run run = kRun[half ? 0 : 1][schedule];
   const Workspace workspace = kWorkspace[half ? 0 : 1][schedule];
   // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
@@ -74,6 +82,11 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   if (ws_bytes > 0) {
     ws = at::empty({static_cast<int64_t>(ws_bytes)}, a.options().dtype(at::kByte));
     args.workspace = ws.data_ptr();
+  }
+  at::Tensor partial_sums;  // from the caching allocator too: a graph capture takes it from the graph's pool
+  if (partials) {
+    partial_sums = at::empty({splits, a.size(0), size_n}, a.options().dtype(at::kFloat));
+    args.partials = partial_sums.data_ptr<float>();
   }
   const char* err = run(args);
   TORCH_CHECK(err == nullptr, err);
