@@ -2,8 +2,10 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [tune] [bench] [probe] [demo] [quality] [generation]
-#   (no argument: the first five)
+#   scripts/gpu_check.sh [build] [keep] [test] [sanitize] [tune] [bench] [probe] [demo] [quality] [generation]
+#   (no argument: build test sanitize tune bench)
+#   keep copies the built extensions to $OUT: a later call on a fresh machine carries them back into hf_int4/
+#   (carry ["hf_int4/_C.cpython-312-x86_64-linux-gnu.so", ...]) and leaves out build, saving its minutes.
 #   tune writes this GPU's dispatch table into HF_INT4_CACHE (/tmp/hf_int4_cache for every stage, so the
 #   bench's dispatched column uses it) and $OUT/dispatch_table.json (copy it to hf_int4/tables/ to ship it).
 #   demo and quality need the SmolLM2 wheel: .carry/smol_a/part_00 + .carry/smol_b/part_01 (its two halves;
@@ -65,6 +67,8 @@ for stage in $stages; do
       done
       cat "$OUT/env.txt" >> "$OUT/build.log" && rm -f "$OUT/env.txt"
       ;;
+    keep)
+      cp hf_int4/_C*.so hf_int4/_hopper*.so "$OUT/" && ls -l "$OUT"/*.so || status=1 ;;
     test)
       run tests python3 -m pytest -p no:cacheprovider -q -rs ${TEST_ARGS:-tests} ;;
     sanitize)
