@@ -51,7 +51,9 @@ def time_rotating(fn, copies: int, calls: int = 0, replays: int = 7) -> float:
 def time_interleaved(fns: dict, calls: int = 0, replays: int = 7) -> dict:
     """{name: median us per call} for {name: (fn, copies)}: each fn as a CUDA graph of many calls fn(i), i rotating
     over its copies; the graphs replay in turn (A B C A B C ...), so that every one meets the same clocks: at large
-    M the GPU's clock follows its power draw, and paths timed one after the other differed by up to 15% run to run."""
+    M the GPU's clock follows its power draw, and paths timed one after the other differed by up to 15% run to run.
+    Each timed replay follows an untimed one of the same graph: a graph timed right after another path's started
+    at the clock that path's power draw left (H200, M >= 1024: one path timed 8-15% apart in two slots of a round)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -74,6 +76,7 @@ def time_interleaved(fns: dict, calls: int = 0, replays: int = 7) -> dict:
     times = {name: [] for name in fns}
     for _ in range(replays):
         for name, (graph, n) in graphs.items():
+            graph.replay()
             start.record()
             graph.replay()
             end.record()

@@ -104,6 +104,7 @@ def test_hopper_in_a_cuda_graph_and_under_compile(schedule, splits):
     graph.replay()
     torch.cuda.synchronize()
     check(out, oracle(raw, x), F16, "graph replay")
+    torch._dynamo.reset()  # each configuration compiles this lambda anew; keep them under dynamo's recompile limit
     compiled = torch.compile(lambda t: ops.hopper_linear(t, packed, None, schedule, splits), fullgraph=True)
     check(compiled(x), oracle(raw, x), F16, "compiled")
     torch.library.opcheck(torch.ops.hf_int4.hopper_int4_gemm,
