@@ -179,7 +179,8 @@ def prefill_gpu_profile(model, tokens: int):
         model(ids, logits_to_keep=1, use_cache=False)
         torch.cuda.synchronize()
     events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    # kernels only: an operator's self device time repeats its kernels' (the table's "Self CUDA time total")
+    gpu_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
     return gpu_ms, events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
 
 
