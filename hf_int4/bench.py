@@ -4,15 +4,18 @@ built-in int4, side by side.
     python -m hf_int4.bench [--shapes 4096x4096,...] [--ms 1,2,4,...] [--json out.json]
 
 `path` is the path the dispatch plan chose; decode_x / dequant_x are the forced paths. Also prints the
-dequantize pass alone per shape, as a percentage of the measured copy bandwidth.
+dequantize pass alone per shape, as a percentage of the measured copy bandwidth. The dispatched column is the
+chosen path's forced time: a CUDA graph of dispatched calls holds the same kernels, so timing it again would
+only add a second sample of that path (on the H200 two such samples of one run differed by 5-15% at M >= 1024).
 
 Method: every path is timed as a CUDA graph of many calls that rotate over enough weight copies
 (> 4x the L2 size in total) that the weights stream from HBM, not L2; at each M the paths' graphs are
-replayed in turn, several rounds, and the median per-call time is reported. Ratios are fp16_us / path_us
-from the same run.
+replayed in turn, in a fresh random order each round, several rounds, and the median per-call time is
+reported. Ratios are fp16_us / path_us from the same run.
 """
 import argparse
 import json
+import random
 import statistics
 import sys
 
@@ -52,8 +55,9 @@ def time_interleaved(fns: dict, calls: int = 0, replays: int = 7) -> dict:
     """{name: median us per call} for {name: (fn, copies)}: each fn as a CUDA graph of many calls fn(i), i rotating
     over its copies; the graphs replay in turn (A B C A B C ...), so that every one meets the same clocks: at large
     M the GPU's clock follows its power draw, and paths timed one after the other differed by up to 15% run to run.
-    Each timed replay follows an untimed one of the same graph: a graph timed right after another path's started
-    at the clock that path's power draw left (H200, M >= 1024: one path timed 8-15% apart in two slots of a round)."""
+    Each timed replay follows an untimed one of the same graph, and each round takes the paths in a new random
+    order: a path timed in two fixed slots of every round measured 5-15% apart at M >= 1024 (H200), so no path
+    keeps one slot's neighbours."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -74,8 +78,11 @@ def time_interleaved(fns: dict, calls: int = 0, replays: int = 7) -> dict:
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = {name: [] for name in fns}
+    order, shuffle = list(graphs), random.Random(0).shuffle
     for _ in range(replays):
-        for name, (graph, n) in graphs.items():
+        shuffle(order)
+        for name in order:
+            graph, n = graphs[name]
             graph.replay()
             start.record()
             graph.replay()
@@ -146,8 +153,8 @@ class Shape:
 
     def time_paths(self, M: int, paths) -> dict:
         """Median us per call of each named path at M rows, timed interleaved (time_interleaved): fp16 (F.linear),
-        torch_int4, hf_int4's own paths (hf_int4.dispatch.PATHS, forced) and dispatched (the path this layer's
-        plan picks for M)."""
+        torch_int4, hf_int4's own paths (hf_int4.dispatch.PATHS, forced) and dispatched (the forced time of the
+        path this layer's plan picks for M, which must be among `paths`)."""
         x = torch.randn(M, self.K, device="cuda", dtype=self.dtype)
         row = {"K": self.K, "N": self.N, "M": M, "flops": 2 * M * self.K * self.N}
         fns = {}
@@ -161,14 +168,14 @@ class Shape:
                 gs, wqs, sz = self.tinygemm
                 xb = x.to(torch.bfloat16)
                 fns[name] = (lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs))
+            elif name == "dispatched":
+                row["chosen"] = self.plan.path_name(M)
             else:
-                if name == "dispatched":
-                    path = self.plan.path(M)
-                    row["chosen"] = path.name
-                else:
-                    path = dispatch.PATHS[name]
+                path = dispatch.PATHS[name]
                 fns[name] = (lambda i, path=path: path.run(x, self.packed[i], None), len(self.packed))
         row.update({f"{name}_us": us for name, us in time_interleaved(fns).items()})
+        if "dispatched" in paths:
+            row["dispatched_us"] = row[f"{row['chosen']}_us"]
         return row
 
 
