@@ -46,7 +46,7 @@ def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) ->
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "measured": time.strftime("%Y-%m-%d"),
-        "method": "CUDA-graph replays over rotating weight copies (> 4x L2), paths interleaved, each timed replay after an untimed one, median of 7 (hf_int4.bench)",
+        "method": "CUDA-graph replays over rotating weight copies (> 4x L2), paths interleaved in a new random order each round, each timed replay after an untimed one, median of 7 (hf_int4.bench)",
         "entries": entries,
     }
 
