@@ -111,6 +111,48 @@ def test_hopper_in_a_cuda_graph_and_under_compile(schedule, splits):
                           (x, packed.qweight, packed.scales, None, N, K, packed.group_size, schedule, splits))
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_chained_layers_across_paths_wait_for_their_input(graph):
+    """Kernels launch early behind the one before them (early_launch.h): the Hopper GEMMs, the split-K sum and
+    the decode kernel. A chain where every output feeds the next layer, cycling through every Hopper
+    configuration and the decode kernel (so each kind follows each other kind), must still read each input
+    finished; eager outputs land in NaN-poisoned buffers, graph replays see the previous replay's values."""
+    K = 1024  # square, and cut by every split into whole tiles and groups
+    cfg = _cfg(gs=128)
+    paths = HOPPER_PATHS + [dispatch.PATHS["decode"]]
+    n_layers = 2 * len(paths)
+    layers = [get_layer(K, K, cfg, seed=90 + i) for i in range(n_layers)]
+    packed = [get_packed(K, K, cfg, F16, seed=90 + i) for i in range(n_layers)]
+    order = paths + paths[::-1]
+    for M in (16, 64, 129):
+        x = torch.randn(M, K, dtype=F16, device="cuda")
+
+        def chain():
+            outs, h = [], x
+            for path, p in zip(order, packed):
+                h = path.run(h, p, None)
+                outs.append(h)
+            return outs
+
+        def check_chain(outs):
+            torch.cuda.synchronize()
+            for i, ((_, raw), inp, out) in enumerate(zip(layers, [x] + outs[:-1], outs)):
+                check(out, oracle(raw, inp), F16, f"M={M} graph={graph} layer {i} ({order[i].name})")
+
+        chain()  # warm up: workspaces, kernel attributes
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs = chain()
+            for _ in range(2):
+                x.copy_(torch.randn_like(x))
+                g.replay()
+                check_chain(outs)
+        else:
+            poison_allocator(M * K * 4 * 4, copies=n_layers + 2)
+            check_chain(chain())
+
+
 def test_hopper_refuses_what_it_cannot_run():
     asym = get_packed(576, 1536, _cfg(sym=False, gs=128), F16)
     x = torch.randn(64, 576, device="cuda", dtype=F16)

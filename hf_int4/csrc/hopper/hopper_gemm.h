@@ -22,6 +22,7 @@ struct HopperGemmArgs {
   int group_size = 0;            // >= 64, or k for per-channel
   int splits = 0;                // stream-K configurations: 0 CUTLASS's heuristic, 1 data-parallel, s > 1 split-K;
                                  // partial-sum configurations: s >= 2 K-slices
+  bool early = false;            // launch early behind the previous kernel (early_launch.h)
   cudaStream_t stream = nullptr;
 };
 

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../early_launch.h"
 #include "../op_checks.h"
 #include "hopper_gemm.h"
 
@@ -57,6 +58,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   args.k = static_cast<int>(size_k);
   args.group_size = static_cast<int>(group_size == -1 ? size_k : group_size);
   args.splits = static_cast<int>(splits);
+  args.early = early_launch_enabled();
   args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
   const bool half = a.scalar_type() == at::kHalf;
   using Run = const char* (*)(const HopperGemmArgs&);
