@@ -340,32 +340,40 @@ def test_chained_layers_wait_for_their_input(graph):
     layers = [get_layer(K, K, cfg, seed=80 + i) for i in range(n_layers)]
     packed = [get_packed(K, K, cfg, F16, seed=80 + i) for i in range(n_layers)]
     for M, sms in ((1, -1), (16, 7), (64, -1)):
-        x = torch.randn(M, K, dtype=F16, device="cuda")
+        calls = [lambda h, p=p, sms=sms: ops.int4_gemm(h, p, sms=sms) for p in packed]
+        check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, [raw for _, raw in layers], graph,
+                            f"M={M} sms={sms}")
 
-        def chain():
-            outs, h = [], x
-            for p in packed:
-                h = ops.int4_gemm(h, p, sms=sms)
-                outs.append(h)
-            return outs
 
-        def check_chain(outs):
-            torch.cuda.synchronize()
-            for i, ((_, raw), inp, out) in enumerate(zip(layers, [x] + outs[:-1], outs)):
-                check(out, oracle(raw, inp), F16, f"M={M} sms={sms} graph={graph} layer {i}")
+def check_chained_calls(x, calls, raws, graph, where):
+    """calls[i] (one layer each, square) applied in a chain, each output the next call's input, checked layer by
+    layer against the oracle of raws[i] on the input it got. Eager: outputs land in NaN-poisoned buffers; graph:
+    captured once, replayed twice on fresh inputs, each replay's buffers holding the previous replay's values."""
 
-        chain()  # warm up: workspace, kernel attributes
-        if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                outs = chain()
-            for _ in range(2):
-                x.copy_(torch.randn_like(x))
-                g.replay()
-                check_chain(outs)
-        else:
-            poison_allocator(M * K * 2, copies=n_layers + 2)
-            check_chain(chain())
+    def chain():
+        outs, h = [], x
+        for call in calls:
+            h = call(h)
+            outs.append(h)
+        return outs
+
+    def check_chain(outs):
+        torch.cuda.synchronize()
+        for i, (raw, inp, out) in enumerate(zip(raws, [x] + outs[:-1], outs)):
+            check(out, oracle(raw, inp), F16, f"{where} graph={graph} layer {i}")
+
+    chain()  # warm up: workspaces, kernel attributes
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = chain()
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            g.replay()
+            check_chain(outs)
+    else:
+        poison_allocator(x.numel() * x.element_size(), copies=len(calls) + 2)  # the outputs' size (square layers)
+        check_chain(chain())
 
 
 @pytest.mark.parametrize("fresh_stream", [False, True])

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs an sm_90 GPU and the built hf_int4._hopper extension",
 )
 
-from test_decode_kernel import DTYPES, F16, _cfg, check, get_layer, get_packed, oracle, poison_allocator  # noqa: E402
+from test_decode_kernel import (  # noqa: E402
+    DTYPES, F16, _cfg, check, check_chained_calls, get_layer, get_packed, oracle, poison_allocator)
 
 from hf_int4 import dispatch, ops  # noqa: E402
 
@@ -125,32 +126,9 @@ def test_chained_layers_across_paths_wait_for_their_input(graph):
     packed = [get_packed(K, K, cfg, F16, seed=90 + i) for i in range(n_layers)]
     order = paths + paths[::-1]
     for M in (16, 64, 129):
-        x = torch.randn(M, K, dtype=F16, device="cuda")
-
-        def chain():
-            outs, h = [], x
-            for path, p in zip(order, packed):
-                h = path.run(h, p, None)
-                outs.append(h)
-            return outs
-
-        def check_chain(outs):
-            torch.cuda.synchronize()
-            for i, ((_, raw), inp, out) in enumerate(zip(layers, [x] + outs[:-1], outs)):
-                check(out, oracle(raw, inp), F16, f"M={M} graph={graph} layer {i} ({order[i].name})")
-
-        chain()  # warm up: workspaces, kernel attributes
-        if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                outs = chain()
-            for _ in range(2):
-                x.copy_(torch.randn_like(x))
-                g.replay()
-                check_chain(outs)
-        else:
-            poison_allocator(M * K * 4 * 4, copies=n_layers + 2)
-            check_chain(chain())
+        calls = [lambda h, path=path, p=p: path.run(h, p, None) for path, p in zip(order, packed)]
+        check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, [raw for _, raw in layers], graph,
+                            f"M={M} paths {[p.name for p in order]}")
 
 
 def test_hopper_refuses_what_it_cannot_run():
