@@ -151,7 +151,7 @@ PATHS: Dict[str, KernelPath] = {
               HopperPath("hopper_partials2", 4, 2), HopperPath("hopper_partials4", 4, 4),
               HopperPath("hopper_narrow_partials2", 5, 2), HopperPath("hopper_narrow_partials4", 5, 4),
               # 64-row weight tiles, two warpgroups on different tiles: twice the tiles of "hopper"
-              HopperPath("hopper_pingpong", 6))
+              HopperPath("hopper_pingpong", 6), HopperPath("hopper_pingpong_wide", 7))
 }
 
 
