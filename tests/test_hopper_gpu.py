@@ -131,6 +131,22 @@ def test_chained_layers_across_paths_wait_for_their_input(graph):
                             f"M={M} paths {[p.name for p in order]}")
 
 
+def test_hopper_takes_any_leading_dimensions():
+    """The op flattens [..., K] itself and returns [..., N]: a non-contiguous 3-D input gives the 2-D call's rows."""
+    K, N = 1024, 768
+    cfg = _cfg(gs=128)
+    _, raw = get_layer(K, N, cfg)
+    packed = get_packed(K, N, cfg, F16)
+    op = torch.ops.hf_int4.hopper_int4_gemm
+    x = torch.randn(100, 2, K, dtype=F16, device="cuda").transpose(0, 1)  # [2, 100, K], not contiguous
+    for schedule, splits in configs(packed):
+        out = op(x, packed.qweight, packed.scales, None, N, K, 128, schedule, splits)
+        assert out.shape == (2, 100, N)
+        assert torch.equal(out.reshape(-1, N), op(x.reshape(-1, K), packed.qweight, packed.scales, None, N, K, 128,
+                                                  schedule, splits))
+        check(out, oracle(raw, x), F16, f"3-D schedule {schedule} splits {splits}")
+
+
 def test_hopper_refuses_what_it_cannot_run():
     asym = get_packed(576, 1536, _cfg(sym=False, gs=128), F16)
     x = torch.randn(64, 576, device="cuda", dtype=F16)

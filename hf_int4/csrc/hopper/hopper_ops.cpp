@@ -19,13 +19,12 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
                                  const std::optional<at::Tensor>& bias, int64_t size_n, int64_t size_k,
                                  int64_t group_size, int64_t schedule, int64_t splits) {
   const char* op = "hf_int4::hopper_int4_gemm";
-  TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2, op, ": the activation must be a 2-D CUDA tensor");
+  TORCH_CHECK(a_in.is_cuda(), op, ": the activation must be a CUDA tensor, got device ", a_in.device());
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
               ": the activation must be float16 or bfloat16, got ", a_in.scalar_type());
   TORCH_CHECK(size_n % 128 == 0 && size_k % 64 == 0 && size_n > 0 && size_k > 0, op,
               ": needs out_features % 128 == 0 and in_features % 64 == 0 (no padding on this path), got N=", size_n,
               " K=", size_k);
-  TORCH_CHECK(a_in.size(1) == size_k, op, ": the activation has K=", a_in.size(1), ", the weight ", size_k);
   TORCH_CHECK(group_size == -1 || group_size % 64 == 0, op,
               ": group_size must be -1 or a multiple of 64 (the tile's K), got ", group_size);
   check_packed_weight(op, a_in, "the activation", b_packed, scales, std::nullopt, size_n, size_k, group_size);
@@ -42,10 +41,11 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
                             (size_k / splits) % group_size == 0),
               op, ": the split-K schedules (4, 5) need 2..16 splits that cut K into slices of whole 64-row tiles and "
               "whole groups (not per channel), got splits=", splits, " for K=", size_k, ", group size ", group_size);
-  const at::Tensor a = a_in.contiguous();
+  const ActivationRows rows = activation_rows(op, a_in, size_k, size_n);
+  const at::Tensor& a = rows.a;
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor c = at::empty({a.size(0), size_n}, a.options());
-  if (a.size(0) == 0) return c;
+  if (a.size(0) == 0) return c.view(rows.out_shape);
   TORCH_CHECK(a.size(0) <= INT32_MAX, op, ": too many rows");
 
   HopperGemmArgs args;
@@ -98,7 +98,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   const char* err = run(args);
   TORCH_CHECK(err == nullptr, err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return c;
+  return c.view(rows.out_shape);
 }
 
 }  // namespace
