@@ -55,10 +55,10 @@ def _check_call(op: str, x: torch.Tensor, packed: PackedInt4Weight, bias: Option
                  f"{tuple(bias.shape)} on {bias.device}")
 
 
-def _rows_in_packed_order(x: torch.Tensor, packed: PackedInt4Weight) -> torch.Tensor:
-    """x [..., K] -> [M, K] with columns in the packed row order (act-order: packed row i is GPTQ row perm[i])."""
-    x2 = x.reshape(-1, packed.in_features)
-    return x2 if packed.perm is None else x2.index_select(1, packed.perm)
+def _in_packed_order(x: torch.Tensor, packed: PackedInt4Weight) -> torch.Tensor:
+    """x [..., K] with its columns in the packed row order (act-order: packed row i is GPTQ row perm[i]). The ops
+    take any leading dimensions: no reshapes here (each costs about a microsecond of host time per call)."""
+    return x if packed.perm is None else x.index_select(-1, packed.perm)
 
 
 def int4_gemm(
@@ -77,11 +77,10 @@ def int4_gemm(
     kernel's number of k-splits) override the heuristics; they are for tuning and tests."""
     _check_call("int4_gemm", x, packed, bias)
     K, N = packed.in_features, packed.out_features
-    out = torch.ops.hf_int4.int4_gemm(
-        _rows_in_packed_order(x, packed), packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size,
+    return torch.ops.hf_int4.int4_gemm(
+        _in_packed_order(x, packed), packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size,
         bias, thread_n, thread_k, sms,
     )
-    return out.reshape(*x.shape[:-1], N)
 
 
 def dequantize(packed: PackedInt4Weight) -> torch.Tensor:
@@ -101,8 +100,7 @@ def dequant_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[tor
     steady state), CUDA-graph captures take it from the graph's private pool, and other streams get their
     own blocks, so several streams never share one buffer."""
     _check_call("dequant_linear", x, packed, bias)
-    out = F.linear(_rows_in_packed_order(x, packed), dequantize(packed), bias)
-    return out.reshape(*x.shape[:-1], packed.out_features)
+    return F.linear(_in_packed_order(x, packed), dequantize(packed), bias)
 
 
 def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor] = None,
@@ -111,20 +109,20 @@ def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torc
 
     schedule: 0 data-parallel 128 (weights) x 128 (tokens) tiles, 1 the same tiles with the stream-K scheduler,
     2 data-parallel 128 x 256 tiles, 3 128 x 64 tiles with the stream-K scheduler, 4 and 5 split-K with 128 x 128
-    and 128 x 64 tiles into fp32 partials that a second kernel sums. splits, schedules 1 and 3: 0 CUTLASS's
-    heuristic (stream-K where tiles are fewer than SMs), 1 data-parallel, s > 1 split-K in s parts (partials
-    reduced in K order); schedules 4 and 5: 2..16 K-slices of whole 64-row tiles and groups. All deterministic. hf_int4.dispatch.HopperPath says which layers it takes; this
-    checks again and raises otherwise."""
+    and 128 x 64 tiles into fp32 partials that a second kernel sums, 6 and 7 the ping-pong schedule with 64
+    (weights) x 128 and 64 x 256 tiles. splits, schedules 1 and 3: 0 CUTLASS's heuristic (stream-K where tiles are fewer than SMs),
+    1 data-parallel, s > 1 split-K in s parts (partials reduced in K order); schedules 4 and 5: 2..16 K-slices of
+    whole 64-row tiles and groups. All deterministic. hf_int4.dispatch.HopperPath says which layers it takes;
+    this checks again and raises otherwise."""
     _check_call("hopper_linear", x, packed, bias)
     if not _HAS_HOPPER:
         raise RuntimeError("hf_int4.hopper_linear needs hf_int4._hopper (built for sm_90a with the CUTLASS headers)")
     if not packed.sym:
         raise ValueError("hf_int4.hopper_linear: symmetric weights only (this layer has zero points)")
-    out = torch.ops.hf_int4.hopper_int4_gemm(
-        _rows_in_packed_order(x, packed), packed.qweight, packed.scales, bias, packed.out_features,
-        packed.in_features, packed.group_size, schedule, splits,
+    return torch.ops.hf_int4.hopper_int4_gemm(
+        _in_packed_order(x, packed), packed.qweight, packed.scales, bias, packed.out_features, packed.in_features,
+        packed.group_size, schedule, splits,
     )
-    return out.reshape(*x.shape[:-1], packed.out_features)
 
 
 def repack_gptq(qweight: torch.Tensor, perm: Optional[torch.Tensor], size_k: int, size_n: int) -> torch.Tensor:
@@ -141,15 +139,15 @@ if _HAS_EXTENSION:
     @torch.library.register_fake("hf_int4::int4_gemm")
     def _int4_gemm_fake(a, b_packed, scales, zeros, workspace, size_n, size_k, group_size, bias,
                         thread_n=-1, thread_k=-1, sms=-1):
-        torch._check(a.dim() == 2, lambda: f"hf_int4::int4_gemm: the activation must be 2-D, got {a.dim()}-D")
+        torch._check(a.dim() >= 1, lambda: "hf_int4::int4_gemm: the activation must be [..., K]")
         torch._check(a.dtype in SUPPORTED_DTYPES, lambda: f"hf_int4::int4_gemm: bad activation dtype {a.dtype}")
-        torch._check(a.shape[1] == size_k, lambda: f"hf_int4::int4_gemm: activation K={a.shape[1]} != size_k={size_k}")
+        torch._check(a.shape[-1] == size_k, lambda: f"hf_int4::int4_gemm: activation K={a.shape[-1]} != size_k={size_k}")
         torch._check(scales.dtype == a.dtype, lambda: "hf_int4::int4_gemm: scales dtype != activation dtype")
         torch._check(
             tuple(b_packed.shape) == _packed_shape(size_k, size_n),
             lambda: f"hf_int4::int4_gemm: b_packed shape {tuple(b_packed.shape)} does not match size_k={size_k}, size_n={size_n}",
         )
-        return a.new_empty((a.shape[0], size_n))
+        return a.new_empty((*a.shape[:-1], size_n))
 
     @torch.library.register_fake("hf_int4::dequantize_int4")
     def _dequantize_int4_fake(b_packed, scales, zeros, size_n, size_k, group_size):
@@ -163,8 +161,9 @@ if _HAS_EXTENSION:
 
         @torch.library.register_fake("hf_int4::hopper_int4_gemm")
         def _hopper_int4_gemm_fake(a, b_packed, scales, bias, size_n, size_k, group_size, schedule=0, splits=0):
-            torch._check(a.dim() == 2 and a.shape[1] == size_k, lambda: "hf_int4::hopper_int4_gemm: bad activation shape")
-            return a.new_empty((a.shape[0], size_n))
+            torch._check(a.dim() >= 1 and a.shape[-1] == size_k,
+                         lambda: f"hf_int4::hopper_int4_gemm: the activation must be [..., K={size_k}]")
+            return a.new_empty((*a.shape[:-1], size_n))
 
     @torch.library.register_fake("hf_int4::repack_gptq")
     def _repack_gptq_fake(qweight, perm, size_k, size_n):

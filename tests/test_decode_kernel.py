@@ -329,6 +329,25 @@ def test_explicit_workspace_counters_are_left_zero(partial_slots):
         torch.ops.hf_int4.int4_gemm(x, packed.qweight, packed.scales, None, ws[:1000], N, K, packed.group_size, None)
 
 
+def test_ops_take_any_leading_dimensions():
+    """The op flattens [..., K] itself and returns [..., N] (the wrappers do not reshape): a 3-D input, also a
+    non-contiguous one, gives the rows of the 2-D call, bit for bit."""
+    K, N = 1024, 768
+    cfg = _cfg(gs=128)
+    _, raw = get_layer(K, N, cfg)
+    packed = get_packed(K, N, cfg, F16)
+    op = torch.ops.hf_int4.int4_gemm
+    for M in (1, 16, 96):
+        x = torch.randn(M, 2, K, dtype=F16, device="cuda").transpose(0, 1)  # [2, M, K], not contiguous
+        flat = op(x.reshape(-1, K), packed.qweight, packed.scales, None, None, N, K, 128, None)
+        out = op(x, packed.qweight, packed.scales, None, None, N, K, 128, None)
+        assert out.shape == (2, M, N)
+        assert torch.equal(out.reshape(-1, N), flat)
+        check(out, oracle(raw, x), F16, f"M={M} 3-D")
+    empty = op(torch.empty(0, 3, K, dtype=F16, device="cuda"), packed.qweight, packed.scales, None, None, N, K, 128, None)
+    assert empty.shape == (0, 3, N)
+
+
 @pytest.mark.parametrize("graph", [False, True])
 def test_chained_layers_wait_for_their_input(graph):
     """Each call may launch before the previous one ends (programmatic dependent launch): it must still read
@@ -340,32 +359,40 @@ def test_chained_layers_wait_for_their_input(graph):
     layers = [get_layer(K, K, cfg, seed=80 + i) for i in range(n_layers)]
     packed = [get_packed(K, K, cfg, F16, seed=80 + i) for i in range(n_layers)]
     for M, sms in ((1, -1), (16, 7), (64, -1)):
-        x = torch.randn(M, K, dtype=F16, device="cuda")
+        calls = [lambda h, p=p, sms=sms: ops.int4_gemm(h, p, sms=sms) for p in packed]
+        check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, [raw for _, raw in layers], graph,
+                            f"M={M} sms={sms}")
 
-        def chain():
-            outs, h = [], x
-            for p in packed:
-                h = ops.int4_gemm(h, p, sms=sms)
-                outs.append(h)
-            return outs
 
-        def check_chain(outs):
-            torch.cuda.synchronize()
-            for i, ((_, raw), inp, out) in enumerate(zip(layers, [x] + outs[:-1], outs)):
-                check(out, oracle(raw, inp), F16, f"M={M} sms={sms} graph={graph} layer {i}")
+def check_chained_calls(x, calls, raws, graph, where):
+    """calls[i] (one layer each, square) applied in a chain, each output the next call's input, checked layer by
+    layer against the oracle of raws[i] on the input it got. Eager: outputs land in NaN-poisoned buffers; graph:
+    captured once, replayed twice on fresh inputs, each replay's buffers holding the previous replay's values."""
 
-        chain()  # warm up: workspace, kernel attributes
-        if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                outs = chain()
-            for _ in range(2):
-                x.copy_(torch.randn_like(x))
-                g.replay()
-                check_chain(outs)
-        else:
-            poison_allocator(M * K * 2, copies=n_layers + 2)
-            check_chain(chain())
+    def chain():
+        outs, h = [], x
+        for call in calls:
+            h = call(h)
+            outs.append(h)
+        return outs
+
+    def check_chain(outs):
+        torch.cuda.synchronize()
+        for i, (raw, inp, out) in enumerate(zip(raws, [x] + outs[:-1], outs)):
+            check(out, oracle(raw, inp), F16, f"{where} graph={graph} layer {i}")
+
+    chain()  # warm up: workspaces, kernel attributes
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = chain()
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            g.replay()
+            check_chain(outs)
+    else:
+        poison_allocator(x.numel() * x.element_size(), copies=len(calls) + 2)  # the outputs' size (square layers)
+        check_chain(chain())
 
 
 @pytest.mark.parametrize("fresh_stream", [False, True])
@@ -453,7 +480,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="bias"):
         ops.int4_gemm(x, packed, torch.zeros(N + 8, dtype=F16, device="cuda"))
     op = torch.ops.hf_int4.int4_gemm
-    with pytest.raises(RuntimeError, match="activation has K=512"):
+    with pytest.raises(RuntimeError, match=r"activation must be \[\.\.\., K\] with K=576"):
         op(torch.randn(2, 512, dtype=F16, device="cuda"), packed.qweight, packed.scales, None, None, N, K, 128, None)
     with pytest.raises(RuntimeError, match="scales have shape"):
         op(x, packed.qweight, packed.scales[:2], None, None, N, K, 128, None)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs an sm_90 GPU and the built hf_int4._hopper extension",
 )
 
-from test_decode_kernel import DTYPES, F16, _cfg, check, get_layer, get_packed, oracle, poison_allocator  # noqa: E402
+from test_decode_kernel import (  # noqa: E402
+    DTYPES, F16, _cfg, check, check_chained_calls, get_layer, get_packed, oracle, poison_allocator)
 
 from hf_int4 import dispatch, ops  # noqa: E402
 
@@ -109,6 +110,41 @@ def test_hopper_in_a_cuda_graph_and_under_compile(schedule, splits):
     check(compiled(x), oracle(raw, x), F16, "compiled")
     torch.library.opcheck(torch.ops.hf_int4.hopper_int4_gemm,
                           (x, packed.qweight, packed.scales, None, N, K, packed.group_size, schedule, splits))
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_chained_layers_across_paths_wait_for_their_input(graph):
+    """Kernels launch early behind the one before them (early_launch.h): the Hopper GEMMs, the split-K sum and
+    the decode kernel. A chain where every output feeds the next layer, cycling through every Hopper
+    configuration and the decode kernel (so each kind follows each other kind), must still read each input
+    finished; eager outputs land in NaN-poisoned buffers, graph replays see the previous replay's values."""
+    K = 1024  # square, and cut by every split into whole tiles and groups
+    cfg = _cfg(gs=128)
+    paths = HOPPER_PATHS + [dispatch.PATHS["decode"]]
+    n_layers = 2 * len(paths)
+    layers = [get_layer(K, K, cfg, seed=90 + i) for i in range(n_layers)]
+    packed = [get_packed(K, K, cfg, F16, seed=90 + i) for i in range(n_layers)]
+    order = paths + paths[::-1]
+    for M in (16, 64, 129):
+        calls = [lambda h, path=path, p=p: path.run(h, p, None) for path, p in zip(order, packed)]
+        check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, [raw for _, raw in layers], graph,
+                            f"M={M} paths {[p.name for p in order]}")
+
+
+def test_hopper_takes_any_leading_dimensions():
+    """The op flattens [..., K] itself and returns [..., N]: a non-contiguous 3-D input gives the 2-D call's rows."""
+    K, N = 1024, 768
+    cfg = _cfg(gs=128)
+    _, raw = get_layer(K, N, cfg)
+    packed = get_packed(K, N, cfg, F16)
+    op = torch.ops.hf_int4.hopper_int4_gemm
+    x = torch.randn(100, 2, K, dtype=F16, device="cuda").transpose(0, 1)  # [2, 100, K], not contiguous
+    for schedule, splits in configs(packed):
+        out = op(x, packed.qweight, packed.scales, None, N, K, 128, schedule, splits)
+        assert out.shape == (2, 100, N)
+        assert torch.equal(out.reshape(-1, N), op(x.reshape(-1, K), packed.qweight, packed.scales, None, N, K, 128,
+                                                  schedule, splits))
+        check(out, oracle(raw, x), F16, f"3-D schedule {schedule} splits {splits}")
 
 
 def test_hopper_refuses_what_it_cannot_run():

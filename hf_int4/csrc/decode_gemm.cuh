@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "early_launch.h"
 #include "gemm_common.cuh"
 #include "kernels.h"
 #include "stream_gemm.cuh"
@@ -53,10 +54,6 @@ constexpr int kWarps = kThreads / 32;
 #define HF_INT4_STAGES 4
 #endif
 constexpr int kStages = HF_INT4_STAGES;
-// early launch of single-m-block kernels on sm_90+ (a tuning knob: 0 turns it off, e.g. to co-locate blocks)
-#ifndef HF_INT4_EARLY_LAUNCH
-#define HF_INT4_EARLY_LAUNCH 1
-#endif
 constexpr int kMaxPar = 16;  // 64-row problems per launch
 
 // ------------------------------------------------------------------------------------ tile geometry
@@ -540,7 +537,7 @@ inline int smem_bytes_cfg(TileCfg c, int mb) {
 struct DeviceInfo {
   int sms = 0;
   int max_smem = 0;    // per block, opt-in
-  bool early = false;  // sm_90+ and HF_INT4_EARLY_LAUNCH: calls of up to 16 rows may launch early
+  bool early = false;  // sm_90+ and early_launch_enabled(): calls of up to 16 rows may launch early
   int early_smem = 0;  // > 0: the tiled kernel's early single-m-block launches take this much shared memory (launch_one)
 };
 
@@ -557,7 +554,7 @@ inline const char* device_info(int device, DeviceInfo* out) {
       return "hf_int4: cudaDeviceGetAttribute failed";
     d.max_smem = smem;
     const int half_sm = sm_smem / 2 + 1024;  // more than half an SM: one block per SM
-    d.early = HF_INT4_EARLY_LAUNCH && major >= 9;
+    d.early = early_launch_enabled() && major >= 9;
     d.early_smem = d.early && half_sm <= smem ? half_sm : 0;
     d.sms = sms;
   }

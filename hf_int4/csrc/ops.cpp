@@ -83,9 +83,7 @@ at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, co
   TORCH_CHECK(a_in.is_cuda(), op, ": the activation must be a CUDA tensor, got device ", a_in.device());
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
               ": the activation must be float16 or bfloat16, got ", a_in.scalar_type());
-  TORCH_CHECK(a_in.dim() == 2, op, ": the activation must be 2-D [M, K], got shape ", shape_str(a_in));
-  TORCH_CHECK(a_in.size(1) == size_k, op, ": the activation has K=", a_in.size(1), " (shape ", shape_str(a_in),
-              ") but the weight has in_features=", size_k);
+  ActivationRows rows = activation_rows(op, a_in, size_k, size_n);
   const PackedSizes sizes =
       check_packed_weight(op, a_in, "the activation", b_packed, scales, zeros, size_n, size_k, group_size);
   const int64_t k_pad = sizes.k_pad, n_pad = sizes.n_pad;
@@ -94,13 +92,13 @@ at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, co
   TORCH_CHECK(thread_n == -1 || thread_n == 128 || thread_n == 256, op, ": thread_n must be -1, 128 or 256");
   TORCH_CHECK(thread_k == -1 || thread_k == 64 || thread_k == 128, op, ": thread_k must be -1, 64 or 128");
 
-  at::Tensor a = a_in.contiguous();
+  at::Tensor a = std::move(rows.a);
   if (!aligned16(a)) a = a.clone();  // rows are 16-byte multiples; only the base can be misaligned
 
   const c10::cuda::CUDAGuard device_guard(a.device());
   const int64_t M = a.size(0);
   at::Tensor c = at::empty({M, size_n}, a.options());
-  if (M == 0) return c;
+  if (M == 0) return c.view(rows.out_shape);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
 
   at::Tensor ws;
@@ -139,7 +137,7 @@ at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, co
   const char* err = a.scalar_type() == at::kHalf ? int4_gemm_fp16(args) : int4_gemm_bf16(args);
   TORCH_CHECK(err == nullptr, err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return c;
+  return c.view(rows.out_shape);
 }
 
 at::Tensor dequantize_int4_cuda(const at::Tensor& b_packed, const at::Tensor& scales,

@@ -19,6 +19,7 @@
 
 #include <type_traits>
 
+#include "../gemm_common.cuh"  // grid_dependency_wait, launch_dependents
 #include "hopper_gemm.h"
 #include "cutlass/util/mixed_dtype_utils.hpp"  // compute_memory_reordering_atom
 
@@ -27,13 +28,26 @@ namespace hopper {
 
 using namespace cute;
 
+// A kernel launched early must wait for the one before it, which CUTLASS's kernels do when built with
+// CUTLASS_ENABLE_GDC_FOR_SM90 (hopper_gemm_early.cuh defines it). CUTLASS 4.2's stream-K scheduler does not
+// compile with it (PersistentTileSchedulerSm90StreamK::is_last_tile), so the stream-K configurations are built
+// without it and launch normally.
+#ifdef CUTLASS_ENABLE_GDC_FOR_SM90
+constexpr bool kLaunchEarly = true;
+#else
+constexpr bool kLaunchEarly = false;
+#endif
+
 using DataParallel = void;  // CUTLASS's persistent data-parallel tile scheduler
 using StreamK = cutlass::gemm::StreamKScheduler;
 
-// out [m, n] = sum over the splits of partials [splits, m, n] (+ bias), in split order.
+// out [m, n] = sum over the splits of partials [splits, m, n] (+ bias), in split order. Launched early (while the
+// GEMM that writes the partials finishes), it waits for that GEMM before reading them.
 template <class Act>
 __global__ void reduce_partials_kernel(const float4* __restrict__ partials, const Act* __restrict__ bias,
                                        Act* __restrict__ out, int64_t quads, int n, int splits) {
+  gemm::grid_dependency_wait();
+  gemm::launch_dependents();
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= quads) return;
   float4 v = partials[i];
@@ -55,10 +69,18 @@ template <class Act>
 const char* reduce_partials(const HopperGemmArgs& a) {
   const int64_t quads = int64_t(a.m) * a.n / 4;  // n % 128 == 0
   constexpr int kThreads = 256;
-  reduce_partials_kernel<Act><<<static_cast<unsigned>((quads + kThreads - 1) / kThreads), kThreads, 0, a.stream>>>(
-      reinterpret_cast<const float4*>(a.partials), static_cast<const Act*>(a.bias), static_cast<Act*>(a.c), quads,
-      a.n, a.splits);
-  return cudaGetLastError() == cudaSuccess ? nullptr : "hf_int4::hopper_int4_gemm: launching the split-K sum failed";
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>((quads + kThreads - 1) / kThreads));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = a.stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = a.early ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, reduce_partials_kernel<Act>, reinterpret_cast<const float4*>(a.partials),
+                                             static_cast<const Act*>(a.bias), static_cast<Act*>(a.c), quads, a.n, a.splits);
+  return err == cudaSuccess ? nullptr : "hf_int4::hopper_int4_gemm: launching the split-K sum failed";
 }
 
 // Out = Act: C = A W (+ bias). Out = float: split-K partials, HopperGemmArgs::splits K-slices run as a batch
@@ -133,7 +155,10 @@ struct Config {
       return "hf_int4::hopper_int4_gemm: CUTLASS cannot run this problem (shape, alignment or group size)";
     if (gemm.initialize(args, a.workspace, a.stream) != cutlass::Status::kSuccess)
       return "hf_int4::hopper_int4_gemm: CUTLASS kernel initialisation failed";
-    if (gemm.run(a.stream) != cutlass::Status::kSuccess) return "hf_int4::hopper_int4_gemm: CUTLASS launch failed";
+    // early: the kernel's prologue overlaps the previous kernel's tail, its loads wait for that kernel, and its last
+    // tile lets the next kernel launch early
+    if (gemm.run(a.stream, nullptr, kLaunchEarly && a.early) != cutlass::Status::kSuccess)
+      return "hf_int4::hopper_int4_gemm: CUTLASS launch failed";
     if constexpr (kPartials) return reduce_partials<Act>(a);
     return nullptr;
   }
@@ -145,6 +170,14 @@ template <class Act, class TileScheduler, int TokenTile = 128, class Out = Act>
 using Cooperative = Config<Act, Shape<_128, Int<TokenTile>, _64>, Shape<_1, _1, _1>,
                            cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                            cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler, Out>;
+
+// Ping-pong schedule, 64 weight rows x TokenTile tokens x 64 k per tile, data-parallel: the two consumer warpgroups
+// work on different tiles, so one's int4 conversion and epilogue can overlap the other's MMAs, and a layer has
+// twice the weight tiles of the cooperative 128-row tile (4096-wide layers: 64 instead of 32 for 132 SMs).
+template <class Act, int TokenTile = 128>
+using PingPong = Config<Act, Shape<_64, Int<TokenTile>, _64>, Shape<_1, _1, _1>,
+                        cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized,
+                        DataParallel>;
 
 }  // namespace hopper
 }  // namespace hf_int4

@@ -22,6 +22,7 @@ struct HopperGemmArgs {
   int group_size = 0;            // >= 64, or k for per-channel
   int splits = 0;                // stream-K configurations: 0 CUTLASS's heuristic, 1 data-parallel, s > 1 split-K;
                                  // partial-sum configurations: s >= 2 K-slices
+  bool early = false;            // launch early behind the previous kernel (early_launch.h)
   cudaStream_t stream = nullptr;
 };
 
@@ -30,8 +31,10 @@ struct HopperGemmArgs {
 // `splits` forces split-K), 2 data-parallel 128 (weights) x 256 (tokens) tiles, which convert each int4 weight
 // once per 256 tokens instead of 128, 3 128 x 64 tiles with the stream-K scheduler: at M <= 64 a 128-token
 // tile would spend half its MMAs on padding rows; 4 and 5: split-K with 128 x 128 and 128 x 64 tiles, every K-slice
-// at once writing fp32 partials, then one kernel sums them (hopper_gemm.cuh, Config with Out = float).
-constexpr int kHopperSchedules = 6;
+// at once writing fp32 partials, then one kernel sums them (hopper_gemm.cuh, Config with Out = float); 6 ping-pong,
+// data-parallel 64 (weights) x 128 (tokens) tiles: twice the weight tiles, two warpgroups on different tiles; 7 the
+// same with 64 x 256 tiles.
+constexpr int kHopperSchedules = 8;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
 #define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
@@ -49,6 +52,10 @@ HF_INT4_HOPPER_DECLARE(fp16, partials)
 HF_INT4_HOPPER_DECLARE(bf16, partials)
 HF_INT4_HOPPER_DECLARE(fp16, partials_narrow)
 HF_INT4_HOPPER_DECLARE(bf16, partials_narrow)
+HF_INT4_HOPPER_DECLARE(fp16, pingpong)
+HF_INT4_HOPPER_DECLARE(bf16, pingpong)
+HF_INT4_HOPPER_DECLARE(fp16, pingpong_wide)
+HF_INT4_HOPPER_DECLARE(bf16, pingpong_wide)
 #undef HF_INT4_HOPPER_DECLARE
 
 }  // namespace hf_int4

@@ -1,5 +1,5 @@
 // bf16, data-parallel schedule of the Hopper int4 GEMM (one translation unit each: CUTLASS kernels compile slowly).
-#include "hopper_gemm.cuh"
+#include "hopper_gemm_early.cuh"
 
 namespace hf_int4 {
 using Gemm_bf16_dp = hopper::Cooperative<cutlass::bfloat16_t, hopper::DataParallel>;

@@ -1,6 +1,6 @@
 // bf16, split-K into fp32 partials with 128 x 64 tiles of the Hopper int4 GEMM (one translation unit each:
 // CUTLASS kernels compile slowly).
-#include "hopper_gemm.cuh"
+#include "hopper_gemm_early.cuh"
 
 namespace hf_int4 {
 using Gemm_bf16_partials_narrow = hopper::Cooperative<cutlass::bfloat16_t, hopper::DataParallel, 64, float>;

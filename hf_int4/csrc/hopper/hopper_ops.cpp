@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../early_launch.h"
 #include "../op_checks.h"
 #include "hopper_gemm.h"
 
@@ -18,21 +19,21 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
                                  const std::optional<at::Tensor>& bias, int64_t size_n, int64_t size_k,
                                  int64_t group_size, int64_t schedule, int64_t splits) {
   const char* op = "hf_int4::hopper_int4_gemm";
-  TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2, op, ": the activation must be a 2-D CUDA tensor");
+  TORCH_CHECK(a_in.is_cuda(), op, ": the activation must be a CUDA tensor, got device ", a_in.device());
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
               ": the activation must be float16 or bfloat16, got ", a_in.scalar_type());
   TORCH_CHECK(size_n % 128 == 0 && size_k % 64 == 0 && size_n > 0 && size_k > 0, op,
               ": needs out_features % 128 == 0 and in_features % 64 == 0 (no padding on this path), got N=", size_n,
               " K=", size_k);
-  TORCH_CHECK(a_in.size(1) == size_k, op, ": the activation has K=", a_in.size(1), ", the weight ", size_k);
   TORCH_CHECK(group_size == -1 || group_size % 64 == 0, op,
               ": group_size must be -1 or a multiple of 64 (the tile's K), got ", group_size);
   check_packed_weight(op, a_in, "the activation", b_packed, scales, std::nullopt, size_n, size_k, group_size);
   const at::Tensor bias_c = checked_bias(op, bias, a_in, size_n);
   TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op,
               ": schedule must be 0 (data-parallel), 1 (stream-K), 2 (data-parallel, 256-token tiles), 3 (stream-K, "
-              "64-token tiles), 4 (split-K partials) or 5 (split-K partials, 64-token tiles), got ", schedule);
-  const bool stream_k = schedule == 1 || schedule == 3, partials = schedule >= 4;
+              "64-token tiles), 4 (split-K partials), 5 (split-K partials, 64-token tiles), 6 (ping-pong, 64-row weight tiles) or 7 (ping-pong, "
+              "64 x 256 tiles), got ", schedule);
+  const bool stream_k = schedule == 1 || schedule == 3, partials = schedule == 4 || schedule == 5;
   TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
               ": splits (0 CUTLASS's heuristic, 1 data-parallel, 2..64 split-K) apply to the stream-K configurations "
               "(schedule 1 or 3), got splits=", splits, " with schedule ", schedule);
@@ -40,10 +41,11 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
                             (size_k / splits) % group_size == 0),
               op, ": the split-K schedules (4, 5) need 2..16 splits that cut K into slices of whole 64-row tiles and "
               "whole groups (not per channel), got splits=", splits, " for K=", size_k, ", group size ", group_size);
-  const at::Tensor a = a_in.contiguous();
+  const ActivationRows rows = activation_rows(op, a_in, size_k, size_n);
+  const at::Tensor& a = rows.a;
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor c = at::empty({a.size(0), size_n}, a.options());
-  if (a.size(0) == 0) return c;
+  if (a.size(0) == 0) return c.view(rows.out_shape);
   TORCH_CHECK(a.size(0) <= INT32_MAX, op, ": too many rows");
 
   HopperGemmArgs args;
@@ -57,22 +59,27 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   args.k = static_cast<int>(size_k);
   args.group_size = static_cast<int>(group_size == -1 ? size_k : group_size);
   args.splits = static_cast<int>(splits);
+  args.early = early_launch_enabled();
   args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
   const bool half = a.scalar_type() == at::kHalf;
   using Run = const char* (*)(const HopperGemmArgs&);
   using Workspace = size_t (*)(const HopperGemmArgs&);
   static constexpr Run kRun[2][kHopperSchedules] = {
       {hopper_gemm_fp16_dp, hopper_gemm_fp16_sk, hopper_gemm_fp16_wide, hopper_gemm_fp16_narrow,
-       hopper_gemm_fp16_partials, hopper_gemm_fp16_partials_narrow},
+       hopper_gemm_fp16_partials, hopper_gemm_fp16_partials_narrow, hopper_gemm_fp16_pingpong,
+       hopper_gemm_fp16_pingpong_wide},
       {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide, hopper_gemm_bf16_narrow,
-       hopper_gemm_bf16_partials, hopper_gemm_bf16_partials_narrow}};
+       hopper_gemm_bf16_partials, hopper_gemm_bf16_partials_narrow, hopper_gemm_bf16_pingpong,
+       hopper_gemm_bf16_pingpong_wide}};
   static constexpr Workspace kWorkspace[2][kHopperSchedules] = {
       {hopper_gemm_workspace_fp16_dp, hopper_gemm_workspace_fp16_sk, hopper_gemm_workspace_fp16_wide,
        hopper_gemm_workspace_fp16_narrow, hopper_gemm_workspace_fp16_partials,
-       hopper_gemm_workspace_fp16_partials_narrow},
+       hopper_gemm_workspace_fp16_partials_narrow, hopper_gemm_workspace_fp16_pingpong,
+       hopper_gemm_workspace_fp16_pingpong_wide},
       {hopper_gemm_workspace_bf16_dp, hopper_gemm_workspace_bf16_sk, hopper_gemm_workspace_bf16_wide,
        hopper_gemm_workspace_bf16_narrow, hopper_gemm_workspace_bf16_partials,
-       hopper_gemm_workspace_bf16_partials_narrow}};
+       hopper_gemm_workspace_bf16_partials_narrow, hopper_gemm_workspace_bf16_pingpong,
+       hopper_gemm_workspace_bf16_pingpong_wide}};
   const Run run = kRun[half ? 0 : 1][schedule];
   const Workspace workspace = kWorkspace[half ? 0 : 1][schedule];
   // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
@@ -91,7 +98,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   const char* err = run(args);
   TORCH_CHECK(err == nullptr, err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return c;
+  return c.view(rows.out_shape);
 }
 
 }  // namespace
