@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 from hf_int4 import ops  # noqa: E402
 from hf_int4.formats.gptq import GPTQConfig  # noqa: E402
-from hf_int4.formats.gptq_writer import random_gptq_layer  # noqa: E402
+from hf_int4.formats.gptq_writer import make_gptq_layer, random_gptq_layer  # noqa: E402
 from hf_int4.packing import PackedInt4Weight, dequantize_like_kernel, pack_gptq_layer, pack_gptq_layer_cpu  # noqa: E402
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -354,14 +354,26 @@ def test_chained_layers_wait_for_their_input(graph):
     the previous call's finished output as its activations, and share the workspace safely. A chain of
     adjacent calls (no other kernel in between) where every output feeds the next; eager outputs land in
     NaN-poisoned buffers, graph replays see the previous replay's values in theirs."""
-    K, n_layers = 2048, 6
-    cfg = _cfg("gptq", True, False, 128)
-    layers = [get_layer(K, K, cfg, seed=80 + i) for i in range(n_layers)]
-    packed = [get_packed(K, K, cfg, F16, seed=80 + i) for i in range(n_layers)]
+    K = 2048
+    raws, packed = chain_layers(K, 6, _cfg("gptq", True, False, 128), seed=80)
     for M, sms in ((1, -1), (16, 7), (64, -1)):
         calls = [lambda h, p=p, sms=sms: ops.int4_gemm(h, p, sms=sms) for p in packed]
-        check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, [raw for _, raw in layers], graph,
-                            f"M={M} sms={sms}")
+        check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, raws, graph, f"M={M} sms={sms}")
+
+
+def chain_layers(K, n_layers, cfg, seed):
+    """(raws, fp16 packed) of n_layers square layers for a chain, every other column's scales negated. The
+    integers average 7.5 against a zero point of 8, so each layer's weights share a mean that a chain compounds
+    by ~sqrt(K)/8 per layer (fp16 overflowed at the 10th layer of K=1024); alternating signs cancel it."""
+    raws, packed = [], []
+    sign = torch.tensor([1.0, -1.0], device="cuda").repeat(K // 2).half()
+    for i in range(n_layers):
+        _, raw = random_gptq_layer(K, K, cfg, seed=seed + i, device="cuda")
+        raw = dict(raw, scales=raw["scales"] * sign)
+        layer = make_gptq_layer("chain", raw["intweight"], raw["zeros"], raw["scales"], raw["g_idx"], cfg)
+        raws.append(raw)
+        packed.append(pack_gptq_layer(layer, F16))
+    return raws, packed
 
 
 def check_chained_calls(x, calls, raws, graph, where):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from test_decode_kernel import (  # noqa: E402
-    DTYPES, F16, _cfg, check, check_chained_calls, get_layer, get_packed, oracle, poison_allocator)
+    DTYPES, F16, _cfg, chain_layers, check, check_chained_calls, get_layer, get_packed, oracle, poison_allocator)
 
 from hf_int4 import dispatch, ops  # noqa: E402
 
@@ -121,13 +121,11 @@ def test_chained_layers_across_paths_wait_for_their_input(graph):
     K = 1024  # square, and cut by every split into whole tiles and groups
     cfg = _cfg(gs=128)
     paths = HOPPER_PATHS + [dispatch.PATHS["decode"]]
-    n_layers = 2 * len(paths)
-    layers = [get_layer(K, K, cfg, seed=90 + i) for i in range(n_layers)]
-    packed = [get_packed(K, K, cfg, F16, seed=90 + i) for i in range(n_layers)]
     order = paths + paths[::-1]
+    raws, packed = chain_layers(K, len(order), cfg, seed=90)
     for M in (16, 64, 129):
         calls = [lambda h, path=path, p=p: path.run(h, p, None) for path, p in zip(order, packed)]
-        check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, [raw for _, raw in layers], graph,
+        check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, raws, graph,
                             f"M={M} paths {[p.name for p in order]}")
 
 
