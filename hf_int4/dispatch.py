@@ -149,9 +149,7 @@ PATHS: Dict[str, KernelPath] = {
               HopperPath("hopper_narrow_split4", 3, 4),
               # the same splits with every K-slice at once (no turnstile), then a sum: layers with few tiles
               HopperPath("hopper_partials2", 4, 2), HopperPath("hopper_partials4", 4, 4),
-              HopperPath("hopper_narrow_partials2", 5, 2), HopperPath("hopper_narrow_partials4", 5, 4),
-              # 64-row weight tiles, two warpgroups on different tiles: twice the tiles of "hopper"
-              HopperPath("hopper_pingpong", 6), HopperPath("hopper_pingpong_wide", 7))
+              HopperPath("hopper_narrow_partials2", 5, 2), HopperPath("hopper_narrow_partials4", 5, 4))
 }
 
 

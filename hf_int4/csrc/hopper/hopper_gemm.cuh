@@ -171,13 +171,5 @@ using Cooperative = Config<Act, Shape<_128, Int<TokenTile>, _64>, Shape<_1, _1, 
                            cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                            cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler, Out>;
 
-// Ping-pong schedule, 64 weight rows x TokenTile tokens x 64 k per tile, data-parallel: the two consumer warpgroups
-// work on different tiles, so one's int4 conversion and epilogue can overlap the other's MMAs, and a layer has
-// twice the weight tiles of the cooperative 128-row tile (4096-wide layers: 64 instead of 32 for 132 SMs).
-template <class Act, int TokenTile = 128>
-using PingPong = Config<Act, Shape<_64, Int<TokenTile>, _64>, Shape<_1, _1, _1>,
-                        cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized,
-                        DataParallel>;
-
 }  // namespace hopper
 }  // namespace hf_int4

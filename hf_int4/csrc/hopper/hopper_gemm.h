@@ -31,10 +31,8 @@ struct HopperGemmArgs {
 // `splits` forces split-K), 2 data-parallel 128 (weights) x 256 (tokens) tiles, which convert each int4 weight
 // once per 256 tokens instead of 128, 3 128 x 64 tiles with the stream-K scheduler: at M <= 64 a 128-token
 // tile would spend half its MMAs on padding rows; 4 and 5: split-K with 128 x 128 and 128 x 64 tiles, every K-slice
-// at once writing fp32 partials, then one kernel sums them (hopper_gemm.cuh, Config with Out = float); 6 ping-pong,
-// data-parallel 64 (weights) x 128 (tokens) tiles: twice the weight tiles, two warpgroups on different tiles; 7 the
-// same with 64 x 256 tiles.
-constexpr int kHopperSchedules = 8;
+// at once writing fp32 partials, then one kernel sums them (hopper_gemm.cuh, Config with Out = float).
+constexpr int kHopperSchedules = 6;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
 #define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
@@ -52,10 +50,6 @@ HF_INT4_HOPPER_DECLARE(fp16, partials)
 HF_INT4_HOPPER_DECLARE(bf16, partials)
 HF_INT4_HOPPER_DECLARE(fp16, partials_narrow)
 HF_INT4_HOPPER_DECLARE(bf16, partials_narrow)
-HF_INT4_HOPPER_DECLARE(fp16, pingpong)
-HF_INT4_HOPPER_DECLARE(bf16, pingpong)
-HF_INT4_HOPPER_DECLARE(fp16, pingpong_wide)
-HF_INT4_HOPPER_DECLARE(bf16, pingpong_wide)
 #undef HF_INT4_HOPPER_DECLARE
 
 }  // namespace hf_int4
