@@ -623,17 +623,8 @@ inline const char* launch_one(KernelParams kp, const DeviceInfo& info, int force
   }
   const int64_t want = forced_blocks > 0 ? forced_blocks : info.sms;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, total, slot_pairs})));
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = early ? 1 : 0;
-  if (cudaLaunchKernelEx(&cfg, kernel, kp) != cudaSuccess) return "hf_int4: launching the int4 GEMM kernel failed";
+  if (launch_maybe_early(kernel, dim3(blocks), dim3(kThreads), smem, stream, early, kp) != cudaSuccess)
+    return "hf_int4: launching the int4 GEMM kernel failed";
   return nullptr;
 }
 

@@ -1,5 +1,5 @@
 // Device helpers shared by the int4 GEMM kernels (decode_gemm.cuh: the tiled kernel, stream_gemm.cuh: the
-// small-M streaming kernel): programmatic-dependent-launch controls, the lop3 nibble decode and the
+// small-M streaming kernel; the Hopper path's split-K sum): programmatic-dependent-launch controls and launch, the lop3 nibble decode and the
 // activation dtype specifics (magic numbers, mma, conversions).
 #pragma once
 
@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace hf_int4 {
 namespace gemm {
@@ -26,6 +27,24 @@ __device__ __forceinline__ void launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...), early (programmatic stream serialization) when `early`:
+// the kernel must then call grid_dependency_wait() before it reads what the preceding kernel writes.
+template <typename... Params, typename... Args>
+inline cudaError_t launch_maybe_early(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                      cudaStream_t stream, bool early, Args&&... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = early ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // Split-reduction handshake of both kernels: publishes the fp32 partial this block has just stored and counts

@@ -285,16 +285,8 @@ const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
   const int col_tiles = a.n_pad / (16 * atoms_for(CKB));
   p.chunks = ceil_div(p.kb_total, CKB);
   p.splits = choose_splits(col_tiles, p.chunks, sms, a.sms, a.workspace_size - kCounterInts);
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(col_tiles * p.splits);
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = a.stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = early ? 1 : 0;
-  if (cudaLaunchKernelEx(&cfg, stream_gemm_kernel<T, CKB>, p) != cudaSuccess)
+  if (launch_maybe_early(stream_gemm_kernel<T, CKB>, dim3(col_tiles * p.splits), dim3(kThreads), 0, a.stream, early,
+                         p) != cudaSuccess)
     return "hf_int4: launching the small-M int4 GEMM kernel failed";
   return nullptr;
 }

@@ -19,7 +19,7 @@
 
 #include <type_traits>
 
-#include "../gemm_common.cuh"  // grid_dependency_wait, launch_dependents
+#include "../gemm_common.cuh"  // grid_dependency_wait, launch_dependents, launch_maybe_early
 #include "hopper_gemm.h"
 #include "cutlass/util/mixed_dtype_utils.hpp"  // compute_memory_reordering_atom
 
@@ -69,17 +69,10 @@ template <class Act>
 const char* reduce_partials(const HopperGemmArgs& a) {
   const int64_t quads = int64_t(a.m) * a.n / 4;  // n % 128 == 0
   constexpr int kThreads = 256;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>((quads + kThreads - 1) / kThreads));
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = a.stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = a.early ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, reduce_partials_kernel<Act>, reinterpret_cast<const float4*>(a.partials),
-                                             static_cast<const Act*>(a.bias), static_cast<Act*>(a.c), quads, a.n, a.splits);
+  const cudaError_t err = gemm::launch_maybe_early(
+      reduce_partials_kernel<Act>, dim3(static_cast<unsigned>((quads + kThreads - 1) / kThreads)), dim3(kThreads), 0,
+      a.stream, a.early, reinterpret_cast<const float4*>(a.partials), static_cast<const Act*>(a.bias),
+      static_cast<Act*>(a.c), quads, a.n, a.splits);
   return err == cudaSuccess ? nullptr : "hf_int4::hopper_int4_gemm: launching the split-K sum failed";
 }
 
