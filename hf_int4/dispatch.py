@@ -149,7 +149,9 @@ PATHS: Dict[str, KernelPath] = {
               HopperPath("hopper_narrow_split4", 3, 4),
               # the same splits with every K-slice at once (no turnstile), then a sum: layers with few tiles
               HopperPath("hopper_partials2", 4, 2), HopperPath("hopper_partials4", 4, 4),
-              HopperPath("hopper_narrow_partials2", 5, 2), HopperPath("hopper_narrow_partials4", 5, 4))
+              HopperPath("hopper_narrow_partials2", 5, 2), HopperPath("hopper_narrow_partials4", 5, 4),
+              # 192-token tiles: no padding rows at M = 192 * j, a wave count between 128- and 256-token tiles'
+              HopperPath("hopper_192", 6))
 }
 
 
