@@ -157,10 +157,12 @@ struct Config {
   }
 };
 
-// Cooperative schedule, one CTA per cluster, 128 weight rows x TokenTile tokens x 64 k per tile (CUTLASS's
-// stock mixed-input configuration at TokenTile = 128), with the persistent data-parallel or stream-K scheduler.
-template <class Act, class TileScheduler, int TokenTile = 128, class Out = Act>
-using Cooperative = Config<Act, Shape<_128, Int<TokenTile>, _64>, Shape<_1, _1, _1>,
+// Cooperative schedule, 128 weight rows x TokenTile tokens x 64 k per tile (CUTLASS's stock mixed-input
+// configuration at TokenTile = 128), with the persistent data-parallel or stream-K scheduler. ClusterWeights = 2:
+// clusters of two CTAs on neighbouring weight tiles, which share each activation tile by TMA multicast (half the
+// activation traffic from L2 per CTA; activations are 8x the int4 weight bytes of a 128 x 256 tile).
+template <class Act, class TileScheduler, int TokenTile = 128, class Out = Act, int ClusterWeights = 1>
+using Cooperative = Config<Act, Shape<_128, Int<TokenTile>, _64>, Shape<Int<ClusterWeights>, _1, _1>,
                            cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                            cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler, Out>;
 
