@@ -1,6 +1,6 @@
 // Device helpers shared by the int4 GEMM kernels (decode_gemm.cuh: the tiled kernel, stream_gemm.cuh: the
-// small-M streaming kernel; the Hopper path's split-K sum): programmatic-dependent-launch controls and launch, the lop3 nibble decode and the
-// activation dtype specifics (magic numbers, mma, conversions).
+// small-M streaming kernel; the Hopper path's split-K sum): programmatic-dependent-launch controls and launch,
+// the lop3 nibble decode and the activation dtype specifics (magic numbers, mma, conversions).
 #pragma once
 
 #include <cuda_bf16.h>
