@@ -70,7 +70,7 @@ def test_hopper_split_k_partials_every_variant(dtype, fmt, desc_act, gs):
         assert torch.equal(ops.hopper_linear(x, packed, bias, schedule, splits), out)
 
 
-# 1024x384: three 128-row weight tiles, so a cluster of two (schedule 7) has a CTA past the last tile
+# 1024x384: three 128-row weight tiles, so a cluster of two (schedules 7-9) has a CTA past the last tile
 @pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 14336), (14336, 4096), (8192, 8192), (1024, 384)])
 def test_hopper_matches_the_oracle_llama_shapes(K, N):
     cfg = _cfg(gs=128)
@@ -159,6 +159,8 @@ def test_hopper_refuses_what_it_cannot_run():
         ops.hopper_linear(x, sym, None, 0, 2)  # the data-parallel kernel cannot split K
     with pytest.raises(RuntimeError, match="slices of whole 64-row tiles"):
         ops.hopper_linear(x, sym, None, 4, 2)  # K = 576: 288-row slices
+    with pytest.raises(RuntimeError, match="schedule must be"):  # one past the last configuration dispatch knows
+        ops.hopper_linear(x, sym, None, max(p.schedule for p in HOPPER_PATHS) + 1)
     spec = dispatch.LinearSpec.of
     assert "slices" in dispatch.PATHS["hopper_partials2"].unsupported(spec(sym))
     assert "asymmetric" in dispatch.PATHS["hopper"].unsupported(spec(asym))
