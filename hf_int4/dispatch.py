@@ -152,9 +152,8 @@ PATHS: Dict[str, KernelPath] = {
               HopperPath("hopper_narrow_partials2", 5, 2), HopperPath("hopper_narrow_partials4", 5, 4),
               # 192-token tiles: no padding rows at M = 192 * j, a wave count between 128- and 256-token tiles'
               HopperPath("hopper_192", 6),
-              # clusters of two along the weights: the pair reads each activation tile once
-              HopperPath("hopper_wide_cluster", 7), HopperPath("hopper_cluster", 8),
-              HopperPath("hopper_192_cluster", 9))
+              # 256-token tiles in clusters of two along the weights: the pair reads each activation tile once
+              HopperPath("hopper_wide_cluster", 7))
 }
 
 

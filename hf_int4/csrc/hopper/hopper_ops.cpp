@@ -32,7 +32,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op,
               ": schedule must be 0 (data-parallel), 1 (stream-K), 2 (data-parallel, 256-token tiles), 3 (stream-K, "
               "64-token tiles), 4 (split-K partials), 5 (split-K partials, 64-token tiles), 6 (data-parallel, 192-token "
-              "tiles), 7, 8 or 9 (the tiles of 2, 0 or 6 in clusters of 2), got ", schedule);
+              "tiles) or 7 (data-parallel, 256-token tiles, clusters of 2), got ", schedule);
   const bool stream_k = schedule == 1 || schedule == 3, partials = schedule == 4 || schedule == 5;
   TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
               ": splits (0 CUTLASS's heuristic, 1 data-parallel, 2..64 split-K) apply to the stream-K configurations "
@@ -67,21 +67,19 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   static constexpr Run kRun[2][kHopperSchedules] = {
       {hopper_gemm_fp16_dp, hopper_gemm_fp16_sk, hopper_gemm_fp16_wide, hopper_gemm_fp16_narrow,
        hopper_gemm_fp16_partials, hopper_gemm_fp16_partials_narrow, hopper_gemm_fp16_tile192,
-       hopper_gemm_fp16_wide_cluster, hopper_gemm_fp16_dp_cluster, hopper_gemm_fp16_tile192_cluster},
+       hopper_gemm_fp16_wide_cluster},
       {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide, hopper_gemm_bf16_narrow,
        hopper_gemm_bf16_partials, hopper_gemm_bf16_partials_narrow, hopper_gemm_bf16_tile192,
-       hopper_gemm_bf16_wide_cluster, hopper_gemm_bf16_dp_cluster, hopper_gemm_bf16_tile192_cluster}};
+       hopper_gemm_bf16_wide_cluster}};
   static constexpr Workspace kWorkspace[2][kHopperSchedules] = {
       {hopper_gemm_workspace_fp16_dp, hopper_gemm_workspace_fp16_sk, hopper_gemm_workspace_fp16_wide,
        hopper_gemm_workspace_fp16_narrow, hopper_gemm_workspace_fp16_partials,
        hopper_gemm_workspace_fp16_partials_narrow, hopper_gemm_workspace_fp16_tile192,
-       hopper_gemm_workspace_fp16_wide_cluster, hopper_gemm_workspace_fp16_dp_cluster,
-       hopper_gemm_workspace_fp16_tile192_cluster},
+       hopper_gemm_workspace_fp16_wide_cluster},
       {hopper_gemm_workspace_bf16_dp, hopper_gemm_workspace_bf16_sk, hopper_gemm_workspace_bf16_wide,
        hopper_gemm_workspace_bf16_narrow, hopper_gemm_workspace_bf16_partials,
        hopper_gemm_workspace_bf16_partials_narrow, hopper_gemm_workspace_bf16_tile192,
-       hopper_gemm_workspace_bf16_wide_cluster, hopper_gemm_workspace_bf16_dp_cluster,
-       hopper_gemm_workspace_bf16_tile192_cluster}};
+       hopper_gemm_workspace_bf16_wide_cluster}};
   const Run run = kRun[half ? 0 : 1][schedule];
   const Workspace workspace = kWorkspace[half ? 0 : 1][schedule];
   // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
