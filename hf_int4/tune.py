@@ -5,7 +5,9 @@
 Times every hf_int4 path (hf_int4.dispatch.PATHS) forced, for each layer shape and M, the way the
 benchmark does (CUDA-graph replays over rotating weight copies, median), and writes the table to the
 user cache (`$HF_INT4_CACHE/tables/<gpu>.json`, default ~/.cache/hf_int4), where hf_int4.dispatch
-finds it automatically from then on: layers planned afterwards (new loads) use it.
+finds it automatically from then on: layers planned afterwards (new loads) use it. Entries of the table
+this GPU used before (the user's, else the shipped one) for other shapes, dtypes or group sizes are kept,
+so tuning bfloat16 does not discard float16; delete the file to start afresh.
 """
 import argparse
 import json
@@ -51,6 +53,22 @@ def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) ->
     }
 
 
+def entry_key(entry: dict) -> tuple:
+    return entry["k"], entry["n"], entry["dtype"], entry.get("group_size")
+
+
+def merge_tables(previous: dict, measured: dict) -> dict:
+    """`measured`, plus the entries of `previous` (the same GPU model's table) for keys it did not measure.
+
+    A kept entry carries the date it was measured (its own, else its table's)."""
+    if previous.get("device") != measured["device"]:
+        return measured
+    new_keys = {entry_key(e) for e in measured["entries"]}
+    kept = [dict(e, measured=e.get("measured", previous.get("measured")))
+            for e in previous.get("entries", []) if entry_key(e) not in new_keys]
+    return dict(measured, entries=kept + measured["entries"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="hf-int4 tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +99,10 @@ def run(args) -> int:
     torch.manual_seed(0)
     table = measure_table(shapes, ms, getattr(torch, args.dtype), args.group_size)
     out = Path(args.out) if args.out else dispatch.user_table_dir() / f"{dispatch.device_slug(table['device'])}.json"
+    previous = out if out.is_file() else dispatch.table_path_for(table["device"])
+    if previous is not None:
+        table = merge_tables(json.loads(Path(previous).read_text()), table)
+        print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes or dtypes")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(table, indent=1))

@@ -121,3 +121,27 @@ def test_plan_for_refuses_a_cpu_device():
 def test_tune_needs_a_gpu(capsys):
     assert cli_main(["tune", "--shapes", "64x64"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_tune_keeps_the_entries_it_did_not_measure():
+    from hf_int4.tune import merge_tables
+
+    def table(device, measured, *entries):
+        return {"device": device, "measured": measured, "entries": [dict(e, group_size=128) for e in entries]}
+
+    previous = table("GPU A", "2026-01-01",
+                     entry(4096, 4096, [1, 256], [1, 9], [5, 5]),  # re-measured below: replaced
+                     entry(4096, 4096, [1, 64], [1, 9], [5, 5], "bfloat16"),  # other dtype: kept
+                     dict(entry(8192, 8192, [1, 512], [1, 9], [5, 5]), measured="2025-12-31"))  # other shape: kept
+    fresh = table("GPU A", "2026-02-02", entry(4096, 4096, [1, 128], [1, 9], [5, 5]))
+    merged = merge_tables(previous, fresh)
+    assert merged["measured"] == "2026-02-02"
+    got = {(e["n"], e["dtype"]): e for e in merged["entries"]}
+    assert sorted(got) == [(4096, "bfloat16"), (4096, "float16"), (8192, "float16")]
+    assert got[(4096, "float16")]["m"] == [1, 128]
+    assert got[(4096, "bfloat16")]["measured"] == "2026-01-01"
+    assert got[(8192, "float16")]["measured"] == "2025-12-31"
+    assert dispatch.plan_from_table(merged, spec(), "t").steps == ((1, "decode"), (128, "dequant"))
+    assert dispatch.plan_from_table(merged, spec(dtype=BF16), "t").steps == ((1, "decode"), (64, "dequant"))
+    # another GPU model's table contributes nothing
+    assert merge_tables(dict(previous, device="GPU B"), fresh) == fresh
