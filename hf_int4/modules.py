@@ -14,7 +14,7 @@ from torch import nn
 
 from hf_int4 import _extension, dispatch
 from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, is_excluded_module
-from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, pack_gptq_layer
+from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, magic_zero, pack_gptq_layer
 from hf_int4.reference import dequantize_packed, gptq_matmul_reference, matmul_reference
 
 GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
@@ -99,6 +99,23 @@ class HfInt4Linear(nn.Module):
             if not compiling:
                 self._packed = cached
         return cached
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) / .half() / .bfloat16() convert the buffers. Packed zeros hold magic + z for the scales'
+        dtype (1024 + z in float16, 128 + z in bfloat16), so a dtype change re-expresses them for the new dtype
+        instead of rounding 1024 + z into bfloat16 (a silently wrong layer)."""
+        name = PACKED_PREFIX + "zeros"
+        zeros = self._buffers.get(name)
+        new_dtype = None if zeros is None else fn(zeros.new_empty(0)).dtype
+        if new_dtype is not None and new_dtype != zeros.dtype:
+            if new_dtype not in SUPPORTED_DTYPES:  # before anything changes
+                raise ValueError(f"layer {self.name}: asymmetric packed weights take float16 or bfloat16 "
+                                 f"(their zeros are stored for that dtype), not {new_dtype}")
+            # exact in float32; fn then converts it like the scales
+            self._buffers[name] = zeros.float() - magic_zero(zeros.dtype) + magic_zero(new_dtype)
+            self.dtype = new_dtype
+            self._dispatch = None  # the plan was made for the old dtype
+        return super()._apply(fn, recurse)
 
     def _register_packed(self, packed: PackedInt4Weight):
         for tensor_name, tensor in packed.tensors().items():

@@ -173,3 +173,26 @@ def test_packed_view_follows_replaced_buffers():
     view = layer.packed_weight()
     assert view.scales.dtype == torch.bfloat16 and view.scales is layer.int4_scales
     assert view.qweight is layer.int4_qweight
+
+
+def test_dtype_conversion_keeps_asymmetric_packed_layers_right():
+    """Packed zeros hold magic + z for the scales' dtype: .to(bfloat16) and back re-express them, and a
+    dtype they cannot take is refused before anything changes."""
+    from hf_int4.formats.gptq_writer import random_gptq_layer
+    from hf_int4.modules import pack_for_module, packed_state_dict
+
+    cfg = GPTQConfig(group_size=64, sym=False, checkpoint_format="gptq_v2")
+    gptq, _ = random_gptq_layer(256, 192, cfg, seed=7)
+    layer = HfInt4Linear(256, 192, False, cfg, dtype=torch.float16, name="blk.proj", packed=True)
+    layer.load_state_dict(packed_state_dict(pack_for_module(gptq, torch.float16), None))
+    zeros = layer.int4_zeros.clone()
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(8))
+    want = x.double() @ dequantize_gptq(gptq).double()
+    for dtype in (torch.bfloat16, torch.float16):  # the scales keep bfloat16's rounding on the way back
+        layer.to(dtype)
+        assert layer.int4_scales.dtype == dtype == layer.int4_zeros.dtype == layer.dtype
+        torch.testing.assert_close(layer(x.to(dtype)).double(), want, rtol=3e-2, atol=3e-2)
+    assert torch.equal(layer.int4_zeros, zeros), "the zeros go fp16 -> bf16 -> fp16 exactly"
+    with pytest.raises(ValueError, match=r"layer blk\.proj: .*float16 or bfloat16.*torch\.float32"):
+        layer.float()
+    assert layer.int4_zeros.dtype == torch.float16 and torch.equal(layer.int4_zeros, zeros)

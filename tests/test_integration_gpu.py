@@ -45,6 +45,16 @@ def test_gpu_logits_match_cpu_reference(checkpoint, dtype):
     assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3), rel
 
 
+def test_model_converted_to_bfloat16_after_loading(checkpoint):
+    gpu = _load(checkpoint, "cuda", torch.float16).to(torch.bfloat16)  # asymmetric zeros are re-expressed
+    cpu = _load(checkpoint, "cpu", torch.float32)
+    ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = gpu(ids.cuda()).logits.float().cpu()
+        want = cpu(ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
 def test_generate_static_cache_and_compile(checkpoint):
     model = _load(checkpoint, "cuda", torch.float16)
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1)).cuda()
