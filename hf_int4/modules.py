@@ -103,16 +103,18 @@ class HfInt4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         """.to(dtype) / .half() / .bfloat16() convert the buffers. Packed zeros hold magic + z for the scales'
         dtype (1024 + z in float16, 128 + z in bfloat16), so a dtype change re-expresses them for the new dtype
-        instead of rounding 1024 + z into bfloat16 (a silently wrong layer)."""
-        name = PACKED_PREFIX + "zeros"
-        zeros = self._buffers.get(name)
-        new_dtype = None if zeros is None else fn(zeros.new_empty(0)).dtype
-        if new_dtype is not None and new_dtype != zeros.dtype:
-            if new_dtype not in SUPPORTED_DTYPES:  # before anything changes
-                raise ValueError(f"layer {self.name}: asymmetric packed weights take float16 or bfloat16 "
-                                 f"(their zeros are stored for that dtype), not {new_dtype}")
-            # exact in float32; fn then converts it like the scales
-            self._buffers[name] = zeros.float() - magic_zero(zeros.dtype) + magic_zero(new_dtype)
+        instead of rounding 1024 + z into bfloat16 (a silently wrong layer); the plan is made again for it."""
+        scales = self._buffers.get(PACKED_PREFIX + "scales")
+        new_dtype = None if scales is None else fn(scales.new_empty(0)).dtype
+        if new_dtype is not None and new_dtype != scales.dtype:
+            name = PACKED_PREFIX + "zeros"
+            zeros = self._buffers.get(name)
+            if zeros is not None:
+                if new_dtype not in SUPPORTED_DTYPES:  # before anything changes
+                    raise ValueError(f"layer {self.name}: asymmetric packed weights take float16 or bfloat16 "
+                                     f"(their zeros are stored for that dtype), not {new_dtype}")
+                # exact in float32; fn then converts it like the scales
+                self._buffers[name] = zeros.float() - magic_zero(zeros.dtype) + magic_zero(new_dtype)
             self.dtype = new_dtype
             self._dispatch = None  # the plan was made for the old dtype
         return super()._apply(fn, recurse)
