@@ -171,7 +171,7 @@ def test_packed_view_follows_replaced_buffers():
     assert layer.packed_weight().scales is new_scales
     layer.to(torch.bfloat16)
     view = layer.packed_weight()
-    assert view.scales.dtype == torch.bfloat16 and view.scales is layer.int4_scales
+    assert view.scales.dtype == torch.bfloat16 and view.scales is layer.int4_scales and layer.dtype == torch.bfloat16
     assert view.qweight is layer.int4_qweight
 
 
