@@ -14,7 +14,7 @@ from torch import nn
 
 from hf_int4 import _extension, dispatch
 from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, is_excluded_module
-from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, magic_zero, pack_gptq_layer
+from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, pack_gptq_layer, zeros_for_dtype
 from hf_int4.reference import dequantize_packed, gptq_matmul_reference, matmul_reference
 
 GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
@@ -113,8 +113,7 @@ class HfInt4Linear(nn.Module):
                 if new_dtype not in SUPPORTED_DTYPES:  # before anything changes
                     raise ValueError(f"layer {self.name}: asymmetric packed weights take float16 or bfloat16 "
                                      f"(their zeros are stored for that dtype), not {new_dtype}")
-                # exact in float32; fn then converts it like the scales
-                self._buffers[name] = zeros.float() - magic_zero(zeros.dtype) + magic_zero(new_dtype)
+                self._buffers[name] = zeros_for_dtype(zeros, new_dtype)  # float32; fn converts it like the scales
             self.dtype = new_dtype
             self._dispatch = None  # the plan was made for the old dtype
         return super()._apply(fn, recurse)

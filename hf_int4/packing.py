@@ -75,6 +75,11 @@ def magic_zero(dtype: torch.dtype) -> float:
     return _MAGIC[dtype]
 
 
+def zeros_for_dtype(zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed zeros (magic + z for their own dtype) re-expressed for `dtype`, in float32 (exact)."""
+    return zeros.float() - magic_zero(zeros.dtype) + magic_zero(dtype)
+
+
 # ------------------------------------------------------------------------------------------ layout maps
 
 
