@@ -16,6 +16,8 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   mode "reduce-overhead"): the GPU time per token that the kernels set.
 - Prefill: one forward of batch 1 x T tokens computing only the last position's logits (what
   `generate()` needs from the prompt), CUDA events, median of repeats.
+- `--unfused`: also the int4 checkpoint loaded with `HfInt4Config(fuse_projections=False)` (one GEMM per
+  q/k/v/gate/up layer instead of one per group, hf_int4.fusion), timed beside the others.
 """
 import argparse
 import json
@@ -48,8 +50,8 @@ LLAMA3_8B = dict(
 )
 
 
-def make_models(workdir: str, layers: int):
-    """(fp16 model, int4 model, seconds to load the int4 checkpoint), both on the GPU."""
+def make_models(workdir: str, layers: int, unfused: bool):
+    """({name: model} on the GPU: fp16, int4 [, int4_unfused]), seconds to load the int4 checkpoint."""
     config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -59,16 +61,22 @@ def make_models(workdir: str, layers: int):
     write_gptq_checkpoint(fp16, checkpoint, GPTQConfig(group_size=128), max_shard_size="4GB", overwrite=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    int4 = AutoModelForCausalLM.from_pretrained(
-        checkpoint, quantization_config=hf_int4.HfInt4Config(), device_map="cuda", dtype=torch.float16
-    ).eval()
+    models = {"fp16": fp16, "int4": load_int4(checkpoint)}
     torch.cuda.synchronize()
     load_seconds = time.perf_counter() - start
-    for model in (fp16, int4):
+    if unfused:
+        models["int4_unfused"] = load_int4(checkpoint, fuse_projections=False)
+    for model in models.values():
         # Random weights emit any token; never stop early, so every run decodes exactly what it asks for.
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
-    return fp16, int4, load_seconds
+    return models, load_seconds
+
+
+def load_int4(checkpoint: str, **config):
+    return AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=hf_int4.HfInt4Config(**config), device_map="cuda", dtype=torch.float16
+    ).eval()
 
 
 def timed_generate(model, ids, new_tokens: int, max_cache_len: int) -> float:
@@ -197,12 +205,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3-8B)")
     parser.add_argument("--workdir", default="out")
+    parser.add_argument("--unfused", action="store_true", help="also time int4 without fused projections")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not hf_int4.extension_available():
         sys.exit("bench_generation needs a CUDA GPU and the built hf_int4 extension")
 
-    fp16, int4, load_seconds = make_models(args.workdir, args.layers)
+    models, load_seconds = make_models(args.workdir, args.layers, args.unfused)
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -210,7 +219,7 @@ def main():
         "model": f"Llama-3-8B config, {args.layers} layers, random weights; int4 = RTN GPTQ g128 sym",
         "int4_checkpoint_load_s": load_seconds,
         "weights_gib": {name: sum(t.numel() * t.element_size() for t in m.state_dict().values()) / 2**30
-                        for name, m in (("fp16", fp16), ("int4", int4))},
+                        for name, m in models.items()},
         "decode": [],
         "prefill": [],
         "command": " ".join(["python"] + sys.argv),
@@ -222,41 +231,49 @@ def main():
                 json.dump(result, f, indent=1)
 
     print(f"{result['device']}: {result['model']}; int4 checkpoint loaded in {load_seconds:.1f} s")
+    others = [name for name in models if name != "fp16"]
     # Prefill first: it needs no compilation, so a run cut short by a time limit still has it.
-    print(f"{'prefill tokens':>14} {'fp16 ms':>9} {'int4 ms':>9} {'int4/fp16 time':>15}")
+    print(f"{'prefill tokens':>14} {'fp16 ms':>9}" + "".join(f" {name + ' ms':>17} {'/fp16 time':>10}" for name in others))
     for tokens in args.prefill:
-        row = {"tokens": tokens, "fp16_ms": prefill_ms(fp16, tokens, args.repeats + 2), "int4_ms": prefill_ms(int4, tokens, args.repeats + 2)}
+        row = {"tokens": tokens}
+        for name, model in models.items():
+            row[f"{name}_ms"] = prefill_ms(model, tokens, args.repeats + 2)
         row["time_ratio"] = row["int4_ms"] / row["fp16_ms"]
         result["prefill"].append(row)
         save()
-        print(f"{tokens:>14} {row['fp16_ms']:>9.1f} {row['int4_ms']:>9.1f} {row['time_ratio']:>14.3f}x", flush=True)
+        print(f"{tokens:>14} {row['fp16_ms']:>9.1f}"
+              + "".join(f" {row[f'{name}_ms']:>17.1f} {row[f'{name}_ms'] / row['fp16_ms']:>9.3f}x" for name in others),
+              flush=True)
     if args.profile:
         for row in result["prefill"]:
-            for name, model in (("fp16", fp16), ("int4", int4)):
+            for name, model in models.items():
                 row[f"{name}_gpu_ms"], table = prefill_gpu_profile(model, row["tokens"])
                 print(f"--- prefill profile: {name}, {row['tokens']} tokens: GPU kernels {row[f'{name}_gpu_ms']:.1f} ms "
                       f"of the {row[f'{name}_ms']:.1f} ms measured above\n{table}", flush=True)
         save()
 
-    steps = {"fp16": compiled_decode_step(fp16), "int4": compiled_decode_step(int4)}
+    steps = {name: compiled_decode_step(model) for name, model in models.items()}
     if args.profile:
         for batch in args.batches:
-            for name, model in (("fp16", fp16), ("int4", int4)):
+            for name, model in models.items():
                 print(f"--- decode step profile: {name}, batch {batch}\n{profile_decode_step(model, steps[name], batch, args.prompt)}", flush=True)
     for mode in args.decode:
-        print(f"decode ({mode}) {'batch':>6} {'fp16 tok/s':>11} {'int4 tok/s':>11} {'speedup':>8} {'first call s (fp16/int4)':>26}")
+        print(f"decode ({mode}) {'batch':>6} {'fp16 tok/s':>11}" + "".join(f" {name + ' tok/s':>18} {'speedup':>8}" for name in others)
+              + "   first call s")
         for batch in args.batches:
             row = {"mode": mode, "batch": batch}
-            for name, model in (("fp16", fp16), ("int4", int4)):
+            for name, model in models.items():
                 if mode == "step":
                     row[name] = decode_step_tokens_per_second(model, steps[name], batch, args.prompt, 64, args.repeats)
                 else:
                     row[name] = decode_tokens_per_second(model, batch, args.prompt, *args.new_tokens, args.repeats)
-            row["speedup"] = row["int4"]["tokens_per_s"] / row["fp16"]["tokens_per_s"]
+            for name in others:
+                row["speedup" + name[len("int4"):]] = row[name]["tokens_per_s"] / row["fp16"]["tokens_per_s"]
             result["decode"].append(row)
             save()
-            print(f"{'':>15}{batch:>6} {row['fp16']['tokens_per_s']:>11.1f} {row['int4']['tokens_per_s']:>11.1f} {row['speedup']:>7.2f}x"
-                  f" {row['fp16']['first_call_s']:>12.1f} / {row['int4']['first_call_s']:.1f}", flush=True)
+            print(f"{'':>15}{batch:>6} {row['fp16']['tokens_per_s']:>11.1f}"
+                  + "".join(f" {row[name]['tokens_per_s']:>18.1f} {row['speedup' + name[len('int4'):]]:>7.2f}x" for name in others)
+                  + "   " + " / ".join(f"{row[name]['first_call_s']:.1f}" for name in models), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -71,6 +71,7 @@ class HfInt4Linear(nn.Module):
         self.derive_g_idx = False  # set when the checkpoint has no g_idx for this layer
         self._dispatch = None  # (device, dispatch.Plan) once planned
         self._packed = None  # packed_weight()'s view of the buffers
+        self._fused_into = None  # (hf_int4.fusion.HfInt4FusedLinear holding the weights, slot) once fused
 
     def gptq_layer(self) -> GPTQLayer:
         return GPTQLayer(
@@ -85,6 +86,9 @@ class HfInt4Linear(nn.Module):
         of many layers feels) and rebuilt whenever a buffer is no longer the same tensor: .to() / .cuda(),
         accelerate's offload hooks and re-registration all replace buffers. Compiled code builds it afresh,
         so no cache object enters a traced graph."""
+        if self._fused_into is not None:
+            holder, slot = self._fused_into
+            return holder.member_weights(slot)[0]
         buffers = self._buffers
         names = PackedInt4Weight.TENSOR_NAMES
         compiling = torch.compiler.is_compiling()
@@ -125,6 +129,8 @@ class HfInt4Linear(nn.Module):
     @torch.no_grad()
     def finalize(self):
         """After loading: validate, and on a GPU with kernels repack "gptq" weights (freeing the originals)."""
+        if self._fused_into is not None:
+            return
         if self.is_packed:
             self.packed_weight().validate()
             if self._check_kernel_path():
@@ -145,6 +151,8 @@ class HfInt4Linear(nn.Module):
         """The path per range of M on `device` (default: where the weights are), fixed once per device.
 
         It reads the dispatch tables, so it is made in finalize(), before any compiled or captured call."""
+        if self._fused_into is not None:
+            return self._fused_into[0].dispatch_plan(device)
         device = torch.device(device) if device is not None else getattr(self, PACKED_PREFIX + "qweight").device
         if self._dispatch is None or self._dispatch[0] != device:
             plan = dispatch.plan_for(dispatch.LinearSpec.of(self.packed_weight()), device)
@@ -165,6 +173,9 @@ class HfInt4Linear(nn.Module):
 
     def packed_state_dict(self, prefix: str = "") -> dict:
         """The layer's tensors in the packed layout (packing on the CPU a layer still in "gptq" form)."""
+        if self._fused_into is not None:
+            holder, slot = self._fused_into
+            return packed_state_dict(*holder.member_weights(slot), prefix)
         if self.is_packed:
             packed = self.packed_weight()
         else:
@@ -176,6 +187,9 @@ class HfInt4Linear(nn.Module):
         return packed_state_dict(packed, self.bias, prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_into is not None:
+            holder, slot = self._fused_into
+            return holder.member_output(slot, x)
         if not self.is_packed:
             return gptq_matmul_reference(x, self.gptq_layer())
         packed = self.packed_weight()
@@ -189,7 +203,7 @@ class HfInt4Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"group_size={cfg.group_size}, sym={cfg.sym}, desc_act={cfg.desc_act}, "
-            f"weights={'packed' if self.is_packed else 'gptq'}"
+            f"weights={'gptq' if not self.is_packed else 'packed' if self._fused_into is None else 'fused'}"
         )
 
 

@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_int4 import GPTQConfig, HfInt4Config, HfInt4Linear, extension_available
+from hf_int4.fusion import HfInt4FusedLinear
 from hf_int4.formats.gptq_writer import tiny_llama_config, write_gptq_checkpoint
 
 pytestmark = pytest.mark.skipif(
@@ -26,9 +27,9 @@ def checkpoint(request, tmp_path_factory):
     return out
 
 
-def _load(checkpoint, device, dtype):
+def _load(checkpoint, device, dtype, **config):
     return AutoModelForCausalLM.from_pretrained(
-        checkpoint, quantization_config=HfInt4Config(), device_map=device, dtype=dtype
+        checkpoint, quantization_config=HfInt4Config(**config), device_map=device, dtype=dtype
     ).eval()
 
 
@@ -53,6 +54,22 @@ def test_model_converted_to_bfloat16_after_loading(checkpoint):
         got = gpu(ids.cuda()).logits.float().cpu()
         want = cpu(ids).logits
     assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_sibling_projections_run_as_one_gemm(checkpoint):
+    fused = _load(checkpoint, "cuda", torch.float16)
+    apart = _load(checkpoint, "cuda", torch.float16, fuse_projections=False)
+    groups = [m for m in fused.modules() if isinstance(m, HfInt4FusedLinear)]
+    if not CONFIGS[checkpoint.name].desc_act:  # the test writer gives act-order layers their own g_idx each
+        assert len(groups) == 2 * fused.config.num_hidden_layers, "q/k/v and gate/up of every layer"
+    assert not any(isinstance(m, HfInt4FusedLinear) for m in apart.modules())
+    ids = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        got, want = fused(ids).logits.float(), apart(ids).logits.float()
+        step_got, step_want = fused(ids[:, :1]).logits.float(), apart(ids[:, :1]).logits.float()  # decode-sized
+    for a, b in ((got, want), (step_got, step_want)):
+        assert ((a - b).norm() / b.norm()).item() < 5e-3
+    assert all(g._pending is None for g in groups), "no fused output is kept between calls"
 
 
 def test_generate_static_cache_and_compile(checkpoint):
@@ -85,7 +102,7 @@ def test_device_map_auto_across_two_gpus(checkpoint):
         checkpoint, quantization_config=HfInt4Config(), device_map="auto", dtype=torch.float16,
         max_memory={0: "600KB", 1: "10GB"},
     ).eval()
-    devices = {m.int4_qweight.device for m in model.modules() if isinstance(m, HfInt4Linear)}
+    devices = {m.int4_qweight.device for m in model.modules() if isinstance(m, HfInt4Linear) and m._fused_into is None}
     assert devices == {torch.device("cuda", 0), torch.device("cuda", 1)}, devices
     cpu = _load(checkpoint, "cpu", torch.float32)
     ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))

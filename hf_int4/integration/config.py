@@ -16,7 +16,9 @@ class HfInt4Config(QuantizationConfigMixin):
 
     Passed to `from_pretrained` on a GPTQ checkpoint, it takes the checkpoint's own GPTQ settings
     (bits, group_size, sym, desc_act, checkpoint_format); the arguments here only matter for
-    checkpoints that carry no quantization config of their own.
+    checkpoints that carry no quantization config of their own. fuse_projections: on a GPU, run sibling
+    projections that read the same input (q/k/v, gate/up) as one GEMM over their concatenated weights
+    (hf_int4.fusion); False keeps one GEMM per layer.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class HfInt4Config(QuantizationConfigMixin):
         weight_format: str = "gptq",
         packed_dtype=None,
         packed_layout=None,
+        fuse_projections: bool = True,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -44,6 +47,7 @@ class HfInt4Config(QuantizationConfigMixin):
         self.weight_format = weight_format
         self.packed_dtype = packed_dtype
         self.packed_layout = packed_layout
+        self.fuse_projections = bool(fuse_projections)
         self.gptq_config()  # validates the settings now, not at the first layer
         if weight_format not in ("gptq", "packed"):
             raise ValueError(f"HfInt4Config: weight_format must be 'gptq' or 'packed', got {weight_format!r}")
@@ -69,7 +73,8 @@ class HfInt4Config(QuantizationConfigMixin):
         )
 
     @classmethod
-    def from_gptq_dict(cls, gptq: dict, modules_to_not_convert=None) -> "HfInt4Config":
+    def from_gptq_dict(cls, gptq: dict, modules_to_not_convert=None, fuse_projections: bool = True) -> "HfInt4Config":
         """Take over a GPTQ checkpoint's quantization_config (as a dict)."""
         parsed = GPTQConfig.from_dict(gptq)
-        return cls(**dataclasses.asdict(parsed), modules_to_not_convert=modules_to_not_convert)
+        return cls(**dataclasses.asdict(parsed), modules_to_not_convert=modules_to_not_convert,
+                   fuse_projections=fuse_projections)

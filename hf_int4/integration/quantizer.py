@@ -13,6 +13,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 
 from hf_int4.formats.gptq import GPTQFormatError, tensor_shapes
+from hf_int4.fusion import HfInt4FusedLinear, fuse_sibling_projections
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
 from hf_int4.modules import HfInt4Linear, replace_linear_layers
 
@@ -53,6 +54,9 @@ class HfInt4Quantizer(HfQuantizer):
         layers = [m for m in model.modules() if isinstance(m, HfInt4Linear)]
         for module in tqdm(layers, desc="hf_int4: packing layers", disable=len(layers) < 8, leave=False):
             module.finalize()
+        if self.quantization_config.fuse_projections:
+            fused = fuse_sibling_projections(model)
+            logger.info(f"hf_int4: fused {len(fused)} groups of sibling projections (q/k/v, gate/up) into one GEMM each")
         return model
 
     def is_serializable(self, **kwargs):
@@ -66,7 +70,8 @@ class HfInt4Quantizer(HfQuantizer):
                 prefix = name + "."
                 for key in [k for k in state if k.startswith(prefix)]:
                     del state[key]
-                state.update(module.packed_state_dict(prefix))
+                if not isinstance(module, HfInt4FusedLinear):  # its members save their own columns
+                    state.update(module.packed_state_dict(prefix))
         self.quantization_config.mark_packed(model.dtype)
         return state, {}
 
@@ -118,7 +123,8 @@ def _merge_quantization_configs(cls, quantization_config, quantization_config_fr
         checkpoint = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
         if checkpoint.get("quant_method") == "gptq":
             return HfInt4Config.from_gptq_dict(
-                checkpoint, modules_to_not_convert=quantization_config_from_args.modules_to_not_convert
+                checkpoint, modules_to_not_convert=quantization_config_from_args.modules_to_not_convert,
+                fuse_projections=quantization_config_from_args.fuse_projections,
             )
     return _transformers_merge(cls, quantization_config, quantization_config_from_args)
 

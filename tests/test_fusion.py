@@ -1,0 +1,137 @@
+"""Sibling projections fused into one GEMM (hf_int4.fusion), on the CPU reference path: against the oracle
+built from each member's unpacked GPTQ tensors, the call patterns that must recompute, the one copy of the
+weights, saving, and torch.compile."""
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+from hf_int4 import GPTQConfig, HfInt4Linear
+from hf_int4.formats.gptq_writer import make_gptq_layer, random_gptq_layer
+from hf_int4.fusion import FUSED_PREFIX, HfInt4FusedLinear, fuse_group
+from hf_int4.modules import pack_for_module, packed_state_dict
+from hf_int4.reference import dequantize_gptq
+
+F16 = torch.float16
+CONFIGS = {
+    "g128-sym": GPTQConfig(group_size=128, sym=True),
+    "g32-asym-act-v2": GPTQConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq_v2"),
+}
+K, WIDTHS = 256, (256, 72, 136)  # 72 and 136: members padded to 128 columns inside the fused weight
+
+
+class Attention(nn.Module):
+    """q, k and v read the same input, as in transformers' Llama attention."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = members
+
+    def forward(self, x):
+        return self.q_proj(x).sum(-1) + 2 * self.k_proj(x).sum(-1) + 3 * self.v_proj(x).sum(-1)
+
+
+def _members(cfg, bias=(True, False, True), seed=0):
+    """Three layers cut out of one random GPTQ layer (so act-order layers share their g_idx), and their oracles."""
+    _, raw = random_gptq_layer(K, sum(WIDTHS), cfg, seed=seed, with_bias=True)
+    members, oracles, start = [], [], 0
+    for name, width, has_bias in zip(("q_proj", "k_proj", "v_proj"), WIDTHS, bias):
+        cols = slice(start, start + width)
+        layer = make_gptq_layer(f"attn.{name}", raw["intweight"][:, cols], raw["zeros"][:, cols], raw["scales"][:, cols],
+                                raw["g_idx"], cfg, raw["bias"][cols] if has_bias else None)
+        module = HfInt4Linear(K, width, has_bias, cfg, dtype=F16, name=layer.name, packed=True)
+        module.load_state_dict(packed_state_dict(pack_for_module(layer, F16), layer.bias))
+        members.append(module)
+        oracles.append((dequantize_gptq(layer).double(), None if layer.bias is None else layer.bias.double()))
+        start += width
+    return members, oracles
+
+
+def _oracle(oracle, x):
+    weight, bias = oracle
+    out = x.double() @ weight
+    return out if bias is None else out + bias
+
+
+def _close(got, want):
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_members_match_the_oracle_with_one_gemm(name, monkeypatch):
+    members, oracles = _members(CONFIGS[name])
+    attn = Attention(members)
+    before = {n: m.packed_state_dict() for n, m in zip(("q", "k", "v"), members)}
+    fused = fuse_group(attn, ("q_proj", "k_proj", "v_proj"))
+    assert isinstance(fused, HfInt4FusedLinear) and getattr(attn, FUSED_PREFIX + "q_proj_k_proj_v_proj") is fused
+    assert fused.out_features == 128 + 128 + 136 + 128 and fused.name == "attn.{q_proj,k_proj,v_proj}"
+
+    gemms = []
+    real = HfInt4Linear.forward
+    monkeypatch.setattr(HfInt4Linear, "forward", lambda self, x: gemms.append(self) or real(self, x))
+    x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(1)).to(F16)
+    outs = [m(x) for m in members]
+    assert [g for g in gemms if isinstance(g, HfInt4FusedLinear)] == [fused], "one GEMM serves the three members"
+    for out, oracle, width in zip(outs, oracles, WIDTHS):
+        assert out.shape == (3, 5, width)
+        _close(out, _oracle(oracle, x))
+    assert fused._pending is None, "the last member drops the fused output"
+
+    # the members keep no weights of their own, and save exactly what they held before
+    for n, m in zip(("q", "k", "v"), members):
+        assert not [b for b in m._buffers if m._buffers[b] is not None], n
+        after = m.packed_state_dict()
+        assert after.keys() == before[n].keys()
+        for key in after:
+            assert torch.equal(after[key], before[n][key]), (n, key)
+    assert "weights=fused" in members[1].extra_repr()
+
+
+def test_a_member_called_with_another_input_recomputes():
+    members, oracles = _members(CONFIGS["g128-sym"])
+    attn = Attention(members)
+    fused = fuse_group(attn, ("q_proj", "k_proj", "v_proj"))
+    gen = torch.Generator().manual_seed(2)
+    x, y = (torch.randn(4, K, generator=gen).to(F16) for _ in range(2))
+    _close(attn.q_proj(x), _oracle(oracles[0], x))
+    x.mul_(-2)  # changed in place after q_proj saw it: the pending output is stale
+    _close(attn.k_proj(x), _oracle(oracles[1], x))
+    _close(attn.v_proj(y), _oracle(oracles[2], y))  # another tensor: not the pending output
+    _close(attn.q_proj(x), _oracle(oracles[0], x))
+    _close(attn.q_proj(x), _oracle(oracles[0], x))  # twice in a row: still right
+    assert fused._pending is not None and fused._pending[0] is x
+
+
+def test_layers_that_cannot_share_a_weight_stay_apart():
+    members, _ = _members(CONFIGS["g128-sym"])
+    other, _ = _members(GPTQConfig(group_size=64, sym=True))
+    attn = Attention([members[0], other[1], members[2]])
+    assert fuse_group(attn, ("q_proj", "k_proj", "v_proj")) is None
+    assert not any(isinstance(m, HfInt4FusedLinear) for m in attn.modules())
+    assert all(m._fused_into is None and m.int4_qweight is not None for m in (members[0], other[1], members[2]))
+    act_a, _ = _members(CONFIGS["g32-asym-act-v2"], seed=3)
+    act_b, _ = _members(CONFIGS["g32-asym-act-v2"], seed=4)  # another g_idx, another permutation
+    assert fuse_group(Attention([act_a[0], act_b[1], act_a[2]]), ("q_proj", "k_proj", "v_proj")) is None
+
+
+def test_compiled_forward_runs_one_gemm_per_group():
+    members, oracles = _members(CONFIGS["g128-sym"])
+    attn = Attention(members)
+    fuse_group(attn, ("q_proj", "k_proj", "v_proj"))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(attn, fullgraph=True, backend=backend)
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(5)).to(F16)
+    with torch.no_grad():
+        got = compiled(x)
+    want = sum(c * _oracle(o, x).sum(-1) for c, o in zip((1, 2, 3), oracles))
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+    (graph,) = graphs
+    matmuls = [n for n in graph.graph.nodes if n.target in (operator.matmul, torch.matmul)]
+    assert len(matmuls) == 1, graph.code
+    assert attn.int4_fused_q_proj_k_proj_v_proj._pending is None
