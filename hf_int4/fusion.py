@@ -53,9 +53,8 @@ class HfInt4FusedLinear(HfInt4Linear):
 
     def member_output(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         pending = self._pending
-        compiling = torch.compiler.is_compiling()  # traced code has no version counter; dynamo tracks identity
-        if pending is None or pending[0] is not x or (not compiling and pending[2] != x._version):
-            pending = (x, self(x), None if compiling else x._version, 0)
+        if pending is None or pending[0] is not x or pending[2] != _version(x):
+            pending = (x, self(x), _version(x), 0)
         taken = pending[3] | 1 << slot
         self._pending = None if taken == (1 << len(self.member_columns)) - 1 else pending[:3] + (taken,)
         start, width, _ = self.member_columns[slot]
@@ -78,6 +77,12 @@ class HfInt4FusedLinear(HfInt4Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", members={len(self.member_columns)}"
+
+
+def _version(x: torch.Tensor) -> Optional[int]:
+    """x's in-place version counter; None where there is none (traced code: dynamo tracks the tensors
+    itself; inference-mode tensors)."""
+    return None if torch.compiler.is_compiling() or x.is_inference() else x._version
 
 
 def why_not_fused(members: Sequence[HfInt4Linear]) -> Optional[str]:
