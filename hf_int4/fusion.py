@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from hf_int4.dispatch import logger
 from hf_int4.modules import PACKED_PREFIX, HfInt4Linear
 from hf_int4.packing import PackedInt4Weight, padded_sizes
 
@@ -127,11 +128,15 @@ def fuse_sibling_projections(model: torch.nn.Module) -> List[HfInt4FusedLinear]:
     for parent in list(model.modules()):
         for names in SIBLING_GROUPS:
             children = [getattr(parent, n, None) for n in names]
-            if not all(isinstance(c, HfInt4Linear) and c.is_packed and c.int4_qweight.is_cuda for c in children):
+            if not all(isinstance(c, HfInt4Linear) and c.is_packed and c._fused_into is None and c.int4_qweight.is_cuda
+                       for c in children):
+                continue
+            why = why_not_fused(children)
+            if why is not None:
+                logger.debug("not fused: %s", why)
                 continue
             group = fuse_group(parent, names)
-            if group is not None:
-                group.dispatch_plan()
-                fused.append(group)
+            group.dispatch_plan()
+            fused.append(group)
     return fused
 
