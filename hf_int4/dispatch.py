@@ -280,4 +280,5 @@ class Choice:
 def explain(layer, m: int) -> Choice:
     """Which path an HfInt4Linear (packed, on a GPU) takes for an input of m rows, and why."""
     plan = layer.dispatch_plan()
-    return Choice(plan.path_name(m), f"M={m}: {plan.describe()}")
+    fused = f" (as part of {layer._fused_into[0].name}, one GEMM)" if layer._fused_into is not None else ""
+    return Choice(plan.path_name(m), f"M={m}{fused}: {plan.describe()}")

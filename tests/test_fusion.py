@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_int4 import GPTQConfig, HfInt4Linear
+from hf_int4 import GPTQConfig, HfInt4Linear, dispatch
 from hf_int4.formats.gptq_writer import make_gptq_layer, random_gptq_layer
 from hf_int4.fusion import FUSED_PREFIX, HfInt4FusedLinear, fuse_group
 from hf_int4.modules import pack_for_module, packed_state_dict
@@ -86,6 +86,9 @@ def test_fused_members_match_the_oracle_with_one_gemm(name, monkeypatch):
         for key in after:
             assert torch.equal(after[key], before[n][key]), (n, key)
     assert "weights=fused" in members[1].extra_repr()
+    fused._dispatch = (torch.device("cpu"), dispatch.Plan(((1, "decode"), (64, "dequant")), "test plan"))
+    choice = dispatch.explain(members[1], 100)  # a member's path is its fused module's
+    assert choice.path == "dequant" and "attn.{q_proj,k_proj,v_proj}" in choice.reason, choice
 
 
 def test_a_member_called_with_another_input_recomputes():
