@@ -144,32 +144,64 @@ def test_compiled_forward_runs_one_gemm_per_group():
     assert attn.int4_fused_q_proj_k_proj_v_proj._pending is None
 
 
-def test_a_fused_model_saves_the_checkpoint_it_loaded(tmp_path):
-    """save_pretrained of a model whose projections are fused writes each layer's own packed tensors, byte for
-    byte what the packed checkpoint held, and nothing of the fused modules."""
-    from safetensors.torch import load_file
+@pytest.fixture(scope="module")
+def packed_llama(tmp_path_factory):
+    """A tiny Llama GPTQ checkpoint saved in the packed layout: loaded on the CPU, its layers are packed."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     from hf_int4 import HfInt4Config
     from hf_int4.formats.gptq_writer import tiny_llama_config, write_gptq_checkpoint
+
+    tmp = tmp_path_factory.mktemp("fusion")
+    torch.manual_seed(0)
+    write_gptq_checkpoint(LlamaForCausalLM(tiny_llama_config()), tmp / "gptq", CONFIGS["g128-sym"], progress=False)
+    AutoModelForCausalLM.from_pretrained(tmp / "gptq", quantization_config=HfInt4Config(), dtype=F16).save_pretrained(
+        tmp / "packed")
+    return tmp / "packed"
+
+
+def _load_and_fuse(packed_llama):
+    from transformers import AutoModelForCausalLM
+
     from hf_int4.fusion import SIBLING_GROUPS
 
-    torch.manual_seed(0)
-    write_gptq_checkpoint(LlamaForCausalLM(tiny_llama_config()), tmp_path / "gptq", CONFIGS["g128-sym"], progress=False)
-    AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", quantization_config=HfInt4Config(), dtype=F16).save_pretrained(
-        tmp_path / "packed")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=F16)  # packed layers on the CPU
+    model = AutoModelForCausalLM.from_pretrained(packed_llama, dtype=F16).eval()
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         apart = model(ids).logits
     groups = [fuse_group(parent, names) for parent in list(model.modules()) for names in SIBLING_GROUPS
               if all(isinstance(getattr(parent, n, None), HfInt4Linear) for n in names)]
     assert len(groups) == 2 * model.config.num_hidden_layers and all(groups)
+    return model, ids, apart
+
+
+def test_a_fused_model_saves_the_checkpoint_it_loaded(packed_llama, tmp_path):
+    """save_pretrained of a model whose projections are fused writes each layer's own packed tensors, byte for
+    byte what the packed checkpoint held, and nothing of the fused modules."""
+    from safetensors.torch import load_file
+
+    model, ids, apart = _load_and_fuse(packed_llama)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, apart, rtol=1e-2, atol=1e-2)
-
     model.save_pretrained(tmp_path / "again")
-    want, got = load_file(tmp_path / "packed" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    want, got = load_file(packed_llama / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert got.keys() == want.keys() and not any(FUSED_PREFIX in k for k in got)
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_a_fused_llama_compiles_to_one_graph_with_one_gemm_per_group(packed_llama):
+    model, ids, apart = _load_and_fuse(packed_llama)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(model.forward, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        eager = model(ids).logits
+        assert torch.equal(compiled(ids).logits, eager) and torch.equal(compiled(ids).logits, eager)
+    (graph,) = graphs  # one trace, no recompilation on the second call
+    matmuls = sum(n.target in (operator.matmul, torch.matmul) for n in graph.graph.nodes)
+    assert matmuls == 4 * model.config.num_hidden_layers, "q/k/v, o, gate/up, down: four GEMMs per layer"
