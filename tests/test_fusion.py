@@ -205,3 +205,16 @@ def test_a_fused_llama_compiles_to_one_graph_with_one_gemm_per_group(packed_llam
     (graph,) = graphs  # one trace, no recompilation on the second call
     matmuls = sum(n.target in (operator.matmul, torch.matmul) for n in graph.graph.nodes)
     assert matmuls == 4 * model.config.num_hidden_layers, "q/k/v, o, gate/up, down: four GEMMs per layer"
+
+
+def test_the_callers_fuse_choice_holds_for_packed_checkpoints(packed_llama):
+    """fuse_projections is the caller's, also for a packed checkpoint whose config.json carries one."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_int4 import HfInt4Config
+
+    for fuse in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(packed_llama, quantization_config=HfInt4Config(fuse_projections=fuse),
+                                                     dtype=F16)
+        qc = model.config.quantization_config
+        assert qc.fuse_projections is fuse and qc.weight_format == "packed"

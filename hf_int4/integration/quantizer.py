@@ -126,6 +126,10 @@ def _merge_quantization_configs(cls, quantization_config, quantization_config_fr
                 checkpoint, modules_to_not_convert=quantization_config_from_args.modules_to_not_convert,
                 fuse_projections=quantization_config_from_args.fuse_projections,
             )
+        if checkpoint.get("quant_method") == QUANT_METHOD:  # a packed checkpoint: its layout, the caller's choice
+            merged = HfInt4Config.from_dict(checkpoint)
+            merged.fuse_projections = quantization_config_from_args.fuse_projections
+            return merged
     return _transformers_merge(cls, quantization_config, quantization_config_from_args)
 
 
