@@ -69,9 +69,13 @@ def packed_num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(k_pad / group_size)
 
 
-def magic_zero(dtype: torch.dtype) -> float:
-    if dtype not in _MAGIC:
+def _check_dtype(dtype):
+    if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"hf_int4 packs for float16 or bfloat16 activations, got {dtype}")
+
+
+def magic_zero(dtype: torch.dtype) -> float:
+    _check_dtype(dtype)
     return _MAGIC[dtype]
 
 
@@ -298,11 +302,6 @@ def _group_params(layer, dtype: torch.dtype, device) -> Tuple[torch.Tensor, Opti
         z[:, :N] = torch.where(valid[:, None], layer.int_zeros().to(device).float()[src], 8.0)
         zeros = (z + magic).to(dtype).contiguous()
     return scales, zeros, kgs
-
-
-def _check_dtype(dtype):
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"hf_int4 packs for float16 or bfloat16 activations, got {dtype}")
 
 
 def pack_gptq_layer_cpu(layer, dtype: torch.dtype = torch.float16) -> PackedInt4Weight:
