@@ -2,7 +2,7 @@
 
     python scripts/plot_bench.py docs/results/bench_dispatch_h100.json docs/results/plots
 
-Each plot: fp16 cuBLAS time / path time for the dispatched path (bold) and every forced path, torch's
+Each plot: cuBLAS time (in the run's dtype) / path time for the dispatched path (bold) and every forced path, torch's
 int4 where measured, and the 1.0 line; of the Hopper configurations, the fastest at each M. Needs
 matplotlib (not a dependency of hf_int4).
 """
@@ -44,7 +44,8 @@ def main(src: str, out_dir: str):
         ax.axhline(1.0, color="red", linestyle="--", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (rows = batch x tokens)")
-        ax.set_ylabel("speedup vs fp16 cuBLAS")
+        cublas = {"float16": "fp16", "bfloat16": "bf16"}.get(meta["dtype"], meta["dtype"])
+        ax.set_ylabel(f"speedup vs {cublas} cuBLAS")
         ax.set_title(f"{K}x{N} (K x N), group {meta['group_size']}, {meta['dtype']} - {meta['device']}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
