@@ -105,9 +105,11 @@ def why_not_fused(members: Sequence[HfInt4Linear]) -> Optional[str]:
 
 def fuse_group(parent: torch.nn.Module, names: Sequence[str]) -> Optional[HfInt4FusedLinear]:
     """Fuse parent's children `names` (HfInt4Linear, packed) into one HfInt4FusedLinear child of `parent`;
-    None (nothing changed) when they cannot share a packed weight."""
+    None (nothing changed, the reason logged at debug level) when they cannot share a packed weight."""
     members: List[HfInt4Linear] = [getattr(parent, n) for n in names]
-    if why_not_fused(members) is not None:
+    why = why_not_fused(members)
+    if why is not None:
+        logger.debug("not fused: %s", why)
         return None
     prefix = members[0].name.rpartition(".")[0]
     fused = HfInt4FusedLinear(members, f"{prefix}.{{{','.join(names)}}}" if prefix else "{" + ",".join(names) + "}")
@@ -131,12 +133,9 @@ def fuse_sibling_projections(model: torch.nn.Module) -> List[HfInt4FusedLinear]:
             if not all(isinstance(c, HfInt4Linear) and c.is_packed and c._fused_into is None and c.int4_qweight.is_cuda
                        for c in children):
                 continue
-            why = why_not_fused(children)
-            if why is not None:
-                logger.debug("not fused: %s", why)
-                continue
             group = fuse_group(parent, names)
-            group.dispatch_plan()
-            fused.append(group)
+            if group is not None:
+                group.dispatch_plan()
+                fused.append(group)
     return fused
 
