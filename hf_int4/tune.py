@@ -60,13 +60,14 @@ def entry_key(entry: dict) -> tuple:
 def merge_tables(previous: dict, measured: dict) -> dict:
     """`measured`, plus the entries of `previous` (the same GPU model's table) for keys it did not measure.
 
-    A kept entry carries the date it was measured (its own, else its table's)."""
+    A kept entry carries the date it was measured (its own, else its table's); the previous table's other
+    top-level keys (notes written by hand, e.g. "dropped") stay unless `measured` sets them."""
     if previous.get("device") != measured["device"]:
         return measured
     new_keys = {entry_key(e) for e in measured["entries"]}
     kept = [dict(e, measured=e.get("measured", previous.get("measured")))
             for e in previous.get("entries", []) if entry_key(e) not in new_keys]
-    return dict(measured, entries=kept + measured["entries"])
+    return {**previous, **measured, "entries": kept + measured["entries"]}
 
 
 def main(argv=None):

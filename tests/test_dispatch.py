@@ -134,8 +134,9 @@ def test_tune_keeps_the_entries_it_did_not_measure():
                      entry(4096, 4096, [1, 64], [1, 9], [5, 5], "bfloat16"),  # other dtype: kept
                      dict(entry(8192, 8192, [1, 512], [1, 9], [5, 5]), measured="2025-12-31"))  # other shape: kept
     fresh = table("GPU A", "2026-02-02", entry(4096, 4096, [1, 128], [1, 9], [5, 5]))
-    merged = merge_tables(previous, fresh)
+    merged = merge_tables(dict(previous, note="written by hand"), fresh)
     assert merged["measured"] == "2026-02-02"
+    assert merged["note"] == "written by hand"
     got = {(e["n"], e["dtype"]): e for e in merged["entries"]}
     assert sorted(got) == [(4096, "bfloat16"), (4096, "float16"), (8192, "float16")]
     assert got[(4096, "float16")]["m"] == [1, 128]
