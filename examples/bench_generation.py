@@ -16,6 +16,10 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   mode "reduce-overhead"): the GPU time per token that the kernels set.
 - Prefill: one forward of batch 1 x T tokens computing only the last position's logits (what
   `generate()` needs from the prompt), CUDA events, median of repeats.
+- `--pdl`: also both models' decode steps compiled with inductor's programmatic dependent launch
+  (`triton.enable_pdl`: its Triton kernels let the next kernel start while they finish, so our GEMMs, which
+  launch early too (hf_int4/csrc/early_launch.h), can fetch weights during the norms), as fp16_pdl and
+  int4_pdl; int4_pdl's speedup is against fp16_pdl, fp16_pdl's against fp16.
 - `--unfused`: also the int4 checkpoint loaded with `HfInt4Config(fuse_projections=False)` (one GEMM per
   q/k/v/gate/up layer instead of one per group, hf_int4.fusion), timed beside the others.
 """
@@ -109,14 +113,16 @@ def decode_tokens_per_second(model, batch: int, prompt: int, n1: int, n2: int, r
     return {"tokens_per_s": batch / step, "ms_per_step": step * 1e3, "first_call_s": first}
 
 
-def compiled_decode_step(model):
-    """One greedy decode step (forward of one token per sequence + argmax), compiled into CUDA graphs."""
+def compiled_decode_step(model, pdl: bool = False):
+    """One greedy decode step (forward of one token per sequence + argmax), compiled into CUDA graphs
+    (mode "reduce-overhead"), with inductor's programmatic dependent launch if `pdl`."""
 
     def step(token, cache_position, cache):
         logits = model(token, cache_position=cache_position, past_key_values=cache, use_cache=True).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
-    return torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    options = {"triton.cudagraphs": True} | ({"triton.enable_pdl": True} if pdl else {})  # cudagraphs: "reduce-overhead"
+    return torch.compile(step, fullgraph=True, options=options)
 
 
 def prefilled(model, batch: int, prompt: int, decode_steps: int):
@@ -206,6 +212,8 @@ def main():
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3-8B)")
     parser.add_argument("--workdir", default="out")
     parser.add_argument("--unfused", action="store_true", help="also time int4 without fused projections")
+    parser.add_argument("--pdl", action="store_true",
+                        help="also time the decode steps compiled with inductor's programmatic dependent launch")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not hf_int4.extension_available():
@@ -252,28 +260,41 @@ def main():
                       f"of the {row[f'{name}_ms']:.1f} ms measured above\n{table}", flush=True)
         save()
 
-    steps = {name: compiled_decode_step(model) for name, model in models.items()}
+    # Decode steps by name: one per model, and with --pdl the same two models compiled with PDL.
+    steps = {name: (model, compiled_decode_step(model)) for name, model in models.items()}
+    if args.pdl:
+        torch._dynamo.config.recompile_limit = 64  # one step function, compiled per model, batch and option set
+        steps.update({f"{name}_pdl": (models[name], compiled_decode_step(models[name], pdl=True)) for name in ("fp16", "int4")})
+
+    def baseline(name):  # what a row's speedup divides by
+        return "fp16_pdl" if name.startswith("int4") and name.endswith("_pdl") else "fp16"
+
+    def speedup_key(name):  # "speedup", "speedup_unfused", "speedup_pdl" (int4 variants); "speedup_fp16_pdl"
+        return "speedup" + name[len("int4"):] if name.startswith("int4") else f"speedup_{name}"
+
     if args.profile:
         for batch in args.batches:
-            for name, model in models.items():
-                print(f"--- decode step profile: {name}, batch {batch}\n{profile_decode_step(model, steps[name], batch, args.prompt)}", flush=True)
+            for name, (model, step) in steps.items():
+                print(f"--- decode step profile: {name}, batch {batch}\n{profile_decode_step(model, step, batch, args.prompt)}", flush=True)
     for mode in args.decode:
-        print(f"decode ({mode}) {'batch':>6} {'fp16 tok/s':>11}" + "".join(f" {name + ' tok/s':>18} {'speedup':>8}" for name in others)
-              + "   first call s")
+        names = list(steps) if mode == "step" else list(models)
+        print(f"decode ({mode}) {'batch':>6} {'fp16 tok/s':>11}"
+              + "".join(f" {name + ' tok/s':>18} {'/' + baseline(name):>9}" for name in names[1:]) + "   first call s")
         for batch in args.batches:
             row = {"mode": mode, "batch": batch}
-            for name, model in models.items():
+            for name in names:
                 if mode == "step":
-                    row[name] = decode_step_tokens_per_second(model, steps[name], batch, args.prompt, 64, args.repeats)
+                    model, step = steps[name]
+                    row[name] = decode_step_tokens_per_second(model, step, batch, args.prompt, 64, args.repeats)
                 else:
-                    row[name] = decode_tokens_per_second(model, batch, args.prompt, *args.new_tokens, args.repeats)
-            for name in others:
-                row["speedup" + name[len("int4"):]] = row[name]["tokens_per_s"] / row["fp16"]["tokens_per_s"]
+                    row[name] = decode_tokens_per_second(models[name], batch, args.prompt, *args.new_tokens, args.repeats)
+            for name in names[1:]:
+                row[speedup_key(name)] = row[name]["tokens_per_s"] / row[baseline(name)]["tokens_per_s"]
             result["decode"].append(row)
             save()
             print(f"{'':>15}{batch:>6} {row['fp16']['tokens_per_s']:>11.1f}"
-                  + "".join(f" {row[name]['tokens_per_s']:>18.1f} {row['speedup' + name[len('int4'):]]:>7.2f}x" for name in others)
-                  + "   " + " / ".join(f"{row[name]['first_call_s']:.1f}" for name in models), flush=True)
+                  + "".join(f" {row[name]['tokens_per_s']:>18.1f} {row[speedup_key(name)]:>8.2f}x" for name in names[1:])
+                  + "   " + " / ".join(f"{row[name]['first_call_s']:.1f}" for name in names), flush=True)
 
 if __name__ == "__main__":
     main()
