@@ -56,6 +56,31 @@ __global__ void pattern_read_kernel(const int4* b, int n_pad, int k_tiles, int n
   if (x == 0x12345678) sink[0] = x;
 }
 
+// The streaming kernel's access order without its arithmetic, with RUN x 512-byte runs per warp and k-block: CTA
+// (column tile, k-split), 8 warps on consecutive 8-k-block chunks of the split, 8 k-blocks in flight per warp. RUN = 1
+// is the kernel's order (4 atoms per warp); RUN = 2, 4 ask whether longer contiguous runs read faster.
+template <int RUN>
+__global__ void stream_order_read_kernel(const int4* b, int64_t row_int4, int kb_total, int col_tiles, int* sink) {
+  constexpr int kCkb = 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int col = blockIdx.x % col_tiles, split = blockIdx.x / col_tiles, splits = gridDim.x / col_tiles;
+  const int chunks = kb_total / kCkb, per_split = (chunks + splits - 1) / splits;
+  const int c0 = split * per_split, c1 = min(chunks, c0 + per_split);
+  int x = 0;
+  for (int c = c0 + warp; c < c1; c += 8) {
+    int4 v[kCkb][RUN];
+#pragma unroll
+    for (int i = 0; i < kCkb; ++i)
+#pragma unroll
+      for (int r = 0; r < RUN; ++r) v[i][r] = __ldcs(b + int64_t(c * kCkb + i) * row_int4 + (col * RUN + r) * 32 + lane);
+#pragma unroll
+    for (int i = 0; i < kCkb; ++i)
+#pragma unroll
+      for (int r = 0; r < RUN; ++r) x ^= v[i][r].x ^ v[i][r].y ^ v[i][r].z ^ v[i][r].w;
+  }
+  if (x == 0x12345678) sink[0] = x;
+}
+
 template <typename F>
 float time_graph(F&& launch_all, int calls, cudaStream_t s) {
   cudaGraph_t g;
@@ -137,11 +162,27 @@ int main(int argc, char** argv) {
     }, calls, s);
   };
   const float t_pat[2] = {time_pattern(pattern_read_kernel<128, 8, 4>), time_pattern(pattern_read_kernel<128, 8, 8>)};
+  float t_stream[3];  // runs of 512 B, 1 KB, 2 KB; k-splits a power of two, up to ~2 CTAs per SM as in the kernel
+  auto time_stream = [&](auto kernel, int run) {
+    const int col_tiles = int(b_ints / 4 / K * 16 / (32 * run));  // int4 per k-block row / int4 per run
+    int splits = 1;
+    while (col_tiles * splits * 2 <= 2 * sms && splits * 2 * 8 * 8 <= K / 16) splits *= 2;
+    return time_graph([&] {
+      for (int i = 0; i < calls; ++i)
+        kernel<<<col_tiles * splits, 256, 0, s>>>(reinterpret_cast<const int4*>(b + (i % copies) * b_ints), N / 2, K / 16,
+                                                  col_tiles, sink);
+    }, calls, s);
+  };
+  t_stream[0] = time_stream(stream_order_read_kernel<1>, 1);
+  t_stream[1] = time_stream(stream_order_read_kernel<2>, 2);
+  t_stream[2] = time_stream(stream_order_read_kernel<4>, 4);
   CK(cudaGetLastError());
   const double mb = (b_ints * 4 + s_halves * 2) / 1e6;
   const double wmb = b_ints * 4 / 1e6;
   printf("K=%d N=%d M=%d tile=%dx%d blocks=%d: gemm %.2f us (%.2f TB/s)  read %.2f us (%.2f TB/s)  "
-         "tile-order read x4 %.2f us (%.2f TB/s) x8 %.2f us (%.2f TB/s)\n", K, N, M, tn, tk, blocks, t_gemm, mb / t_gemm,
-         t_read, wmb / t_read, t_pat[0], wmb / t_pat[0], t_pat[1], wmb / t_pat[1]);
+         "tile-order read x4 %.2f us (%.2f TB/s) x8 %.2f us (%.2f TB/s)  stream-order read 512 B %.2f us (%.2f TB/s) "
+         "1 KB %.2f us (%.2f TB/s) 2 KB %.2f us (%.2f TB/s)\n", K, N, M, tn, tk, blocks, t_gemm, mb / t_gemm,
+         t_read, wmb / t_read, t_pat[0], wmb / t_pat[0], t_pat[1], wmb / t_pat[1], t_stream[0], wmb / t_stream[0],
+         t_stream[1], wmb / t_stream[1], t_stream[2], wmb / t_stream[2]);
   return 0;
 }
