@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
   const float t_pat[2] = {time_pattern(pattern_read_kernel<128, 8, 4>), time_pattern(pattern_read_kernel<128, 8, 8>)};
   float t_stream[3];  // runs of 512 B, 1 KB, 2 KB; k-splits a power of two, up to ~2 CTAs per SM as in the kernel
   auto time_stream = [&](auto kernel, int run) {
-    const int col_tiles = int(b_ints / 4 / K * 16 / (32 * run));  // int4 per k-block row / int4 per run
+    const int col_tiles = N / 2 / (32 * run);  // int4 per k-block row / int4 per warp's run
     int splits = 1;
     while (col_tiles * splits * 2 <= 2 * sms && splits * 2 * 8 * 8 <= K / 16) splits *= 2;
     return time_graph([&] {
