@@ -112,6 +112,10 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   const int row_words = 2 * p.n_pad, row_bytes = 4 * row_words;  // 32-bit: an address is one IMAD.WIDE
   const uint32_t* b_lane = p.b + 2 * col0 + lane;  // word of atom a in k-block kb: + kb * row_words + 32 a
   const bool has_zp = p.zeros != nullptr;
+  // Scales / zeros of column col0 + g; a group's row is a 32-bit offset from here (the host checks that it fits),
+  // so a chunk's 8 loads share one address computation instead of 64-bit math per load.
+  const uint16_t* s_lane = p.scales + col0 + g;
+  const uint16_t* z_lane = has_zp ? p.zeros + col0 + g : nullptr;
   // x[g][k + 2t]; rows past M read zeros (g_zero_acts)
   const uint16_t* x_row = g < p.m ? p.a + static_cast<int64_t>(g) * p.size_k + 2 * t : nullptr;
 
@@ -138,12 +142,14 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
     w_chunk = b_lane + static_cast<int64_t>(kb) * row_words;
     x_chunk = x_row != nullptr ? x_row + kb * 16 : reinterpret_cast<const uint16_t*>(g_zero_acts);
     if (weights) {
-      const int64_t srow = static_cast<int64_t>((kb * 16) >> p.group_shift) * p.n_pad + col0 + g;
+      const uint16_t* s_row = s_lane + ((kb * 16) >> p.group_shift) * p.n_pad;
 #pragma unroll
       for (int a = 0; a < WA; ++a) {
-        sr[q][a] = ok ? uint32_t(__ldg(p.scales + srow + 16 * a)) | uint32_t(__ldg(p.scales + srow + 16 * a + 8)) << 16 : 0u;
-        if (has_zp)  // (symmetric: zr and zc stay unset and unread)
-          zr[q][a] = uint32_t(__ldg(p.zeros + srow + 16 * a)) | uint32_t(__ldg(p.zeros + srow + 16 * a + 8)) << 16;
+        sr[q][a] = ok ? uint32_t(__ldg(s_row + 16 * a)) | uint32_t(__ldg(s_row + 16 * a + 8)) << 16 : 0u;
+        if (has_zp) {  // (symmetric: zr and zc stay unset and unread)
+          const uint16_t* z_row = z_lane + (s_row - s_lane);
+          zr[q][a] = uint32_t(__ldg(z_row + 16 * a)) | uint32_t(__ldg(z_row + 16 * a + 8)) << 16;
+        }
       }
     }
   };
@@ -315,6 +321,8 @@ const char* run_stream_gemm(const Int4GemmArgs& a, const uint16_t* A, uint16_t* 
   p.n_pad = a.n_pad;
   p.kb_total = a.k_pad / 16;
   p.group_shift = group_shift;
+  const int64_t groups = group_shift >= 31 ? 1 : ((int64_t(p.kb_total) * 16 - 1) >> group_shift) + 1;
+  if (groups * a.n_pad > INT32_MAX) return "hf_int4: the small-M int4 GEMM needs fewer than 2^31 scales per layer";
   // a chunk lies in one group: CKB * 16 rows divide the (power-of-two) group size
   switch (group_shift >= 31 ? 8 : std::min(8, 1 << (group_shift - 4))) {
     case 1: return launch<T, 1>(p, a, sms, early);
