@@ -123,7 +123,6 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   // j / CKB, which is chunk c_begin + warp + 8 (j / CKB) of K. Addresses are set up once per chunk.
   const uint32_t* w_chunk;  // the lane's word of atom 0 in the chunk's first k-block
   const uint16_t* x_chunk;  // x[g][chunk's first k + 2t]
-  int kb_last;              // the chunk's last k-block inside K_pad, relative to its first
   int k_valid;              // size_k - (chunk's first k + 2t): activation pairs at offsets < k_valid exist
 
   // Rings, by step: weights and activations step % kDepth; scales and zeros step % U, at chunk starts only.
@@ -133,11 +132,10 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   uint32_t zr[U][WA];       // zeros likewise (asymmetric only)
 
   // A chunk past the warp's last (the tail of the last round) reads chunk 0's weights with zero activations and
-  // zero scales: it adds nothing. Weights past K_pad repeat the chunk's last k-block (times zero activations).
+  // zero scales: it adds nothing. Chunks are whole: the host picks CKB to divide kb_total.
   auto load_chunk = [&](int lc, int q, bool weights) {  // the warp's chunk lc, first step at round position q
     const bool ok = lc < my_chunks;
     const int kb = ok ? (c_begin + warp + kWarps * lc) * CKB : 0;
-    kb_last = min(CKB, p.kb_total - kb) - 1;
     k_valid = ok ? p.size_k - kb * 16 - 2 * t : 0;
     w_chunk = b_lane + static_cast<int64_t>(kb) * row_words;
     x_chunk = x_row != nullptr ? x_row + kb * 16 : reinterpret_cast<const uint16_t*>(g_zero_acts);
@@ -157,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   // (not the read-only path), issued only after grid_dependency_wait.
   auto load_weights = [&](int q) {
     const uint32_t* w = reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(w_chunk) +
-                                                          min(q % CKB, kb_last) * row_bytes);
+                                                          (q % CKB) * row_bytes);
 #pragma unroll
     for (int a = 0; a < WA; ++a) wr[q % kDepth][a] = __ldcs(w + 32 * a);
   };
@@ -323,8 +321,11 @@ const char* run_stream_gemm(const Int4GemmArgs& a, const uint16_t* A, uint16_t* 
   p.group_shift = group_shift;
   const int64_t groups = group_shift >= 31 ? 1 : ((int64_t(p.kb_total) * 16 - 1) >> group_shift) + 1;
   if (groups * a.n_pad > INT32_MAX) return "hf_int4: the small-M int4 GEMM needs fewer than 2^31 scales per layer";
-  // a chunk lies in one group: CKB * 16 rows divide the (power-of-two) group size
-  switch (group_shift >= 31 ? 8 : std::min(8, 1 << (group_shift - 4))) {
+  // a chunk lies in one group (CKB * 16 rows divide the power-of-two group size) and chunks are whole (CKB divides
+  // kb_total: no clamp per weight load; K_pad % 128 != 0, e.g. K = 576, runs shorter chunks)
+  int ckb = group_shift >= 31 ? 8 : std::min(8, 1 << (group_shift - 4));
+  while (p.kb_total % ckb != 0) ckb /= 2;
+  switch (ckb) {
     case 1: return launch<T, 1>(p, a, sms, early);
     case 2: return launch<T, 2>(p, a, sms, early);
     case 4: return launch<T, 4>(p, a, sms, early);
