@@ -81,6 +81,29 @@ __global__ void stream_order_read_kernel(const int4* b, int64_t row_int4, int kb
   if (x == 0x12345678) sink[0] = x;
 }
 
+// RUN = 1 as the kernel loads it: 4 x 32-bit words per lane at 128-byte strides (one per atom) instead of one int4.
+__global__ void stream_order_word_read_kernel(const int4* b4, int64_t row_int4, int kb_total, int col_tiles, int* sink) {
+  constexpr int kCkb = 8;
+  const uint32_t* b = reinterpret_cast<const uint32_t*>(b4);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int col = blockIdx.x % col_tiles, split = blockIdx.x / col_tiles, splits = gridDim.x / col_tiles;
+  const int chunks = kb_total / kCkb, per_split = (chunks + splits - 1) / splits;
+  const int c0 = split * per_split, c1 = min(chunks, c0 + per_split);
+  uint32_t x = 0;
+  for (int c = c0 + warp; c < c1; c += 8) {
+    uint32_t v[kCkb][4];
+#pragma unroll
+    for (int i = 0; i < kCkb; ++i)
+#pragma unroll
+      for (int a = 0; a < 4; ++a) v[i][a] = __ldcs(b + int64_t(c * kCkb + i) * row_int4 * 4 + col * 128 + 32 * a + lane);
+#pragma unroll
+    for (int i = 0; i < kCkb; ++i)
+#pragma unroll
+      for (int a = 0; a < 4; ++a) x ^= v[i][a];
+  }
+  if (x == 0x12345678) sink[0] = x;
+}
+
 template <typename F>
 float time_graph(F&& launch_all, int calls, cudaStream_t s) {
   cudaGraph_t g;
@@ -162,7 +185,7 @@ int main(int argc, char** argv) {
     }, calls, s);
   };
   const float t_pat[2] = {time_pattern(pattern_read_kernel<128, 8, 4>), time_pattern(pattern_read_kernel<128, 8, 8>)};
-  float t_stream[3];  // runs of 512 B, 1 KB, 2 KB; k-splits a power of two, up to ~2 CTAs per SM as in the kernel
+  float t_stream[4];  // runs of 512 B, 1 KB, 2 KB; k-splits a power of two, up to ~2 CTAs per SM as in the kernel
   auto time_stream = [&](auto kernel, int run) {
     const int col_tiles = N / 2 / (32 * run);  // int4 per k-block row / int4 per warp's run
     int splits = 1;
@@ -176,13 +199,14 @@ int main(int argc, char** argv) {
   t_stream[0] = time_stream(stream_order_read_kernel<1>, 1);
   t_stream[1] = time_stream(stream_order_read_kernel<2>, 2);
   t_stream[2] = time_stream(stream_order_read_kernel<4>, 4);
+  t_stream[3] = time_stream(stream_order_word_read_kernel, 1);
   CK(cudaGetLastError());
   const double mb = (b_ints * 4 + s_halves * 2) / 1e6;
   const double wmb = b_ints * 4 / 1e6;
   printf("K=%d N=%d M=%d tile=%dx%d blocks=%d: gemm %.2f us (%.2f TB/s)  read %.2f us (%.2f TB/s)  "
          "tile-order read x4 %.2f us (%.2f TB/s) x8 %.2f us (%.2f TB/s)  stream-order read 512 B %.2f us (%.2f TB/s) "
-         "1 KB %.2f us (%.2f TB/s) 2 KB %.2f us (%.2f TB/s)\n", K, N, M, tn, tk, blocks, t_gemm, mb / t_gemm,
+         "1 KB %.2f us (%.2f TB/s) 2 KB %.2f us (%.2f TB/s) 512 B as words %.2f us (%.2f TB/s)\n", K, N, M, tn, tk, blocks, t_gemm, mb / t_gemm,
          t_read, wmb / t_read, t_pat[0], wmb / t_pat[0], t_pat[1], wmb / t_pat[1], t_stream[0], wmb / t_stream[0],
-         t_stream[1], wmb / t_stream[1], t_stream[2], wmb / t_stream[2]);
+         t_stream[1], wmb / t_stream[1], t_stream[2], wmb / t_stream[2], t_stream[3], wmb / t_stream[3]);
   return 0;
 }

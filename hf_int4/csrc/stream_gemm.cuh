@@ -37,7 +37,8 @@ constexpr int kMaxRows = 8;        // one n8 block of the mma
 // 16 x 16 atoms per warp per k-block: 4 (one 512-byte run per warp and k-block; 2 was 10-25% slower), 2 for
 // chunks of 1-2 k-blocks (groups of 16-32 rows), where 4 spills at 128 registers.
 __host__ __device__ constexpr int atoms_for(int ckb) { return ckb >= 4 ? 4 : 2; }
-constexpr int kDepth = 8;          // k-blocks of weights in flight per warp
+// k-blocks of weights in flight per warp: 4 beat 8 by up to 12% at M = 1 and 5-17% at M = 8, and 2 (kernel notes step 21)
+constexpr int kDepth = 4;
 constexpr int kPartFloats = kMaxRows * 16 * 4;  // a CTA's partial slot in the workspace (the widest CTA)
 
 // Activations of rows past M: their loads read zeros here (no predicate per load). Large enough for a
@@ -124,6 +125,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   const uint32_t* w_chunk;  // the lane's word of atom 0 in the chunk's first k-block
   const uint16_t* x_chunk;  // x[g][chunk's first k + 2t]
   int k_valid;              // size_k - (chunk's first k + 2t): activation pairs at offsets < k_valid exist
+  bool w_valid;             // the chunk is one of the warp's (else its weights are not loaded)
 
   // Rings, by step: weights and activations step % kDepth; scales and zeros step % U, at chunk starts only.
   uint32_t wr[kDepth][WA];  // the lane's packed word of each atom
@@ -131,12 +133,14 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   uint32_t sr[U][WA];       // scales of columns 16 a + g (low half) and 16 a + 8 + g (high)
   uint32_t zr[U][WA];       // zeros likewise (asymmetric only)
 
-  // A chunk past the warp's last (the tail of the last round) reads chunk 0's weights with zero activations and
-  // zero scales: it adds nothing. Chunks are whole: the host picks CKB to divide kb_total.
+  // A chunk past the warp's last (the tail of the last round) loads no weights: its steps compute on the ring's
+  // stale words (any word decodes to finite values) with zero activations and zero scales, adding nothing.
+  // Chunks are whole: the host picks CKB to divide kb_total.
   auto load_chunk = [&](int lc, int q, bool weights) {  // the warp's chunk lc, first step at round position q
     const bool ok = lc < my_chunks;
     const int kb = ok ? (c_begin + warp + kWarps * lc) * CKB : 0;
     k_valid = ok ? p.size_k - kb * 16 - 2 * t : 0;
+    w_valid = ok;
     w_chunk = b_lane + static_cast<int64_t>(kb) * row_words;
     x_chunk = x_row != nullptr ? x_row + kb * 16 : reinterpret_cast<const uint16_t*>(g_zero_acts);
     if (weights) {
@@ -157,7 +161,8 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
     const uint32_t* w = reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(w_chunk) +
                                                           (q % CKB) * row_bytes);
 #pragma unroll
-    for (int a = 0; a < WA; ++a) wr[q % kDepth][a] = __ldcs(w + 32 * a);
+    for (int a = 0; a < WA; ++a)
+      if (w_valid) wr[q % kDepth][a] = __ldcs(w + 32 * a);
   };
   auto load_acts = [&](int q) {
     const int i = q % CKB;
@@ -166,6 +171,10 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
     xr[q % kDepth][1] = 16 * i + 8 < k_valid ? x[4] : 0u;
   };
 
+#pragma unroll
+  for (int u = 0; u < kDepth; ++u)
+#pragma unroll
+    for (int a = 0; a < WA; ++a) wr[u][a] = 0u;  // a warp without chunks computes on these
   float acc[WA][4];
   float part[WA][4];       // the current chunk's raw sums: sum (magic + unit q) x
   float xs[4];             // the current chunk's sum of x (c0, c1: rows 2t, 2t + 1 of M)
