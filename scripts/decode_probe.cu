@@ -58,48 +58,35 @@ __global__ void pattern_read_kernel(const int4* b, int n_pad, int k_tiles, int n
 
 // The streaming kernel's access order without its arithmetic, with RUN x 512-byte runs per warp and k-block: CTA
 // (column tile, k-split), 8 warps on consecutive 8-k-block chunks of the split, 8 k-blocks in flight per warp. RUN = 1
-// is the kernel's order (4 atoms per warp); RUN = 2, 4 ask whether longer contiguous runs read faster.
-template <int RUN>
+// is the kernel's order (4 atoms per warp); RUN = 2, 4 ask whether longer contiguous runs read faster. WORDS: each
+// 512-byte run read as the kernel reads it, 4 x 32-bit words per lane 128 bytes apart (one per atom), not one int4.
+template <int RUN, bool WORDS = false>
 __global__ void stream_order_read_kernel(const int4* b, int64_t row_int4, int kb_total, int col_tiles, int* sink) {
   constexpr int kCkb = 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int col = blockIdx.x % col_tiles, split = blockIdx.x / col_tiles, splits = gridDim.x / col_tiles;
   const int chunks = kb_total / kCkb, per_split = (chunks + splits - 1) / splits;
   const int c0 = split * per_split, c1 = min(chunks, c0 + per_split);
-  int x = 0;
-  for (int c = c0 + warp; c < c1; c += 8) {
-    int4 v[kCkb][RUN];
-#pragma unroll
-    for (int i = 0; i < kCkb; ++i)
-#pragma unroll
-      for (int r = 0; r < RUN; ++r) v[i][r] = __ldcs(b + int64_t(c * kCkb + i) * row_int4 + (col * RUN + r) * 32 + lane);
-#pragma unroll
-    for (int i = 0; i < kCkb; ++i)
-#pragma unroll
-      for (int r = 0; r < RUN; ++r) x ^= v[i][r].x ^ v[i][r].y ^ v[i][r].z ^ v[i][r].w;
-  }
-  if (x == 0x12345678) sink[0] = x;
-}
-
-// RUN = 1 as the kernel loads it: 4 x 32-bit words per lane at 128-byte strides (one per atom) instead of one int4.
-__global__ void stream_order_word_read_kernel(const int4* b4, int64_t row_int4, int kb_total, int col_tiles, int* sink) {
-  constexpr int kCkb = 8;
-  const uint32_t* b = reinterpret_cast<const uint32_t*>(b4);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int col = blockIdx.x % col_tiles, split = blockIdx.x / col_tiles, splits = gridDim.x / col_tiles;
-  const int chunks = kb_total / kCkb, per_split = (chunks + splits - 1) / splits;
-  const int c0 = split * per_split, c1 = min(chunks, c0 + per_split);
   uint32_t x = 0;
   for (int c = c0 + warp; c < c1; c += 8) {
-    uint32_t v[kCkb][4];
+    uint32_t v[kCkb][RUN][4];
 #pragma unroll
     for (int i = 0; i < kCkb; ++i)
 #pragma unroll
-      for (int a = 0; a < 4; ++a) v[i][a] = __ldcs(b + int64_t(c * kCkb + i) * row_int4 * 4 + col * 128 + 32 * a + lane);
+      for (int r = 0; r < RUN; ++r) {
+        const int4* run = b + int64_t(c * kCkb + i) * row_int4 + (col * RUN + r) * 32;
+        if constexpr (WORDS) {
+#pragma unroll
+          for (int a = 0; a < 4; ++a) v[i][r][a] = __ldcs(reinterpret_cast<const uint32_t*>(run) + 32 * a + lane);
+        } else {
+          const int4 q = __ldcs(run + lane);
+          v[i][r][0] = q.x, v[i][r][1] = q.y, v[i][r][2] = q.z, v[i][r][3] = q.w;
+        }
+      }
 #pragma unroll
     for (int i = 0; i < kCkb; ++i)
 #pragma unroll
-      for (int a = 0; a < 4; ++a) x ^= v[i][a];
+      for (int r = 0; r < RUN; ++r) x ^= v[i][r][0] ^ v[i][r][1] ^ v[i][r][2] ^ v[i][r][3];
   }
   if (x == 0x12345678) sink[0] = x;
 }
@@ -199,7 +186,7 @@ int main(int argc, char** argv) {
   t_stream[0] = time_stream(stream_order_read_kernel<1>, 1);
   t_stream[1] = time_stream(stream_order_read_kernel<2>, 2);
   t_stream[2] = time_stream(stream_order_read_kernel<4>, 4);
-  t_stream[3] = time_stream(stream_order_word_read_kernel, 1);
+  t_stream[3] = time_stream(stream_order_read_kernel<1, true>, 1);
   CK(cudaGetLastError());
   const double mb = (b_ints * 4 + s_halves * 2) / 1e6;
   const double wmb = b_ints * 4 / 1e6;
