@@ -37,7 +37,8 @@ constexpr int kMaxRows = 8;        // one n8 block of the mma
 // 16 x 16 atoms per warp per k-block: 4 (one 512-byte run per warp and k-block; 2 was 10-25% slower), 2 for
 // chunks of 1-2 k-blocks (groups of 16-32 rows), where 4 spills at 128 registers.
 __host__ __device__ constexpr int atoms_for(int ckb) { return ckb >= 4 ? 4 : 2; }
-// k-blocks of weights in flight per warp: 4 beat 8 by up to 12% at M = 1 and 5-17% at M = 8, and 2 (kernel notes step 21)
+// k-blocks of weights in flight per warp. 4 against 8: up to 12% faster at M = 1 on smaller layers (up to 3% slower on
+// the largest) and 5-17% faster at M = 8; 2 is slower than both (kernel notes step 21).
 constexpr int kDepth = 4;
 constexpr int kPartFloats = kMaxRows * 16 * 4;  // a CTA's partial slot in the workspace (the widest CTA)
 
