@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "decode_gemm.cuh"
@@ -57,7 +58,7 @@ __global__ void pattern_read_kernel(const int4* b, int n_pad, int k_tiles, int n
 }
 
 // The streaming kernel's access order without its arithmetic, with RUN x 512-byte runs per warp and k-block: CTA
-// (column tile, k-split), 8 warps on consecutive 8-k-block chunks of the split, 8 k-blocks in flight per warp. RUN = 1
+// (column tile, k-split), 8 warps on consecutive 8-k-block chunks of the split, a chunk's 8 k-blocks loaded at once. RUN = 1
 // is the kernel's order (4 atoms per warp); RUN = 2, 4 ask whether longer contiguous runs read faster. WORDS: each
 // 512-byte run read as the kernel reads it, 4 x 32-bit words per lane 128 bytes apart (one per atom), not one int4.
 template <int RUN, bool WORDS = false>
@@ -172,9 +173,11 @@ int main(int argc, char** argv) {
     }, calls, s);
   };
   const float t_pat[2] = {time_pattern(pattern_read_kernel<128, 8, 4>), time_pattern(pattern_read_kernel<128, 8, 8>)};
-  float t_stream[4];  // runs of 512 B, 1 KB, 2 KB; k-splits a power of two, up to ~2 CTAs per SM as in the kernel
-  auto time_stream = [&](auto kernel, int run) {
-    const int col_tiles = N / 2 / (32 * run);  // int4 per k-block row / int4 per warp's run
+  // k-splits a power of two, up to ~2 CTAs per SM as in the kernel; run, words: std::integral_constant (the kernel's RUN, WORDS)
+  auto time_stream = [&](auto run, auto words) {
+    constexpr int kRun = decltype(run)::value;
+    const auto kernel = stream_order_read_kernel<kRun, decltype(words)::value>;
+    const int col_tiles = N / 2 / (32 * kRun);  // int4 per k-block row / int4 per warp's run
     int splits = 1;
     while (col_tiles * splits * 2 <= 2 * sms && splits * 2 * 8 * 8 <= K / 16) splits *= 2;
     return time_graph([&] {
@@ -183,10 +186,10 @@ int main(int argc, char** argv) {
                                                   col_tiles, sink);
     }, calls, s);
   };
-  t_stream[0] = time_stream(stream_order_read_kernel<1>, 1);
-  t_stream[1] = time_stream(stream_order_read_kernel<2>, 2);
-  t_stream[2] = time_stream(stream_order_read_kernel<4>, 4);
-  t_stream[3] = time_stream(stream_order_read_kernel<1, true>, 1);
+  using std::integral_constant;
+  const float t_stream[4] = {  // 512-byte, 1 KB and 2 KB runs as int4, then 512-byte runs as the kernel's 32-bit words
+      time_stream(integral_constant<int, 1>{}, std::false_type{}), time_stream(integral_constant<int, 2>{}, std::false_type{}),
+      time_stream(integral_constant<int, 4>{}, std::false_type{}), time_stream(integral_constant<int, 1>{}, std::true_type{})};
   CK(cudaGetLastError());
   const double mb = (b_ints * 4 + s_halves * 2) / 1e6;
   const double wmb = b_ints * 4 / 1e6;
