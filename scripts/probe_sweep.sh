@@ -6,8 +6,9 @@
 # PROBE_VARIANTS builds this tree once per NAME=DEFINES (commas for spaces), e.g. the streaming kernel's ring depth.
 #   PROBE_BASE=.probe/base PROBE_SHAPES="4096x4096 8192x8192" PROBE_MS="1 16" scripts/probe_sweep.sh
 #   PROBE_VARIANTS="ring8=-DHF_INT4_STREAM_RING=8 ring16=-DHF_INT4_STREAM_RING=16" scripts/probe_sweep.sh
-# PROBE_NCU=1: instead of the timings, ncu's speed-of-light, warp-state (stall reasons), scheduler and memory sections
-# of each build's third streaming-kernel launch per shape and M (ncu locks the SM clock, so compare cycles).
+# PROBE_NCU=1: instead of the timings, ncu's speed-of-light, warp-state, scheduler and memory sections of each build's
+# third streaming-kernel launch per shape and M, and the stall reasons (cycles per issued instruction, which the
+# warp-state section only sums); ncu locks the SM clock, so compare cycles.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 variants="${PROBE_VARIANTS:-tree=}"
@@ -30,7 +31,9 @@ for shape in ${PROBE_SHAPES:-4096x1024 4096x4096 4096x6144 4096x14336 14336x4096
       if [ -n "${PROBE_NCU:-}" ]; then
         echo "=== ncu $name K=${shape%x*} N=${shape#*x} M=$M"
         ncu --launch-skip 2 --launch-count 1 -k regex:stream_gemm_kernel --section SpeedOfLight --section WarpStateStats \
-          --section SchedulerStats --section MemoryWorkloadAnalysis "/tmp/probe_$name" "${shape%x*}" "${shape#*x}" "$M" 2>&1 \
+          --section SchedulerStats --section MemoryWorkloadAnalysis \
+          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active" \
+          "/tmp/probe_$name" "${shape%x*}" "${shape#*x}" "$M" 2>&1 \
           | grep -v "^==PROF=="
       else
         echo "$name $(/tmp/probe_$name "${shape%x*}" "${shape#*x}" "$M")"
