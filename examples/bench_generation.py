@@ -261,15 +261,14 @@ def main():
         save()
 
     # Decode steps by name: one per model, and with --pdl the same two models compiled with PDL. Each row but fp16
-    # is divided by its baseline and stored under its speedup key (the keys of earlier result files).
+    # is divided by its baseline and stored under its speedup key (the keys of earlier result files):
+    # name -> (speedup key, baseline).
     steps = {name: (model, compiled_decode_step(model)) for name, model in models.items()}
-    baseline = {name: "fp16" for name in models}
-    speedup_key = {"int4": "speedup", "int4_unfused": "speedup_unfused"}
+    speedup_of = {"int4": ("speedup", "fp16"), "int4_unfused": ("speedup_unfused", "fp16")}
     if args.pdl:
         torch._dynamo.config.recompile_limit = 64  # one step function, compiled per model, batch and option set
         steps.update({f"{name}_pdl": (models[name], compiled_decode_step(models[name], pdl=True)) for name in ("fp16", "int4")})
-        baseline.update({"fp16_pdl": "fp16", "int4_pdl": "fp16_pdl"})
-        speedup_key.update({"fp16_pdl": "speedup_fp16_pdl", "int4_pdl": "speedup_pdl"})
+        speedup_of.update({"fp16_pdl": ("speedup_fp16_pdl", "fp16"), "int4_pdl": ("speedup_pdl", "fp16_pdl")})
 
     if args.profile:
         for batch in args.batches:
@@ -278,7 +277,7 @@ def main():
     for mode in args.decode:
         names = list(steps) if mode == "step" else list(models)
         print(f"decode ({mode}) {'batch':>6} {'fp16 tok/s':>11}"
-              + "".join(f" {name + ' tok/s':>18} {'/' + baseline[name]:>9}" for name in names[1:]) + "   first call s")
+              + "".join(f" {name + ' tok/s':>18} {'/' + speedup_of[name][1]:>9}" for name in names[1:]) + "   first call s")
         for batch in args.batches:
             row = {"mode": mode, "batch": batch}
             for name in names:
@@ -288,11 +287,12 @@ def main():
                 else:
                     row[name] = decode_tokens_per_second(models[name], batch, args.prompt, *args.new_tokens, args.repeats)
             for name in names[1:]:
-                row[speedup_key[name]] = row[name]["tokens_per_s"] / row[baseline[name]]["tokens_per_s"]
+                key, base = speedup_of[name]
+                row[key] = row[name]["tokens_per_s"] / row[base]["tokens_per_s"]
             result["decode"].append(row)
             save()
             print(f"{'':>15}{batch:>6} {row['fp16']['tokens_per_s']:>11.1f}"
-                  + "".join(f" {row[name]['tokens_per_s']:>18.1f} {row[speedup_key[name]]:>8.2f}x" for name in names[1:])
+                  + "".join(f" {row[name]['tokens_per_s']:>18.1f} {row[speedup_of[name][0]]:>8.2f}x" for name in names[1:])
                   + "   " + " / ".join(f"{row[name]['first_call_s']:.1f}" for name in names), flush=True)
 
 if __name__ == "__main__":
