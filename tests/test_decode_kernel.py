@@ -263,6 +263,26 @@ def test_stream_kernel_chunks_splits_and_tails(gs, sym, dtype):
         check(run(x, packed, bias, sms=splits), oracle(raw, x, bias), dtype, f"g{gs} M={M} splits={splits}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gs", [16, 32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_stream_kernel_one_cta_per_column_tile(gs, sym, dtype):
+    """The 16-warp grid (one CTA per column tile over all of K), which the kernel picks when a layer's column tiles
+    number between half and all of the SMs: N sized from this GPU's SM count so that 64-column tiles (4 atoms per
+    warp, groups >= 64) and then 32-column tiles (2 atoms) fall in that range; N - 40 leaves padded columns in
+    the last tile, K = 2000 a partial last chunk."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = 3 * sms // 4
+    cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
+    for K, N in ((2000, 64 * tiles - 40), (1000, 32 * tiles - 40)):
+        layer, raw = get_layer(K, N, cfg, bias=True, seed=93)
+        packed = get_packed(K, N, cfg, dtype, bias=True, seed=93)
+        bias = raw["bias"].to(dtype)
+        for M in (1, 3, 8):
+            x = torch.randn(M, K, dtype=dtype, device="cuda")
+            check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"K={K} N={N} g{gs} M={M}")
+
+
 @pytest.mark.parametrize("M", [1, 5, 8])
 def test_stream_kernel_reads_nothing_past_its_rows(M):
     """x is the head of a NaN-filled buffer: a read past row M - 1 or past column K - 1 of the last row (the
@@ -348,13 +368,13 @@ def test_ops_take_any_leading_dimensions():
     assert empty.shape == (0, 3, N)
 
 
+@pytest.mark.parametrize("K", [2048, 4096])  # 4096: the streaming kernel's 16-warp grid on a 132-SM GPU
 @pytest.mark.parametrize("graph", [False, True])
-def test_chained_layers_wait_for_their_input(graph):
+def test_chained_layers_wait_for_their_input(graph, K):
     """Each call may launch before the previous one ends (programmatic dependent launch): it must still read
     the previous call's finished output as its activations, and share the workspace safely. A chain of
     adjacent calls (no other kernel in between) where every output feeds the next; eager outputs land in
     NaN-poisoned buffers, graph replays see the previous replay's values in theirs."""
-    K = 2048
     raws, packed = chain_layers(K, 6, _cfg("gptq", True, False, 128), seed=80)
     for M, sms in ((1, -1), (16, 7), (64, -1)):
         calls = [lambda h, p=p, sms=sms: ops.int4_gemm(h, p, sms=sms) for p in packed]

@@ -8,8 +8,9 @@
 // `lane` of an atom exactly the lane's A fragment of W^T for mma.m16n8k16 ("swap AB": the weights are A and
 // the activations B, so one mma covers 16 columns x 8 rows of M).
 //
-// Work split: a CTA (8 warps) owns WA atoms (16 WA columns) and one of `splits` equal k-ranges; its warps take
+// Work split: a CTA (WARPS warps) owns WA atoms (16 WA columns) and one of `splits` equal k-ranges; its warps take
 // chunks of CKB k-blocks round-robin, so the CTAs sweep K together and the GPU reads bands of consecutive rows.
+// choose_grid picks 16-warp CTAs over the whole of K, one per SM, or two 8-warp CTAs per SM with k-splits.
 // A chunk lies in one group: its raw products are accumulated in fp32, then the zeros are subtracted and the
 // scale applied once per chunk (RawFrag). The warps are summed in shared memory in a fixed order; with
 // splits > 1 each CTA stores its fp32 partial in the workspace and the last CTA of a column tile to arrive sums
@@ -31,11 +32,10 @@ namespace hf_int4 {
 namespace gemm {
 namespace stream {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxRows = 8;        // one n8 block of the mma
-// 16 x 16 atoms per warp per k-block: 4 (one 512-byte run per warp and k-block; 2 was 10-25% slower), 2 for
-// chunks of 1-2 k-blocks (groups of 16-32 rows), where 4 spills at 128 registers.
+// 16 x 16 atoms per warp per k-block, at most: 4 (one 512-byte run per warp and k-block; 2 is slower unless it
+// is what fills the SMs, see choose_grid), 2 for chunks of 1-2 k-blocks (groups of 16-32 rows), where 4 spills at
+// 128 registers.
 __host__ __device__ constexpr int atoms_for(int ckb) { return ckb >= 4 ? 4 : 2; }
 // k-blocks of weights in flight per warp. 4 against 8: up to 12% faster at M = 1 on smaller layers (up to 3% slower on
 // the largest) and 5-17% faster at M = 8; 2 is slower than both (kernel notes step 21).
@@ -92,14 +92,16 @@ struct RawFrag<__nv_bfloat16> {
   }
 };
 
-template <typename T, int CKB>
-__global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p) {
+// 8 or 16 warps: 16 warps of at most 128 registers fill an SM's register file.
+template <typename T, int CKB, int WARPS, int WA>
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) stream_gemm_kernel(const Params p) {
   using D = Act<T>;
   using R = RawFrag<T>;
   constexpr int U = cmax(kDepth, CKB);  // steps per unrolled round: whole chunks and whole rings
-  constexpr int WA = atoms_for(CKB), COLS = 16 * WA;
+  constexpr int COLS = 16 * WA, kThreads = 32 * WARPS;
   static_assert(U % kDepth == 0 && U % CKB == 0, "ring slots and chunk positions must repeat every round");
-  __shared__ float red[kWarps][kMaxRows][COLS + 4];  // + 4: conflict-free fragment writes
+  static_assert(WA <= atoms_for(CKB), "more atoms than registers allow");
+  __shared__ float red[WARPS][kMaxRows][COLS + 4];  // + 4: conflict-free fragment writes
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -108,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   const int col0 = tile * COLS;
   const int c_begin = static_cast<int>(static_cast<int64_t>(split) * p.chunks / p.splits);
   const int c_end = static_cast<int>(static_cast<int64_t>(split + 1) * p.chunks / p.splits);
-  const int my_chunks = c_end - c_begin > warp ? ceil_div(c_end - c_begin - warp, kWarps) : 0;
+  const int my_chunks = c_end - c_begin > warp ? ceil_div(c_end - c_begin - warp, WARPS) : 0;
   const int row_words = 2 * p.n_pad, row_bytes = 4 * row_words;  // 32-bit: an address is one IMAD.WIDE
   const uint32_t* b_lane = p.b + 2 * col0 + lane;  // word of atom a in k-block kb: + kb * row_words + 32 a
   const bool has_zp = p.zeros != nullptr;
@@ -120,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   const uint16_t* x_row = g < p.m ? p.a + static_cast<int64_t>(g) * p.size_k + 2 * t : nullptr;
 
   // The load stream runs kDepth steps ahead of the compute. Step j of this warp is k-block j % CKB of its chunk
-  // j / CKB, which is chunk c_begin + warp + 8 (j / CKB) of K. Addresses are set up once per chunk.
+  // j / CKB, which is chunk c_begin + warp + WARPS (j / CKB) of K. Addresses are set up once per chunk.
   const uint32_t* w_chunk;  // the lane's word of atom 0 in the chunk's first k-block
   const uint16_t* x_chunk;  // x[g][chunk's first k + 2t]
   int k_valid;              // size_k - (chunk's first k + 2t): activation pairs at offsets < k_valid exist
@@ -137,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
   // Chunks are whole: the host picks CKB to divide kb_total.
   auto load_chunk = [&](int lc, int q, bool weights) {  // the warp's chunk lc, first step at round position q
     const bool ok = lc < my_chunks;
-    const int kb = ok ? (c_begin + warp + kWarps * lc) * CKB : 0;
+    const int kb = ok ? (c_begin + warp + WARPS * lc) * CKB : 0;
     k_valid = ok ? p.size_k - kb * 16 - 2 * t : 0;
     w_valid = ok;
     w_chunk = b_lane + static_cast<int64_t>(kb) * row_words;
@@ -270,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
     const int m = o / COLS, n = o % COLS;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += red[w][m][n];
+    for (int w = 0; w < WARPS; ++w) v += red[w][m][n];
     if (p.splits == 1)
       write_out(m, n, v);
     else
@@ -290,33 +292,56 @@ __global__ void __launch_bounds__(kThreads, 2) stream_gemm_kernel(const Params p
 
 // ------------------------------------------------------------------------------------ host side
 
-// K-splits, measured on H200 (decode probe, scripts/probe_sweep.sh, M = 1): one wave of about two CTAs per SM is
-// fastest (more, smaller CTAs were 10-30% slower), and splits that give the warps unequal numbers of chunks are
-// slow (3 splits of 64 chunks: 1.2x, of 32: 1.8x). So: a power of two, at most two CTAs per SM, at least half a
-// chunk per warp (small layers). forced_splits > 0 (tests) overrides.
-inline int choose_splits(int col_tiles, int chunks, int sms, int forced_splits, int64_t partial_floats) {
+// The grid, measured on H200 (decode probe, scripts/probe_sweep.sh; docs/kernel_notes.md steps 14 and 23):
+// - When a layer has between half and all as many column tiles of 4 atoms as SMs: one 16-warp CTA per column tile
+//   over the whole of K, one per SM, no k-split (M = 1: 4096x6144 7.37 -> 6.15 us, 8192^2 12.47 -> 11.08). Where
+//   only 2-atom tiles fall in that range, the same with those if each warp has at most two chunks (4096^2: 5.07 ->
+//   4.51 us; on 14336x4096, seven chunks per warp, the narrower tiles were up to 17% slower at M = 8).
+// - Otherwise two 8-warp CTAs per SM with k-splits: one wave of about two CTAs per SM is fastest (more, smaller CTAs
+//   were 10-30% slower), and splits that give the warps unequal numbers of chunks are slow (3 splits of 64 chunks:
+//   1.2x, of 32: 1.8x). So: a power of two, at most two CTAs per SM, at least half a chunk per warp (small layers).
+// forced_splits > 0 (tests) forces the second kind with that many splits.
+struct Grid {
+  int warps, atoms, splits;
+};
+inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int forced_splits, int64_t partial_floats) {
+  constexpr int kWide = 16, kNarrow = 8;  // warps per CTA
+  if (forced_splits <= 0)
+    for (int atoms = max_atoms; atoms >= 2; atoms /= 2) {
+      const int tiles = n_pad / (16 * atoms);
+      if (2 * tiles > sms && tiles <= sms && (atoms == max_atoms || chunks <= 2 * kWide)) return {kWide, atoms, 1};
+    }
+  const int col_tiles = n_pad / (16 * max_atoms);
   int s = 1;
   if (forced_splits > 0)
     s = std::min(forced_splits, chunks);
   else
-    while (2 * s * col_tiles <= 2 * sms && chunks / (2 * s) >= kWarps / 2) s *= 2;
+    while (2 * s * col_tiles <= 2 * sms && chunks / (2 * s) >= kNarrow / 2) s *= 2;
   while (s > 1 && int64_t(s) * col_tiles * kPartFloats > partial_floats) --s;  // one partial per CTA
-  return s;
+  return {kNarrow, max_atoms, s};
 }
 
-template <typename T, int CKB>
-const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
-  const int col_tiles = a.n_pad / (16 * atoms_for(CKB));
-  p.chunks = ceil_div(p.kb_total, CKB);
-  p.splits = choose_splits(col_tiles, p.chunks, sms, a.sms, a.workspace_size - kCounterInts);
-  if (launch_maybe_early(stream_gemm_kernel<T, CKB>, dim3(col_tiles * p.splits), dim3(kThreads), 0, a.stream, early,
-                         p) != cudaSuccess)
+template <typename T, int CKB, int WARPS, int WA>
+const char* launch_grid(const Params& p, int n_pad, cudaStream_t stream, bool early) {
+  if (launch_maybe_early(stream_gemm_kernel<T, CKB, WARPS, WA>, dim3(n_pad / (16 * WA) * p.splits), dim3(32 * WARPS), 0,
+                         stream, early, p) != cudaSuccess)
     return "hf_int4: launching the small-M int4 GEMM kernel failed";
   return nullptr;
 }
 
+template <typename T, int CKB>
+const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
+  constexpr int kAtoms = atoms_for(CKB);
+  p.chunks = ceil_div(p.kb_total, CKB);
+  const Grid g = choose_grid(a.n_pad, p.chunks, kAtoms, sms, a.sms, a.workspace_size - kCounterInts);
+  p.splits = g.splits;
+  if (g.warps == 8) return launch_grid<T, CKB, 8, kAtoms>(p, a.n_pad, a.stream, early);
+  if (g.atoms == kAtoms) return launch_grid<T, CKB, 16, kAtoms>(p, a.n_pad, a.stream, early);
+  return launch_grid<T, CKB, 16, 2>(p, a.n_pad, a.stream, early);
+}
+
 // m (<= kMaxRows) rows of A -> C. group_shift as in the tiled kernel; sms: the GPU's SM count; early: may launch early behind the
-// previous kernel (sm_90+). a.sms > 0 forces the number of k-splits (tests).
+// previous kernel (sm_90+). a.sms > 0 forces 8-warp CTAs with that many k-splits (tests).
 template <typename T>
 const char* run_stream_gemm(const Int4GemmArgs& a, const uint16_t* A, uint16_t* C, int m, int group_shift, int sms,
                             bool early) {
