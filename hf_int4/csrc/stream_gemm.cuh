@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) stream_gemm_kernel(con
 
 // ------------------------------------------------------------------------------------ host side
 
-// The grid, measured on H200 (decode probe, scripts/probe_sweep.sh; docs/kernel_notes.md steps 14 and 23):
+// The grid, measured on H200 (decode probe, scripts/probe_sweep.sh; docs/kernel_notes.md steps 12 and 23):
 // - When a layer has between half and all as many column tiles of 4 atoms as SMs: one 16-warp CTA per column tile
 //   over the whole of K, one per SM, no k-split (M = 1: 4096x6144 7.37 -> 6.15 us, 8192^2 12.47 -> 11.08). Where
 //   only 2-atom tiles fall in that range, the same with those if each warp has at most two chunks (4096^2: 5.07 ->
