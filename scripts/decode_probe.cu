@@ -3,10 +3,13 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I hf_int4/csrc scripts/decode_probe.cu -o probe   (scripts/probe_sweep.sh)
 //   ./probe K N M [thread_n thread_k] [blocks: the tiled kernel's thread blocks, or the streaming kernel's k-splits at M <= 8]
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 #include <vector>
+
+#include <cuda_fp16.h>
 
 #include "decode_gemm.cuh"
 
@@ -117,6 +120,38 @@ float time_graph(F&& launch_all, int calls, cudaStream_t s) {
   return ts[ts.size() / 2];
 }
 
+// Relative error (max |c - ref| / max |ref|) of the GEMM's output c [M, N], its first 16 rows (the streaming kernel's
+// and the tiled kernel's first m-block; the host product of more costs seconds), against a double-precision product of
+// the activations with the weights decoded from the packed words on the host, by kernels.h's layout: word
+// (kb, 32 a + lane), nibble slot i = 4 odd + 2 upper + h holds row k = 16 kb + 2 t + odd + 8 upper, column
+// n = 16 a + 8 h + g (g = lane / 4, t = lane % 4) as a signed int4 (symmetric: the zero point 8 is already off).
+double check_against_reference(const std::vector<int32_t>& hb, const std::vector<uint16_t>& hs,
+                               const std::vector<uint16_t>& ha, const uint16_t* c_dev, int K, int N, int M, int gs) {
+  M = std::min(M, 16);
+  std::vector<uint16_t> hc(int64_t(M) * N);
+  CK(cudaMemcpy(hc.data(), c_dev, hc.size() * 2, cudaMemcpyDeviceToHost));
+  auto f = [](uint16_t h) { return double(__half2float(__ushort_as_half(h))); };
+  std::vector<double> x(int64_t(M) * K), ref(hc.size(), 0.0);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = f(ha[i]);
+  for (int kb = 0; kb < K / 16; ++kb)
+    for (int col = 0; col < 2 * N; ++col) {
+      const uint32_t word = uint32_t(hb[int64_t(kb) * 2 * N + col]);
+      const int a = col / 32, lane = col % 32, g = lane / 4, t = lane % 4;
+      for (int i = 0; i < 8; ++i) {
+        const int q = int((word >> (4 * i)) & 15u), w = q >= 8 ? q - 16 : q;
+        const int k = 16 * kb + 2 * t + (i >> 2) + 8 * ((i >> 1) & 1), n = 16 * a + 8 * (i & 1) + g;
+        const double wv = w * f(hs[int64_t(k / gs) * N + n]);
+        for (int m = 0; m < M; ++m) ref[int64_t(m) * N + n] += x[int64_t(m) * K + k] * wv;
+      }
+    }
+  double max_ref = 0.0, max_err = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    max_ref = std::max(max_ref, std::abs(ref[i]));
+    max_err = std::max(max_err, std::abs(f(hc[i]) - ref[i]));
+  }
+  return max_err / std::max(max_ref, 1e-30);
+}
+
 int main(int argc, char** argv) {
   const int K = atoi(argv[1]), N = atoi(argv[2]), M = atoi(argv[3]);
   const int tn = argc > 5 ? atoi(argv[4]) : -1, tk = argc > 5 ? atoi(argv[5]) : -1;
@@ -128,7 +163,12 @@ int main(int argc, char** argv) {
   const int copies = int(std::max<int64_t>(8, 4 * int64_t(l2) / (b_ints * 4 + s_halves * 2) + 1));  // > 4x L2
   std::vector<int32_t> hb(b_ints);
   for (int64_t i = 0; i < b_ints; ++i) hb[i] = int32_t(rand()) ^ (rand() << 16);
-  std::vector<uint16_t> hs(s_halves, 0x2000), ha(int64_t(M) * K, 0x3c00);  // scales ~0.008, a = 1
+  // Activations in quarters of -1..1 and scales 2^-7, 2^-8 or 3 * 2^-8: exact in fp16, so the check below sees only
+  // the kernel's fp32 sums and its output rounding (the timings do not depend on the values).
+  std::vector<uint16_t> hs(s_halves), ha(int64_t(M) * K);
+  const uint16_t scale_bits[3] = {0x2000, 0x1c00, 0x1e00};
+  for (auto& v : hs) v = scale_bits[rand() % 3];
+  for (auto& v : ha) v = __half_as_ushort(__float2half(0.25f * float(rand() % 9 - 4)));
   int32_t* b;
   uint16_t *sc, *a, *c;
   int* ws;
@@ -161,6 +201,11 @@ int main(int argc, char** argv) {
   const int calls = 4 * copies;
   for (int i = 0; i < 3; ++i) gemm(i);  // warm-up (also what ncu profiles with --launch-skip 2)
   CK(cudaStreamSynchronize(s));
+  const double err = check_against_reference(hb, hs, ha, c, K, N, M, gs);
+  if (!(err < 1e-2)) {
+    printf("K=%d N=%d M=%d: the GEMM differs from the reference (relative error %.2e)\n", K, N, M, err);
+    exit(1);
+  }
   const float t_gemm = time_graph([&] { for (int i = 0; i < calls; ++i) gemm(i % copies); }, calls, s);
   const float t_read = time_graph([&] {
     for (int i = 0; i < calls; ++i) read_kernel<<<sms * 4, 512, 0, s>>>(reinterpret_cast<const int4*>(b + (i % copies) * b_ints), b_ints / 4, sink);
