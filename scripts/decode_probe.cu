@@ -1,5 +1,6 @@
 // Standalone timing probe for the decode kernel (no torch): per-call time of run_int4_gemm<__half> and of a
-// plain read of the same bytes, CUDA-graph replay over rotating weight copies (> 4x L2).
+// plain read of the same bytes, CUDA-graph replay over rotating weight copies (> 4x L2). Exits 1 if the GEMM's
+// result is wrong (check_against_reference).
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I hf_int4/csrc scripts/decode_probe.cu -o probe   (scripts/probe_sweep.sh)
 //   ./probe K N M [thread_n thread_k] [blocks: the tiled kernel's thread blocks, or the streaming kernel's k-splits at M <= 8]
 #include <algorithm>

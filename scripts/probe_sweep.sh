@@ -2,7 +2,8 @@
 # Decode-kernel A/B on a GPU machine, without torch: scripts/decode_probe.cu built against this tree's
 # hf_int4/csrc and, where PROBE_BASE names a folder holding another copy of the kernel headers (e.g. the last
 # commit's, copied into the ignored .probe/base and carried), against that one too; per shape and M the two
-# run one after the other. Columns: per-call time and TB/s of the GEMM, then of a plain read of the weights.
+# run one after the other. Columns: per-call time and TB/s of the GEMM, then of a plain read of the weights. Each run
+# first checks the GEMM's result against a host reference and stops the sweep if it is wrong.
 # PROBE_VARIANTS builds this tree once per NAME=DEFINES (commas for spaces), e.g. the streaming kernel's ring depth.
 #   PROBE_BASE=.probe/base PROBE_SHAPES="4096x4096 8192x8192" PROBE_MS="1 16" scripts/probe_sweep.sh
 #   PROBE_VARIANTS="ring8=-DHF_INT4_STREAM_RING=8 ring16=-DHF_INT4_STREAM_RING=16" scripts/probe_sweep.sh
@@ -36,7 +37,8 @@ for shape in ${PROBE_SHAPES:-4096x1024 4096x4096 4096x6144 4096x14336 14336x4096
           "/tmp/probe_$name" "${shape%x*}" "${shape#*x}" "$M" 2>&1 \
           | grep -v "^==PROF=="
       else
-        echo "$name $(/tmp/probe_$name "${shape%x*}" "${shape#*x}" "$M")"
+        out=$(/tmp/probe_$name "${shape%x*}" "${shape#*x}" "$M") || { echo "$name $out"; echo "probe: $name is wrong"; exit 1; }
+        echo "$name $out"
       fi
     done
   done
