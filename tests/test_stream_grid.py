@@ -1,0 +1,100 @@
+"""The streaming decode kernel's grid choice (choose_grid in hf_int4/csrc/stream_gemm.cuh), on the host.
+
+The grid decides the CTA shape, the k-splits and how many fp32 partials land in the workspace, so beyond speed it
+must never ask for more partial slots than the workspace holds. A small host program (nvcc, no GPU) prints the choice
+for a grid of layer shapes, SM counts and workspace sizes; the properties below are checked on every one of them.
+"""
+import itertools
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+NVCC = shutil.which("nvcc")
+CSRC = Path(__file__).resolve().parents[1] / "hf_int4" / "csrc"
+pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc (CPU only)")
+
+PROGRAM = r"""
+#include <cstdio>
+#include "stream_gemm.cuh"
+int main() {
+  using namespace hf_int4::gemm::stream;
+  printf("%d\n", kPartFloats);
+  int n_pad, chunks, max_atoms, sms, forced;
+  long long partial;
+  while (scanf("%d %d %d %d %d %lld", &n_pad, &chunks, &max_atoms, &sms, &forced, &partial) == 6) {
+    const Grid g = choose_grid(n_pad, chunks, max_atoms, sms, forced, partial);
+    printf("%d %d %d\n", g.warps, g.atoms, g.splits);
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def choose(tmp_path_factory):
+    """choose(cases) -> (kPartFloats, [(warps, atoms, splits) per case]); a case is
+    (n_pad, chunks, max_atoms, sms, forced, floats)."""
+    d = tmp_path_factory.mktemp("grid")
+    (d / "p.cu").write_text(PROGRAM)
+    subprocess.run([NVCC, "-std=c++17", "-O1", "-I", str(CSRC), str(d / "p.cu"), "-o", str(d / "p")], check=True)
+
+    def run(cases):
+        text = "\n".join(" ".join(map(str, c)) for c in cases) + "\n"
+        out = [int(v) for v in subprocess.run([str(d / "p")], input=text, capture_output=True, text=True,
+                                              check=True).stdout.split()]
+        return out[0], [tuple(out[i:i + 3]) for i in range(1, len(out), 3)]
+
+    return run
+
+
+# padded N and chunks (K / 128 .. K / 16) of real layers, and tiny ones
+N_PAD = [128, 256, 1024, 4096, 6144, 8192, 14336, 28672, 57344]
+CHUNKS = [1, 3, 8, 32, 64, 112, 512]
+SMS = [1, 8, 132]
+ROOMY = 1 << 40
+
+
+def test_automatic_grid(choose):
+    cases = [(n, k, a, s, -1, ROOMY) for n, k, a, s in itertools.product(N_PAD, CHUNKS, (2, 4), SMS)]
+    _, got = choose(cases)
+    for (n_pad, chunks, max_atoms, sms, _, _), (warps, atoms, s) in zip(cases, got):
+        ctx = f"n_pad={n_pad} chunks={chunks} max_atoms={max_atoms} sms={sms}: {warps} warps, {atoms} atoms, {s} splits"
+        in_range = lambda a: sms < 2 * (n_pad // (16 * a)) and n_pad // (16 * a) <= sms  # noqa: E731
+        assert atoms in (2, 4) and atoms <= max_atoms, ctx
+        if warps == 16:  # one CTA per column tile over all of K, one wave
+            assert s == 1 and in_range(atoms), ctx
+            if atoms < max_atoms:
+                assert not in_range(max_atoms) and chunks <= 2 * warps, ctx
+        else:
+            assert warps == 8 and atoms == max_atoms, ctx
+            assert not in_range(max_atoms), f"{ctx}: the 16-warp grid fits"
+            assert s >= 1 and s & (s - 1) == 0, f"{ctx}: not a power of two (uneven splits were 1.2-1.8x slower)"
+            if s > 1:
+                assert n_pad // (16 * atoms) * s <= 2 * sms, f"{ctx}: more than one wave of two CTAs per SM"
+                assert chunks // s >= warps // 2, f"{ctx}: fewer than half a chunk per warp"
+    # the shapes measured on the H200 (132 SMs, chunks of 128 rows)
+    _, measured = choose([(8192, 64, 4, 132, -1, ROOMY), (6144, 32, 4, 132, -1, ROOMY), (4096, 32, 4, 132, -1, ROOMY),
+                          (4096, 112, 4, 132, -1, ROOMY), (14336, 32, 4, 132, -1, ROOMY),
+                          (28672, 32, 4, 132, -1, ROOMY)])
+    # 8192^2, 4096x6144, 4096^2: one 16-warp CTA per tile; 14336x4096, 4096x14336, 4096x28672: 8-warp CTAs
+    assert measured == [(16, 4, 1), (16, 4, 1), (16, 2, 1), (8, 4, 4), (8, 4, 1), (8, 4, 1)]
+
+
+def test_forced_splits_and_the_workspace_bound(choose):
+    part, _ = choose([])
+    cases = []
+    for n_pad, chunks, forced in itertools.product([64, 1024, 8192], [3, 64], [-1, 1, 2, 3, 7, 100]):
+        for slots in (1, 2, 5, 64, 10**6):  # partial slots the workspace holds
+            cases.append((n_pad, chunks, 4, 132, forced, slots * part))
+    _, got = choose(cases)
+    for (n_pad, chunks, _, _, forced, floats), (warps, atoms, s) in zip(cases, got):
+        ctx = f"n_pad={n_pad} chunks={chunks} forced={forced} room={floats // part} slots: {warps} warps, {s} splits"
+        col_tiles = n_pad // (16 * atoms)
+        assert s >= 1, ctx
+        if s > 1:
+            assert s * col_tiles * part <= floats, f"{ctx}: more partials than the workspace holds"
+        if forced > 0:
+            fits = min(forced, chunks) * col_tiles * part <= floats
+            assert warps == 8 and s <= min(forced, chunks), ctx
+            assert s == min(forced, chunks) or not fits, f"{ctx}: a forced split that fits was not taken"
