@@ -33,6 +33,8 @@ namespace gemm {
 namespace stream {
 
 constexpr int kMaxRows = 8;        // one n8 block of the mma
+// Warps per CTA: 16 (one CTA per SM: 16 warps of at most 128 registers fill the register file) or 8 (two per SM)
+constexpr int kWideWarps = 16, kNarrowWarps = 8;
 // 16 x 16 atoms per warp per k-block, at most: 4 (one 512-byte run per warp and k-block; 2 is slower unless it
 // is what fills the SMs, see choose_grid), 2 for chunks of 1-2 k-blocks (groups of 16-32 rows), where 4 spills at
 // 128 registers.
@@ -92,9 +94,8 @@ struct RawFrag<__nv_bfloat16> {
   }
 };
 
-// 8 or 16 warps: 16 warps of at most 128 registers fill an SM's register file.
 template <typename T, int CKB, int WARPS, int WA>
-__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) stream_gemm_kernel(const Params p) {
+__global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_kernel(const Params p) {
   using D = Act<T>;
   using R = RawFrag<T>;
   constexpr int U = cmax(kDepth, CKB);  // steps per unrolled round: whole chunks and whole rings
@@ -305,20 +306,19 @@ struct Grid {
   int warps, atoms, splits;
 };
 inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int forced_splits, int64_t partial_floats) {
-  constexpr int kWide = 16, kNarrow = 8;  // warps per CTA
   if (forced_splits <= 0)
     for (int atoms = max_atoms; atoms >= 2; atoms /= 2) {
       const int tiles = n_pad / (16 * atoms);
-      if (2 * tiles > sms && tiles <= sms && (atoms == max_atoms || chunks <= 2 * kWide)) return {kWide, atoms, 1};
+      if (2 * tiles > sms && tiles <= sms && (atoms == max_atoms || chunks <= 2 * kWideWarps)) return {kWideWarps, atoms, 1};
     }
   const int col_tiles = n_pad / (16 * max_atoms);
   int s = 1;
   if (forced_splits > 0)
     s = std::min(forced_splits, chunks);
   else
-    while (2 * s * col_tiles <= 2 * sms && chunks / (2 * s) >= kNarrow / 2) s *= 2;
+    while (2 * s * col_tiles <= 2 * sms && chunks / (2 * s) >= kNarrowWarps / 2) s *= 2;
   while (s > 1 && int64_t(s) * col_tiles * kPartFloats > partial_floats) --s;  // one partial per CTA
-  return {kNarrow, max_atoms, s};
+  return {kNarrowWarps, max_atoms, s};
 }
 
 template <typename T, int CKB, int WARPS, int WA>
@@ -335,9 +335,9 @@ const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
   p.chunks = ceil_div(p.kb_total, CKB);
   const Grid g = choose_grid(a.n_pad, p.chunks, kAtoms, sms, a.sms, a.workspace_size - kCounterInts);
   p.splits = g.splits;
-  if (g.warps == 8) return launch_grid<T, CKB, 8, kAtoms>(p, a.n_pad, a.stream, early);
-  if (g.atoms == kAtoms) return launch_grid<T, CKB, 16, kAtoms>(p, a.n_pad, a.stream, early);
-  return launch_grid<T, CKB, 16, 2>(p, a.n_pad, a.stream, early);
+  if (g.warps == kNarrowWarps) return launch_grid<T, CKB, kNarrowWarps, kAtoms>(p, a.n_pad, a.stream, early);
+  if (g.atoms == kAtoms) return launch_grid<T, CKB, kWideWarps, kAtoms>(p, a.n_pad, a.stream, early);
+  return launch_grid<T, CKB, kWideWarps, 2>(p, a.n_pad, a.stream, early);
 }
 
 // m (<= kMaxRows) rows of A -> C. group_shift as in the tiled kernel; sms: the GPU's SM count; early: may launch early behind the
