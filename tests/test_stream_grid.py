@@ -60,7 +60,10 @@ def test_automatic_grid(choose):
     _, got = choose(cases)
     for (n_pad, chunks, max_atoms, sms, _, _), (warps, atoms, s) in zip(cases, got):
         ctx = f"n_pad={n_pad} chunks={chunks} max_atoms={max_atoms} sms={sms}: {warps} warps, {atoms} atoms, {s} splits"
-        in_range = lambda a: sms < 2 * (n_pad // (16 * a)) and n_pad // (16 * a) <= sms  # noqa: E731
+
+        def in_range(a):  # the 16-warp grid's condition: tiles of `a` atoms in (sms / 2, sms]
+            return sms < 2 * (n_pad // (16 * a)) <= 2 * sms
+
         assert atoms in (2, 4) and atoms <= max_atoms, ctx
         if warps == 16:  # one CTA per column tile over all of K, one wave
             assert s == 1 and in_range(atoms), ctx
