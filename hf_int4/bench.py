@@ -3,8 +3,10 @@ built-in int4, side by side.
 
     python -m hf_int4.bench [--shapes 4096x4096,...] [--ms 1,2,4,...] [--json out.json]
 
-`path` is the path the dispatch plan chose; decode_x / dequant_x are the forced paths. Also prints the
-dequantize pass alone per shape, as a percentage of the measured copy bandwidth. The dispatched column is the
+`path` is the path the dispatch plan chose; decode_x / dequant_x are the forced paths. read_x is fp16's time over
+that of a kernel that only reads the packed weight and its scales (no arithmetic, no output), timed the same way:
+the most any separate int4 kernel could reach on this GPU at that M. Also prints the dequantize pass alone per
+shape, as a percentage of the measured copy bandwidth. The dispatched column is the
 chosen path's forced time: a CUDA graph of dispatched calls holds the same kernels, so timing it again would
 only add a second sample of that path (on the H200 two such samples of one run differed by 5-15% at M >= 1024).
 
@@ -153,8 +155,9 @@ class Shape:
 
     def time_paths(self, M: int, paths) -> dict:
         """Median us per call of each named path at M rows, timed interleaved (time_interleaved): fp16 (F.linear),
-        torch_int4, hf_int4's own paths (hf_int4.dispatch.PATHS, forced) and dispatched (the forced time of the
-        path this layer's plan picks for M, which must be among `paths`)."""
+        torch_int4, read (hf_int4.read_floor: the packed weight's bytes read, nothing else), hf_int4's own paths
+        (hf_int4.dispatch.PATHS, forced) and dispatched (the forced time of the path this layer's plan picks for M,
+        which must be among `paths`)."""
         x = torch.randn(M, self.K, device="cuda", dtype=self.dtype)
         row = {"K": self.K, "N": self.N, "M": M, "flops": 2 * M * self.K * self.N}
         fns = {}
@@ -168,6 +171,12 @@ class Shape:
                 gs, wqs, sz = self.tinygemm
                 xb = x.to(torch.bfloat16)
                 fns[name] = (lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs))
+            elif name == "read":
+                from hf_int4.read_floor import plain_read
+
+                sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+                layers = [[p.qweight, p.scales] + ([p.zeros] if p.zeros is not None else []) for p in self.packed]
+                fns[name] = (lambda i: plain_read(layers[i], sink), len(layers))
             elif name == "dispatched":
                 row["chosen"] = self.plan.path_name(M)
             else:
@@ -200,7 +209,7 @@ def main(argv=None):
     print(f"# {meta['device']}, torch {meta['torch']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"group {args.group_size}, {args.dtype}")
     print(f"{'K':>6} {'N':>6} {'M':>5} {'fp16_us':>9} {'ours_us':>9} {'ours_x':>7} {'path':>8} {'decode_x':>8} "
-          f"{'dequant_x':>9} {'hopper_x':>8} {'tiny_x':>7} {'%bw':>5} {'TFLOP/s':>8} {'fp16_TF':>7}")
+          f"{'dequant_x':>9} {'hopper_x':>8} {'tiny_x':>7} {'read_x':>6} {'%bw':>5} {'TFLOP/s':>8} {'fp16_TF':>7}")
     rows, passes = [], []
     for spec in args.shapes.split(","):
         K, N = map(int, spec.split("x"))
@@ -212,8 +221,8 @@ def main(argv=None):
         print(f"# {K}x{N}: dequantize pass {pass_us:.1f} us = {pass_pct:.0f}% of copy bandwidth "
               f"(reads the int4 weight, writes {2 * K * N / 2**20:.0f} MiB)")
         for M in map(int, args.ms.split(",")):
-            r = shape.time_paths(M, ["fp16", "dispatched", *paths, "torch_int4"])
-            for name in ("dispatched", *paths, "torch_int4"):
+            r = shape.time_paths(M, ["fp16", "read", "dispatched", *paths, "torch_int4"])
+            for name in ("read", "dispatched", *paths, "torch_int4"):
                 r[f"{name}_x"] = r["fp16_us"] / r[f"{name}_us"] if f"{name}_us" in r else None
             # bytes the decode path must move: the int4 weight + activations in + outputs out
             r["decode_pct_bw"] = 100 * (shape.int4_bytes + 2 * M * (K + N)) / (r["decode_us"] * 1e-6) / bandwidth
@@ -225,8 +234,8 @@ def main(argv=None):
             best_hopper = max((r[k] for k in r if k.startswith("hopper") and k.endswith("_x") and r[k]), default=None)
             hopper = f"{best_hopper:8.2f}" if best_hopper else "       -"
             print(f"{K:>6} {N:>6} {M:>5} {r['fp16_us']:9.1f} {r['dispatched_us']:9.1f} {r['dispatched_x']:7.2f} "
-                  f"{r['chosen']:>8} {r['decode_x']:8.2f} {r['dequant_x']:9.2f} {hopper} {tiny} {r['decode_pct_bw']:5.0f} "
-                  f"{r['dispatched_tflops']:8.1f} {r['fp16_tflops']:7.1f}", flush=True)
+                  f"{r['chosen']:>8} {r['decode_x']:8.2f} {r['dequant_x']:9.2f} {hopper} {tiny} {r['read_x']:6.2f} "
+                  f"{r['decode_pct_bw']:5.0f} {r['dispatched_tflops']:8.1f} {r['fp16_tflops']:7.1f}", flush=True)
         del shape
         torch.cuda.empty_cache()
     if args.json:
