@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_int4 import dispatch
+from hf_int4.ops import read_floor
 
 LLAMA3_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 8192)]
 DEFAULT_MS = sorted([2**i for i in range(14)] + [3, 48, 96, 192, 384, 768, 1536])  # 1 .. 8192
@@ -155,7 +156,7 @@ class Shape:
 
     def time_paths(self, M: int, paths) -> dict:
         """Median us per call of each named path at M rows, timed interleaved (time_interleaved): fp16 (F.linear),
-        torch_int4, read (hf_int4.read_floor: the packed weight's bytes read, nothing else), hf_int4's own paths
+        torch_int4, read (hf_int4.ops.read_floor: the packed weight's bytes read, nothing else), hf_int4's own paths
         (hf_int4.dispatch.PATHS, forced) and dispatched (the forced time of the path this layer's plan picks for M,
         which must be among `paths`)."""
         x = torch.randn(M, self.K, device="cuda", dtype=self.dtype)
@@ -172,11 +173,10 @@ class Shape:
                 xb = x.to(torch.bfloat16)
                 fns[name] = (lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs))
             elif name == "read":
-                from hf_int4.read_floor import plain_read
-
-                sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+                sink = torch.empty(4 * torch.cuda.get_device_properties(0).multi_processor_count, dtype=torch.int32,
+                                   device="cuda")
                 layers = [[p.qweight, p.scales] + ([p.zeros] if p.zeros is not None else []) for p in self.packed]
-                fns[name] = (lambda i: plain_read(layers[i], sink), len(layers))
+                fns[name] = (lambda i: read_floor(layers[i], sink), len(layers))
             elif name == "dispatched":
                 row["chosen"] = self.plan.path_name(M)
             else:

@@ -133,6 +133,15 @@ def repack_gptq(qweight: torch.Tensor, perm: Optional[torch.Tensor], size_k: int
     return torch.ops.hf_int4.repack_gptq(qweight, perm, size_k, size_n)
 
 
+def read_floor(buffers, sink: torch.Tensor) -> None:
+    """The benchmark's floor: reads every byte of one to three CUDA buffers (contiguous, 16-byte aligned, whole
+    16-byte words; e.g. a packed layer's qweight, scales, zeros) and nothing else, one block per entry of sink (int32,
+    e.g. 4 per SM); block b writes the xor of the 32-bit words it read to sink[b]."""
+    if not _HAS_EXTENSION:
+        raise RuntimeError("hf_int4.read_floor needs the CUDA extension hf_int4._C, which is not built")
+    torch.ops.hf_int4.read_floor(list(buffers), sink)
+
+
 # ------------------------------------------------------------------------------------------ fake impls
 
 if _HAS_EXTENSION:
@@ -165,6 +174,10 @@ if _HAS_EXTENSION:
             torch._check(a.dim() >= 1 and a.shape[-1] == size_k,
                          lambda: f"hf_int4::hopper_int4_gemm: the activation must be [..., K={size_k}]")
             return a.new_empty((*a.shape[:-1], size_n))
+
+    @torch.library.register_fake("hf_int4::read_floor")
+    def _read_floor_fake(buffers, sink):
+        return None
 
     @torch.library.register_fake("hf_int4::repack_gptq")
     def _repack_gptq_fake(qweight, perm, size_k, size_n):

@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include "decode_gemm.cuh"
+#include "read_floor.cuh"
 
 #define CK(x)                                                                      \
   do {                                                                             \
@@ -22,15 +23,6 @@
       exit(1);                                                                     \
     }                                                                              \
   } while (0)
-
-__global__ void read_kernel(const int4* p, int64_t n, int* sink) {
-  int x = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int4 v = __ldcs(p + i);
-    x ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (x == 0x12345678) sink[0] = x;
-}
 
 // The GEMM's access order without its arithmetic: block b reads the weight tiles of its stripe (column-major
 // (k-tile, n-tile) order, TN columns x 16 * TKB rows per tile, one TN * 8-byte run per 16-row k-block), DEPTH tiles in
@@ -188,7 +180,7 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&ws, ws_ints * 4));
   CK(cudaMemset(ws, 0, ws_ints * 4));
   int* sink;
-  CK(cudaMalloc(&sink, 4));
+  CK(cudaMalloc(&sink, 4 * sms * sizeof(int)));  // read_floor_kernel: one entry per block
   cudaStream_t s;
   CK(cudaStreamCreate(&s));
 
@@ -209,7 +201,10 @@ int main(int argc, char** argv) {
   }
   const float t_gemm = time_graph([&] { for (int i = 0; i < calls; ++i) gemm(i % copies); }, calls, s);
   const float t_read = time_graph([&] {
-    for (int i = 0; i < calls; ++i) read_kernel<<<sms * 4, 512, 0, s>>>(reinterpret_cast<const int4*>(b + (i % copies) * b_ints), b_ints / 4, sink);
+    for (int i = 0; i < calls; ++i) {
+      const hf_int4::ReadFloorArgs w{{reinterpret_cast<const int4*>(b + (i % copies) * b_ints)}, {b_ints / 4}};
+      hf_int4::read_floor_kernel<<<sms * 4, hf_int4::kReadFloorThreads, 0, s>>>(w, sink);
+    }
   }, calls, s);
   const int kt128 = K / 128, nt128 = N / 128;
   auto time_pattern = [&](auto kernel) {

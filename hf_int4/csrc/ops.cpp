@@ -194,6 +194,31 @@ at::Tensor repack_gptq_cuda(const at::Tensor& qweight, const std::optional<at::T
   return out;
 }
 
+void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink) {
+  const char* op = "hf_int4::read_floor";
+  TORCH_CHECK(sink.is_cuda() && sink.scalar_type() == at::kInt && sink.dim() == 1 && sink.is_contiguous() &&
+                  sink.numel() > 0 && sink.numel() <= INT32_MAX,
+              op, ": sink must be a non-empty contiguous 1-D int32 CUDA tensor (one entry per block), got ",
+              sink.scalar_type(), " ", shape_str(sink), " on ", sink.device());
+  TORCH_CHECK(!buffers.empty() && buffers.size() <= 3, op, ": one to three buffers, got ", buffers.size());
+  const void* ptrs[3];
+  int64_t bytes[3];
+  for (size_t j = 0; j < buffers.size(); ++j) {
+    const at::Tensor& t = buffers[j];
+    check_cuda_same_device(op, t, "buffer", sink, "sink");
+    const int64_t n = t.numel() * t.element_size();
+    TORCH_CHECK(t.is_contiguous() && n % 16 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op,
+                ": buffer ", j, " must be contiguous, 16-byte aligned and a multiple of 16 bytes, got ", n, " bytes");
+    ptrs[j] = t.data_ptr();
+    bytes[j] = n;
+  }
+  const c10::cuda::CUDAGuard device_guard(sink.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(sink.device().index()).stream();
+  const char* err = read_floor_launch(ptrs, bytes, static_cast<int>(buffers.size()), sink.data_ptr<int>(),
+                                      static_cast<int>(sink.numel()), stream);
+  TORCH_CHECK(err == nullptr, err);
+}
+
 at::Tensor int4_gemm_cpu(const at::Tensor& a, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                          const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, const std::optional<at::Tensor>&,
                          int64_t, int64_t, int64_t) {
@@ -224,12 +249,15 @@ TORCH_LIBRARY(hf_int4, m) {
   m.def("dequantize_int4(Tensor b_packed, Tensor scales, Tensor? zeros, int size_n, int size_k, int group_size) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def("repack_gptq(Tensor qweight, Tensor? perm, int size_k, int size_n) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // the benchmark's floor: reads the buffers, nothing else (hf_int4.bench, read_x)
+  m.def("read_floor(Tensor[] buffers, Tensor(a!) sink) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hf_int4, CUDA, m) {
   m.impl("int4_gemm", &hf_int4::int4_gemm_cuda);
   m.impl("dequantize_int4", &hf_int4::dequantize_int4_cuda);
   m.impl("repack_gptq", &hf_int4::repack_gptq_cuda);
+  m.impl("read_floor", &hf_int4::read_floor_cuda);
 }
 
 TORCH_LIBRARY_IMPL(hf_int4, CPU, m) {
