@@ -1,5 +1,5 @@
 """A few small calls of hf_int4's kernels for compute-sanitizer (memcheck, racecheck): the decode GEMM (odd
-shapes, and a chain of back-to-back calls) and the dequantize kernel of the dequantize-then-cuBLAS path (not
+shapes, and a chain of back-to-back calls), the benchmark's read floor and the dequantize kernel of the dequantize-then-cuBLAS path (not
 cuBLAS itself: racecheck flags its Hopper GEMMs, whose mbarrier synchronisation it does not model); with
 --hopper (memcheck only, for the same reason) also the CUTLASS Hopper kernel.
 
@@ -13,7 +13,7 @@ from hf_int4 import dispatch
 from hf_int4._extension import hopper_available
 from hf_int4.formats import GPTQConfig
 from hf_int4.formats.gptq_writer import random_gptq_layer
-from hf_int4.ops import dequantize, int4_gemm
+from hf_int4.ops import dequantize, int4_gemm, read_floor
 from hf_int4.packing import pack_gptq_layer
 from hf_int4.reference import dequantize_gptq, gptq_matmul_reference
 
@@ -64,6 +64,10 @@ def main():
         err = ((xs[i + 1].float() - ref).norm() / ref.norm()).item()
         worst = max(worst, err)
         print(f"chained call {i}: int4_gemm rel err {err:.2e}")
+    # the benchmark's read floor over a packed layer with zeros (three buffers), fewer blocks than one stride needs
+    packed = pack_gptq_layer(random_gptq_layer(1000, 200, GPTQConfig(group_size=32, sym=False), seed=20,
+                                               device="cuda")[0], torch.float16)
+    read_floor([packed.qweight, packed.scales, packed.zeros], torch.empty(3, dtype=torch.int32, device="cuda"))
     torch.cuda.synchronize()
     assert worst < 2e-2, worst
     print("sanitize_check: ok")
