@@ -63,8 +63,8 @@ constexpr int kPadK = 64;
 constexpr int kPadN = 128;
 
 // The benchmark's floor (read_floor.cuh): reads count (1-3) buffers of bytes[j] bytes (16-byte aligned, whole 16-byte
-// words) with `blocks` blocks; block b writes the xor of the 32-bit words it read to sink[b].
-const char* read_floor_launch(const void* const* buffers, const int64_t* bytes, int count, int* sink, int blocks,
-                              cudaStream_t stream);
+// words) with `blocks` blocks; block b stores the xor of the 32-bit words it read to sink[b] if it equals key.
+const char* read_floor_launch(const void* const* buffers, const int64_t* bytes, int count, int key, int* sink,
+                              int blocks, cudaStream_t stream);
 
 }  // namespace hf_int4

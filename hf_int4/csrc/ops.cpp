@@ -194,7 +194,7 @@ at::Tensor repack_gptq_cuda(const at::Tensor& qweight, const std::optional<at::T
   return out;
 }
 
-void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink) {
+void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink, int64_t key) {
   const char* op = "hf_int4::read_floor";
   TORCH_CHECK(sink.is_cuda() && sink.scalar_type() == at::kInt && sink.dim() == 1 && sink.is_contiguous() &&
                   sink.numel() > 0 && sink.numel() <= INT32_MAX,
@@ -214,8 +214,8 @@ void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink) {
   }
   const c10::cuda::CUDAGuard device_guard(sink.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(sink.device().index()).stream();
-  const char* err = read_floor_launch(ptrs, bytes, static_cast<int>(buffers.size()), sink.data_ptr<int>(),
-                                      static_cast<int>(sink.numel()), stream);
+  const char* err = read_floor_launch(ptrs, bytes, static_cast<int>(buffers.size()), static_cast<int>(key),
+                                      sink.data_ptr<int>(), static_cast<int>(sink.numel()), stream);
   TORCH_CHECK(err == nullptr, err);
 }
 
@@ -249,8 +249,8 @@ TORCH_LIBRARY(hf_int4, m) {
   m.def("dequantize_int4(Tensor b_packed, Tensor scales, Tensor? zeros, int size_n, int size_k, int group_size) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def("repack_gptq(Tensor qweight, Tensor? perm, int size_k, int size_n) -> Tensor", {at::Tag::pt2_compliant_tag});
-  // the benchmark's floor: reads the buffers, nothing else (hf_int4.bench, read_x)
-  m.def("read_floor(Tensor[] buffers, Tensor(a!) sink) -> ()");
+  // the benchmark's floor: reads the buffers, nothing else (hf_int4.bench, read_x); key: see read_floor.cuh
+  m.def("read_floor(Tensor[] buffers, Tensor(a!) sink, int key=305419896) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hf_int4, CUDA, m) {
