@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_int4 import dispatch
-from hf_int4.ops import read_floor
+from hf_int4.ops import READ_FLOOR_THREADS, read_floor
 
 LLAMA3_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 8192)]
 DEFAULT_MS = sorted([2**i for i in range(14)] + [3, 48, 96, 192, 384, 768, 1536])  # 1 .. 8192
@@ -173,8 +173,8 @@ class Shape:
                 xb = x.to(torch.bfloat16)
                 fns[name] = (lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs))
             elif name == "read":
-                sink = torch.empty(4 * torch.cuda.get_device_properties(0).multi_processor_count, dtype=torch.int32,
-                                   device="cuda")
+                blocks = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+                sink = torch.empty(blocks * READ_FLOOR_THREADS, dtype=torch.int32, device="cuda")
                 layers = [[p.qweight, p.scales] + ([p.zeros] if p.zeros is not None else []) for p in self.packed]
                 fns[name] = (lambda i: read_floor(layers[i], sink), len(layers))
             elif name == "dispatched":

@@ -133,11 +133,15 @@ def repack_gptq(qweight: torch.Tensor, perm: Optional[torch.Tensor], size_k: int
     return torch.ops.hf_int4.repack_gptq(qweight, perm, size_k, size_n)
 
 
+READ_FLOOR_THREADS = 512  # threads per block of csrc/read_floor.cuh
+
+
 def read_floor(buffers, sink: torch.Tensor, key: int = 0x12345678) -> None:
     """The benchmark's floor: reads every byte of one to three CUDA buffers (contiguous, 16-byte aligned, whole
-    16-byte words; e.g. a packed layer's qweight, scales, zeros) and nothing else, one block per entry of sink (int32,
-    e.g. 4 per SM). Block b stores the xor of the 32-bit words it read to sink[b] only if that equals key (a signed
-    32-bit value): timed runs store nothing, tests pass a block's expected xor."""
+    16-byte words; e.g. a packed layer's qweight, scales, zeros) and nothing else, one thread per entry of sink (int32,
+    a multiple of READ_FLOOR_THREADS entries: one block per that many). Thread g stores the xor of the 32-bit words it
+    read to sink[g] only if that equals key (a signed 32-bit value): timed runs store nothing, tests pass a thread's
+    expected xor."""
     if not _HAS_EXTENSION:
         raise RuntimeError("hf_int4.read_floor needs the CUDA extension hf_int4._C, which is not built")
     torch.ops.hf_int4.read_floor(list(buffers), sink, key)

@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&ws, ws_ints * 4));
   CK(cudaMemset(ws, 0, ws_ints * 4));
   int* sink;
-  CK(cudaMalloc(&sink, 4 * sms * sizeof(int)));  // read_floor_kernel: one entry per block
+  CK(cudaMalloc(&sink, 4 * sms * hf_int4::kReadFloorThreads * sizeof(int)));  // read_floor_kernel: one per thread
   cudaStream_t s;
   CK(cudaStreamCreate(&s));
 

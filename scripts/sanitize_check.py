@@ -67,7 +67,7 @@ def main():
     # the benchmark's read floor over a packed layer with zeros (three buffers), fewer blocks than one stride needs
     packed = pack_gptq_layer(random_gptq_layer(1000, 200, GPTQConfig(group_size=32, sym=False), seed=20,
                                                device="cuda")[0], torch.float16)
-    read_floor([packed.qweight, packed.scales, packed.zeros], torch.empty(3, dtype=torch.int32, device="cuda"))
+    read_floor([packed.qweight, packed.scales, packed.zeros], torch.empty(3 * 512, dtype=torch.int32, device="cuda"))
     torch.cuda.synchronize()
     assert worst < 2e-2, worst
     print("sanitize_check: ok")

@@ -197,8 +197,9 @@ at::Tensor repack_gptq_cuda(const at::Tensor& qweight, const std::optional<at::T
 void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink, int64_t key) {
   const char* op = "hf_int4::read_floor";
   TORCH_CHECK(sink.is_cuda() && sink.scalar_type() == at::kInt && sink.dim() == 1 && sink.is_contiguous() &&
-                  sink.numel() > 0 && sink.numel() <= INT32_MAX,
-              op, ": sink must be a non-empty contiguous 1-D int32 CUDA tensor (one entry per block), got ",
+                  sink.numel() > 0 && sink.numel() % kReadFloorThreads == 0 && sink.numel() <= INT32_MAX,
+              op, ": sink must be a contiguous 1-D int32 CUDA tensor of a positive multiple of ", kReadFloorThreads,
+              " entries (one per thread), got ",
               sink.scalar_type(), " ", shape_str(sink), " on ", sink.device());
   TORCH_CHECK(!buffers.empty() && buffers.size() <= 3, op, ": one to three buffers, got ", buffers.size());
   const void* ptrs[3];
@@ -215,7 +216,8 @@ void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink, int64_t key
   const c10::cuda::CUDAGuard device_guard(sink.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(sink.device().index()).stream();
   const char* err = read_floor_launch(ptrs, bytes, static_cast<int>(buffers.size()), static_cast<int>(key),
-                                      sink.data_ptr<int>(), static_cast<int>(sink.numel()), stream);
+                                      sink.data_ptr<int>(), static_cast<int>(sink.numel() / kReadFloorThreads),
+                                      stream);
   TORCH_CHECK(err == nullptr, err);
 }
 
