@@ -27,6 +27,9 @@ CASES = [  # (K, N, M, config, dtype)
     # on a 132-SM GPU the streaming kernel's 16-warp grid: 100 column tiles of 4 atoms, then 100 of 2
     (1000, 6296, 3, GPTQConfig(group_size=64, sym=False, checkpoint_format="gptq_v2"), torch.bfloat16),
     (1000, 3128, 8, GPTQConfig(group_size=128), torch.float16),
+    # more 64-column tiles than SMs: 16-warp CTAs of two groups of warps (99 tiles of 128 columns), then of four
+    (1000, 12632, 8, GPTQConfig(group_size=128), torch.float16),
+    (1000, 25304, 3, GPTQConfig(group_size=64, sym=False, checkpoint_format="gptq_v2"), torch.bfloat16),
 ]
 
 

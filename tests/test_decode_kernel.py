@@ -283,6 +283,26 @@ def test_stream_kernel_one_cta_per_column_tile(gs, sym, dtype):
             check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"K={K} N={N} g{gs} M={M}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gs", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_stream_kernel_groups_of_warps_along_n(gs, sym, dtype):
+    """16-warp CTAs whose warps form two or four groups, each on its own 64 columns (32 for groups of 32), which the
+    kernel picks when a layer has more 64-column tiles than SMs and tiles of two or four of them number between half
+    and all of the SMs (4096x14336, 4096x28672 on 132 SMs): N sized from this GPU's SM count for each; N - 40 leaves
+    padded columns in the last tile, K = 2000 a partial last chunk."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = 3 * sms // 4
+    cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
+    for K, N in ((2000, 128 * tiles - 40), (1000, 256 * tiles - 40)):
+        layer, raw = get_layer(K, N, cfg, bias=True, seed=94)
+        packed = get_packed(K, N, cfg, dtype, bias=True, seed=94)
+        bias = raw["bias"].to(dtype)
+        for M in (1, 3, 8):
+            x = torch.randn(M, K, dtype=dtype, device="cuda")
+            check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"K={K} N={N} g{gs} M={M}")
+
+
 @pytest.mark.parametrize("M", [1, 5, 8])
 def test_stream_kernel_reads_nothing_past_its_rows(M):
     """x is the head of a NaN-filled buffer: a read past row M - 1 or past column K - 1 of the last row (the

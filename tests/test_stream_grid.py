@@ -25,7 +25,7 @@ int main() {
   long long partial;
   while (scanf("%d %d %d %d %d %lld", &n_pad, &chunks, &max_atoms, &sms, &forced, &partial) == 6) {
     const Grid g = choose_grid(n_pad, chunks, max_atoms, sms, forced, partial);
-    printf("%d %d %d\n", g.warps, g.atoms, g.splits);
+    printf("%d %d %d %d\n", g.warps, g.atoms, g.splits, g.wn);
   }
 }
 """
@@ -33,7 +33,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def choose(tmp_path_factory):
-    """choose(cases) -> (kPartFloats, [(warps, atoms, splits) per case]); a case is
+    """choose(cases) -> (kPartFloats, [(warps, atoms, splits, wn) per case]); a case is
     (n_pad, chunks, max_atoms, sms, forced, floats)."""
     d = tmp_path_factory.mktemp("grid")
     (d / "p.cu").write_text(PROGRAM)
@@ -43,7 +43,7 @@ def choose(tmp_path_factory):
         text = "\n".join(" ".join(map(str, c)) for c in cases) + "\n"
         out = [int(v) for v in subprocess.run([str(d / "p")], input=text, capture_output=True, text=True,
                                               check=True).stdout.split()]
-        return out[0], [tuple(out[i:i + 3]) for i in range(1, len(out), 3)]
+        return out[0], [tuple(out[i:i + 4]) for i in range(1, len(out), 4)]
 
     return run
 
@@ -58,20 +58,29 @@ ROOMY = 1 << 40
 def test_automatic_grid(choose):
     cases = [(n, k, a, s, -1, ROOMY) for n, k, a, s in itertools.product(N_PAD, CHUNKS, (2, 4), SMS)]
     _, got = choose(cases)
-    for (n_pad, chunks, max_atoms, sms, _, _), (warps, atoms, s) in zip(cases, got):
-        ctx = f"n_pad={n_pad} chunks={chunks} max_atoms={max_atoms} sms={sms}: {warps} warps, {atoms} atoms, {s} splits"
+    for (n_pad, chunks, max_atoms, sms, _, _), (warps, atoms, s, wn) in zip(cases, got):
+        ctx = (f"n_pad={n_pad} chunks={chunks} max_atoms={max_atoms} sms={sms}: {warps} warps, {atoms} atoms, "
+               f"{s} splits, {wn} groups")
 
-        def in_range(a):  # the 16-warp grid's condition: tiles of `a` atoms in (sms / 2, sms]
-            return sms < 2 * (n_pad // (16 * a)) <= 2 * sms
+        def in_range(a, groups=1):  # the 16-warp grid's condition: whole tiles of `groups` x `a` atoms in (sms / 2, sms]
+            cols = 16 * a * groups
+            return n_pad % cols == 0 and sms < 2 * (n_pad // cols) <= 2 * sms
+
+        def grouped(groups):  # tiles of groups x max_atoms atoms fit where the max_atoms tiles outnumber the SMs
+            return n_pad // (16 * max_atoms) > sms and in_range(max_atoms, groups) and chunks >= 16 // groups
 
         assert atoms in (2, 4) and atoms <= max_atoms, ctx
         if warps == 16:  # one CTA per column tile over all of K, one wave
-            assert s == 1 and in_range(atoms), ctx
+            assert s == 1 and in_range(atoms, wn), ctx
             if atoms < max_atoms:
-                assert not in_range(max_atoms) and chunks <= 2 * warps, ctx
+                assert wn == 1 and not in_range(max_atoms) and chunks <= 2 * warps, ctx
+            if wn > 1:  # groups of warps along N: only where no single-group tile fits, the fewest groups that do
+                assert wn in (2, 4) and atoms == max_atoms and not in_range(max_atoms), ctx
+                assert grouped(wn) and all(not grouped(w) for w in (2, 4) if w < wn), ctx
         else:
-            assert warps == 8 and atoms == max_atoms, ctx
+            assert warps == 8 and atoms == max_atoms and wn == 1, ctx
             assert not in_range(max_atoms), f"{ctx}: the 16-warp grid fits"
+            assert not grouped(2) and not grouped(4), f"{ctx}: the grouped 16-warp grid fits"
             assert s >= 1 and s & (s - 1) == 0, f"{ctx}: not a power of two (uneven splits were 1.2-1.8x slower)"
             if s > 1:
                 assert n_pad // (16 * atoms) * s <= 2 * sms, f"{ctx}: more than one wave of two CTAs per SM"
@@ -80,8 +89,9 @@ def test_automatic_grid(choose):
     _, measured = choose([(8192, 64, 4, 132, -1, ROOMY), (6144, 32, 4, 132, -1, ROOMY), (4096, 32, 4, 132, -1, ROOMY),
                           (4096, 112, 4, 132, -1, ROOMY), (14336, 32, 4, 132, -1, ROOMY),
                           (28672, 32, 4, 132, -1, ROOMY)])
-    # 8192^2, 4096x6144, 4096^2: one 16-warp CTA per tile; 14336x4096, 4096x14336, 4096x28672: 8-warp CTAs
-    assert measured == [(16, 4, 1), (16, 4, 1), (16, 2, 1), (8, 4, 4), (8, 4, 1), (8, 4, 1)]
+    # 8192^2, 4096x6144, 4096^2: one 16-warp CTA per tile; 14336x4096: 8-warp CTAs, 4 splits; 4096x14336,
+    # 4096x28672: 16-warp CTAs of two and four groups of warps
+    assert measured == [(16, 4, 1, 1), (16, 4, 1, 1), (16, 2, 1, 1), (8, 4, 4, 1), (16, 4, 1, 2), (16, 4, 1, 4)]
 
 
 def test_forced_splits_and_the_workspace_bound(choose):
@@ -91,10 +101,10 @@ def test_forced_splits_and_the_workspace_bound(choose):
         for slots in (1, 2, 5, 64, 10**6):  # partial slots the workspace holds
             cases.append((n_pad, chunks, 4, 132, forced, slots * part))
     _, got = choose(cases)
-    for (n_pad, chunks, _, _, forced, floats), (warps, atoms, s) in zip(cases, got):
+    for (n_pad, chunks, _, _, forced, floats), (warps, atoms, s, wn) in zip(cases, got):
         ctx = f"n_pad={n_pad} chunks={chunks} forced={forced} room={floats // part} slots: {warps} warps, {s} splits"
-        col_tiles = n_pad // (16 * atoms)
-        assert s >= 1, ctx
+        col_tiles = n_pad // (16 * atoms * wn)
+        assert s >= 1 and (wn == 1 or s == 1), ctx
         if s > 1:
             assert s * col_tiles * part <= floats, f"{ctx}: more partials than the workspace holds"
         if forced > 0:

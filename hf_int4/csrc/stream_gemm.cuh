@@ -8,9 +8,10 @@
 // `lane` of an atom exactly the lane's A fragment of W^T for mma.m16n8k16 ("swap AB": the weights are A and
 // the activations B, so one mma covers 16 columns x 8 rows of M).
 //
-// Work split: a CTA (WARPS warps) owns WA atoms (16 WA columns) and one of `splits` equal k-ranges; its warps take
-// chunks of CKB k-blocks round-robin, so the CTAs sweep K together and the GPU reads bands of consecutive rows.
-// choose_grid picks 16-warp CTAs over the whole of K, one per SM, or two 8-warp CTAs per SM with k-splits.
+// Work split: a CTA (WARPS warps) owns WN x WA atoms (16 WN WA columns) and one of `splits` equal k-ranges; its
+// warps form WN groups of WARPS / WN, each group on its own WA atoms, and a group's warps take chunks of CKB k-blocks
+// round-robin, so the CTAs sweep K together and the GPU reads bands of consecutive rows. choose_grid picks 16-warp
+// CTAs over the whole of K, one per SM, or two 8-warp CTAs per SM with k-splits.
 // A chunk lies in one group: its raw products are accumulated in fp32, then the zeros are subtracted and the
 // scale applied once per chunk (RawFrag). The warps are summed in shared memory in a fixed order; with
 // splits > 1 each CTA stores its fp32 partial in the workspace and the last CTA of a column tile to arrive sums
@@ -94,36 +95,40 @@ struct RawFrag<__nv_bfloat16> {
   }
 };
 
-template <typename T, int CKB, int WARPS, int WA>
+// WN > 1: splits == 1 only (a CTA's partial slot holds kPartFloats).
+template <typename T, int CKB, int WARPS, int WA, int WN>
 __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_kernel(const Params p) {
   using D = Act<T>;
   using R = RawFrag<T>;
   constexpr int U = cmax(kDepth, CKB);  // steps per unrolled round: whole chunks and whole rings
-  constexpr int COLS = 16 * WA, kThreads = 32 * WARPS;
+  constexpr int WK = WARPS / WN;        // warps of a group, along K
+  constexpr int WCOLS = 16 * WA, COLS = WN * WCOLS, kThreads = 32 * WARPS;  // a group's columns, the CTA's
   static_assert(U % kDepth == 0 && U % CKB == 0, "ring slots and chunk positions must repeat every round");
   static_assert(WA <= atoms_for(CKB), "more atoms than registers allow");
-  __shared__ float red[WARPS][kMaxRows][COLS + 4];  // + 4: conflict-free fragment writes
+  static_assert(WARPS % WN == 0, "whole groups of warps");
+  __shared__ float red[WARPS][kMaxRows][WCOLS + 4];  // + 4: conflict-free fragment writes
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warp_n = WN == 1 ? 0 : warp / WK, warp_k = WN == 1 ? warp : warp % WK;  // group, place in it
   const int g = lane >> 2, t = lane & 3;
   const int col_tiles = p.n_pad / COLS;
   const int split = blockIdx.x / col_tiles, tile = blockIdx.x - split * col_tiles;
-  const int col0 = tile * COLS;
+  const int col0 = tile * COLS, wcol0 = col0 + warp_n * WCOLS;  // the CTA's first column, the group's
   const int c_begin = static_cast<int>(static_cast<int64_t>(split) * p.chunks / p.splits);
   const int c_end = static_cast<int>(static_cast<int64_t>(split + 1) * p.chunks / p.splits);
-  const int my_chunks = c_end - c_begin > warp ? ceil_div(c_end - c_begin - warp, WARPS) : 0;
+  const int my_chunks = c_end - c_begin > warp_k ? ceil_div(c_end - c_begin - warp_k, WK) : 0;
   const int row_words = 2 * p.n_pad, row_bytes = 4 * row_words;  // 32-bit: an address is one IMAD.WIDE
-  const uint32_t* b_lane = p.b + 2 * col0 + lane;  // word of atom a in k-block kb: + kb * row_words + 32 a
+  const uint32_t* b_lane = p.b + 2 * wcol0 + lane;  // word of atom a in k-block kb: + kb * row_words + 32 a
   const bool has_zp = p.zeros != nullptr;
-  // Scales / zeros of column col0 + g; a group's row is a 32-bit offset from here (the host checks that it fits),
+  // Scales / zeros of column wcol0 + g; a group's row is a 32-bit offset from here (the host checks that it fits),
   // so a chunk's 8 loads share one address computation instead of 64-bit math per load.
-  const uint16_t* s_lane = p.scales + col0 + g;
-  const uint16_t* z_lane = has_zp ? p.zeros + col0 + g : nullptr;
+  const uint16_t* s_lane = p.scales + wcol0 + g;
+  const uint16_t* z_lane = has_zp ? p.zeros + wcol0 + g : nullptr;
   // x[g][k + 2t]; rows past M read zeros (g_zero_acts)
   const uint16_t* x_row = g < p.m ? p.a + static_cast<int64_t>(g) * p.size_k + 2 * t : nullptr;
 
   // The load stream runs kDepth steps ahead of the compute. Step j of this warp is k-block j % CKB of its chunk
-  // j / CKB, which is chunk c_begin + warp + WARPS (j / CKB) of K. Addresses are set up once per chunk.
+  // j / CKB, which is chunk c_begin + warp_k + WK (j / CKB) of K. Addresses are set up once per chunk.
   const uint32_t* w_chunk;  // the lane's word of atom 0 in the chunk's first k-block
   const uint16_t* x_chunk;  // x[g][chunk's first k + 2t]
   int k_valid;              // size_k - (chunk's first k + 2t): activation pairs at offsets < k_valid exist
@@ -140,7 +145,7 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
   // Chunks are whole: the host picks CKB to divide kb_total.
   auto load_chunk = [&](int lc, int q, bool weights) {  // the warp's chunk lc, first step at round position q
     const bool ok = lc < my_chunks;
-    const int kb = ok ? (c_begin + warp + WARPS * lc) * CKB : 0;
+    const int kb = ok ? (c_begin + warp_k + WK * lc) * CKB : 0;
     k_valid = ok ? p.size_k - kb * 16 - 2 * t : 0;
     w_valid = ok;
     w_chunk = b_lane + static_cast<int64_t>(kb) * row_words;
@@ -270,10 +275,10 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
   };
   float* my_part = p.partials + static_cast<int64_t>(blockIdx.x) * kPartFloats;
   for (int o = threadIdx.x; o < p.m * COLS; o += kThreads) {
-    const int m = o / COLS, n = o % COLS;
+    const int m = o / COLS, n = o % COLS, wn = n / WCOLS;  // column n is group wn's column n % WCOLS
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) v += red[w][m][n];
+    for (int w = 0; w < WK; ++w) v += red[wn * WK + w][m][n % WCOLS];
     if (p.splits == 1)
       write_out(m, n, v);
     else
@@ -301,16 +306,24 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
 // - Otherwise two 8-warp CTAs per SM with k-splits: one wave of about two CTAs per SM is fastest (more, smaller CTAs
 //   were 10-30% slower), and splits that give the warps unequal numbers of chunks are slow (3 splits of 64 chunks:
 //   1.2x, of 32: 1.8x). So: a power of two, at most two CTAs per SM, at least half a chunk per warp (small layers).
+// - Where the 4-atom tiles outnumber the SMs: 16-warp CTAs of wn groups of warps, each group on its own 4 atoms, if
+//   that makes the tiles number in (sms / 2, sms] (probe knob HF_INT4_STREAM_MAX_WN: the largest wn tried).
 // forced_splits > 0 (tests) forces the second kind with that many splits.
+#ifndef HF_INT4_STREAM_MAX_WN
+#define HF_INT4_STREAM_MAX_WN 4
+#endif
 struct Grid {
-  int warps, atoms, splits;
+  int warps, atoms, splits, wn;  // wn: groups of warps along N (16-warp CTAs, no split)
 };
 inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int forced_splits, int64_t partial_floats) {
-  if (forced_splits <= 0)
-    for (int atoms = max_atoms; atoms >= 2; atoms /= 2) {
-      const int tiles = n_pad / (16 * atoms);
-      if (2 * tiles > sms && tiles <= sms && (atoms == max_atoms || chunks <= 2 * kWideWarps)) return {kWideWarps, atoms, 1};
-    }
+  auto fills = [&](int cols) { return n_pad % cols == 0 && 2 * (n_pad / cols) > sms && n_pad / cols <= sms; };
+  if (forced_splits <= 0) {
+    for (int atoms = max_atoms; atoms >= 2; atoms /= 2)
+      if (fills(16 * atoms) && (atoms == max_atoms || chunks <= 2 * kWideWarps)) return {kWideWarps, atoms, 1, 1};
+    for (int wn = 2; wn <= HF_INT4_STREAM_MAX_WN; wn *= 2)
+      if (n_pad / (16 * max_atoms) > sms && fills(16 * max_atoms * wn) && chunks >= kWideWarps / wn)
+        return {kWideWarps, max_atoms, 1, wn};
+  }
   const int col_tiles = n_pad / (16 * max_atoms);
   int s = 1;
   if (forced_splits > 0)
@@ -318,13 +331,13 @@ inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int force
   else
     while (2 * s * col_tiles <= 2 * sms && chunks / (2 * s) >= kNarrowWarps / 2) s *= 2;
   while (s > 1 && int64_t(s) * col_tiles * kPartFloats > partial_floats) --s;  // one partial per CTA
-  return {kNarrowWarps, max_atoms, s};
+  return {kNarrowWarps, max_atoms, s, 1};
 }
 
-template <typename T, int CKB, int WARPS, int WA>
+template <typename T, int CKB, int WARPS, int WA, int WN = 1>
 const char* launch_grid(const Params& p, int n_pad, cudaStream_t stream, bool early) {
-  if (launch_maybe_early(stream_gemm_kernel<T, CKB, WARPS, WA>, dim3(n_pad / (16 * WA) * p.splits), dim3(32 * WARPS), 0,
-                         stream, early, p) != cudaSuccess)
+  if (launch_maybe_early(stream_gemm_kernel<T, CKB, WARPS, WA, WN>, dim3(n_pad / (16 * WA * WN) * p.splits),
+                         dim3(32 * WARPS), 0, stream, early, p) != cudaSuccess)
     return "hf_int4: launching the small-M int4 GEMM kernel failed";
   return nullptr;
 }
@@ -336,6 +349,8 @@ const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
   const Grid g = choose_grid(a.n_pad, p.chunks, kAtoms, sms, a.sms, a.workspace_size - kCounterInts);
   p.splits = g.splits;
   if (g.warps == kNarrowWarps) return launch_grid<T, CKB, kNarrowWarps, kAtoms>(p, a.n_pad, a.stream, early);
+  if (g.wn == 2) return launch_grid<T, CKB, kWideWarps, kAtoms, 2>(p, a.n_pad, a.stream, early);
+  if (g.wn == 4) return launch_grid<T, CKB, kWideWarps, kAtoms, 4>(p, a.n_pad, a.stream, early);
   if (g.atoms == kAtoms) return launch_grid<T, CKB, kWideWarps, kAtoms>(p, a.n_pad, a.stream, early);
   return launch_grid<T, CKB, kWideWarps, 2>(p, a.n_pad, a.stream, early);
 }
