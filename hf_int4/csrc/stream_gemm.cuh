@@ -306,12 +306,11 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
 // - Otherwise two 8-warp CTAs per SM with k-splits: one wave of about two CTAs per SM is fastest (more, smaller CTAs
 //   were 10-30% slower), and splits that give the warps unequal numbers of chunks are slow (3 splits of 64 chunks:
 //   1.2x, of 32: 1.8x). So: a power of two, at most two CTAs per SM, at least half a chunk per warp (small layers).
-// - Where the 4-atom tiles outnumber the SMs: 16-warp CTAs of wn groups of warps, each group on its own 4 atoms, if
-//   that makes the tiles number in (sms / 2, sms] (probe knob HF_INT4_STREAM_MAX_WN: the largest wn tried).
+// - Where the 4-atom tiles outnumber the SMs: 16-warp CTAs of wn = 2 or 4 groups of warps, each group on its own
+//   4 atoms, if that makes the tiles number in (sms / 2, sms]: 4096x28672 (4 groups) 21.05 -> 19.42 us at M = 1,
+//   22.75 -> 21.35 at M = 8, against 8-warp CTAs in 1.7 waves; 4096x14336 (2 groups) unchanged (10.76 us).
 // forced_splits > 0 (tests) forces the second kind with that many splits.
-#ifndef HF_INT4_STREAM_MAX_WN
-#define HF_INT4_STREAM_MAX_WN 4
-#endif
+constexpr int kMaxGroups = 4;
 struct Grid {
   int warps, atoms, splits, wn;  // wn: groups of warps along N (16-warp CTAs, no split)
 };
@@ -320,7 +319,7 @@ inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int force
   if (forced_splits <= 0) {
     for (int atoms = max_atoms; atoms >= 2; atoms /= 2)
       if (fills(16 * atoms) && (atoms == max_atoms || chunks <= 2 * kWideWarps)) return {kWideWarps, atoms, 1, 1};
-    for (int wn = 2; wn <= HF_INT4_STREAM_MAX_WN; wn *= 2)
+    for (int wn = 2; wn <= kMaxGroups; wn *= 2)
       if (n_pad / (16 * max_atoms) > sms && fills(16 * max_atoms * wn) && chunks >= kWideWarps / wn)
         return {kWideWarps, max_atoms, 1, wn};
   }
