@@ -266,37 +266,19 @@ def test_stream_kernel_chunks_splits_and_tails(gs, sym, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gs", [16, 32, 64, 128, -1])
 @pytest.mark.parametrize("sym", [True, False])
-def test_stream_kernel_one_cta_per_column_tile(gs, sym, dtype):
-    """The 16-warp grid (one CTA per column tile over all of K), which the kernel picks when a layer's column tiles
+def test_stream_kernel_16_warp_grids(gs, sym, dtype):
+    """The 16-warp grids (one CTA per column tile over all of K), which the kernel picks when a layer's column tiles
     number between half and all of the SMs: N sized from this GPU's SM count so that 64-column tiles (4 atoms per
-    warp, groups >= 64) and then 32-column tiles (2 atoms) fall in that range; N - 40 leaves padded columns in
-    the last tile, K = 2000 a partial last chunk."""
+    warp, groups >= 64), then 32-column tiles (2 atoms), then tiles of two and of four groups of warps side by side
+    in N (128 and 256 columns, where the 64-column tiles outnumber the SMs) fall in that range; N - 40 leaves padded
+    columns in the last tile, K = 2000 / 1000 a partial last chunk."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tiles = 3 * sms // 4
     cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
-    for K, N in ((2000, 64 * tiles - 40), (1000, 32 * tiles - 40)):
+    for K, cols in ((2000, 64), (1000, 32), (2000, 128), (1000, 256)):
+        N = cols * tiles - 40
         layer, raw = get_layer(K, N, cfg, bias=True, seed=93)
         packed = get_packed(K, N, cfg, dtype, bias=True, seed=93)
-        bias = raw["bias"].to(dtype)
-        for M in (1, 3, 8):
-            x = torch.randn(M, K, dtype=dtype, device="cuda")
-            check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"K={K} N={N} g{gs} M={M}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gs", [32, 64, 128, -1])
-@pytest.mark.parametrize("sym", [True, False])
-def test_stream_kernel_groups_of_warps_along_n(gs, sym, dtype):
-    """16-warp CTAs whose warps form two or four groups, each on its own 64 columns (32 for groups of 32), which the
-    kernel picks when a layer has more 64-column tiles than SMs and tiles of two or four of them number between half
-    and all of the SMs (4096x14336, 4096x28672 on 132 SMs): N sized from this GPU's SM count for each; N - 40 leaves
-    padded columns in the last tile, K = 2000 a partial last chunk."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = 3 * sms // 4
-    cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
-    for K, N in ((2000, 128 * tiles - 40), (1000, 256 * tiles - 40)):
-        layer, raw = get_layer(K, N, cfg, bias=True, seed=94)
-        packed = get_packed(K, N, cfg, dtype, bias=True, seed=94)
         bias = raw["bias"].to(dtype)
         for M in (1, 3, 8):
             x = torch.randn(M, K, dtype=dtype, device="cuda")
