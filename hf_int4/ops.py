@@ -134,9 +134,10 @@ def repack_gptq(qweight: torch.Tensor, perm: Optional[torch.Tensor], size_k: int
 
 
 READ_FLOOR_THREADS = 512  # threads per block of csrc/read_floor.cuh
+READ_FLOOR_TIMED_KEY = 0x12345678  # read_floor's default key: an xor a thread is unlikely to meet
 
 
-def read_floor(buffers, sink: torch.Tensor, key: int = 0x12345678) -> None:
+def read_floor(buffers, sink: torch.Tensor, key: int = READ_FLOOR_TIMED_KEY) -> None:
     """The benchmark's floor: reads every byte of one to three CUDA buffers (contiguous, 16-byte aligned, whole
     16-byte words; e.g. a packed layer's qweight, scales, zeros) and nothing else, one thread per entry of sink (int32,
     a multiple of READ_FLOOR_THREADS entries: one block per that many). Thread g stores the xor of the 32-bit words it
@@ -181,7 +182,7 @@ if _HAS_EXTENSION:
             return a.new_empty((*a.shape[:-1], size_n))
 
     @torch.library.register_fake("hf_int4::read_floor")
-    def _read_floor_fake(buffers, sink, key=0x12345678):
+    def _read_floor_fake(buffers, sink, key):
         return None
 
     @torch.library.register_fake("hf_int4::repack_gptq")

@@ -13,7 +13,7 @@ from hf_int4 import dispatch
 from hf_int4._extension import hopper_available
 from hf_int4.formats import GPTQConfig
 from hf_int4.formats.gptq_writer import random_gptq_layer
-from hf_int4.ops import dequantize, int4_gemm, read_floor
+from hf_int4.ops import READ_FLOOR_THREADS, dequantize, int4_gemm, read_floor
 from hf_int4.packing import pack_gptq_layer
 from hf_int4.reference import dequantize_gptq, gptq_matmul_reference
 
@@ -70,7 +70,8 @@ def main():
     # the benchmark's read floor over a packed layer with zeros (three buffers), fewer blocks than one stride needs
     packed = pack_gptq_layer(random_gptq_layer(1000, 200, GPTQConfig(group_size=32, sym=False), seed=20,
                                                device="cuda")[0], torch.float16)
-    read_floor([packed.qweight, packed.scales, packed.zeros], torch.empty(3 * 512, dtype=torch.int32, device="cuda"))
+    sink = torch.empty(3 * READ_FLOOR_THREADS, dtype=torch.int32, device="cuda")
+    read_floor([packed.qweight, packed.scales, packed.zeros], sink)
     torch.cuda.synchronize()
     assert worst < 2e-2, worst
     print("sanitize_check: ok")

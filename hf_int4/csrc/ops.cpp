@@ -201,9 +201,10 @@ void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink, int64_t key
               op, ": sink must be a contiguous 1-D int32 CUDA tensor of a positive multiple of ", kReadFloorThreads,
               " entries (one per thread), got ",
               sink.scalar_type(), " ", shape_str(sink), " on ", sink.device());
-  TORCH_CHECK(!buffers.empty() && buffers.size() <= 3, op, ": one to three buffers, got ", buffers.size());
-  const void* ptrs[3];
-  int64_t bytes[3];
+  TORCH_CHECK(!buffers.empty() && buffers.size() <= kReadFloorBuffers, op, ": one to three buffers, got ",
+              buffers.size());
+  const void* ptrs[kReadFloorBuffers];
+  int64_t bytes[kReadFloorBuffers];
   for (size_t j = 0; j < buffers.size(); ++j) {
     const at::Tensor& t = buffers[j];
     check_cuda_same_device(op, t, "buffer", sink, "sink");
@@ -252,7 +253,7 @@ TORCH_LIBRARY(hf_int4, m) {
         {at::Tag::pt2_compliant_tag});
   m.def("repack_gptq(Tensor qweight, Tensor? perm, int size_k, int size_n) -> Tensor", {at::Tag::pt2_compliant_tag});
   // the benchmark's floor: reads the buffers, nothing else (hf_int4.bench, read_x); key: see read_floor.cuh
-  m.def("read_floor(Tensor[] buffers, Tensor(a!) sink, int key=305419896) -> ()");
+  m.def("read_floor(Tensor[] buffers, Tensor(a!) sink, int key) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hf_int4, CUDA, m) {

@@ -15,8 +15,6 @@
 
 namespace hf_int4 {
 
-constexpr int kReadFloorBuffers = 3;
-
 struct ReadFloorArgs {
   const int4* p[kReadFloorBuffers];  // 16-byte aligned
   int64_t n[kReadFloorBuffers];      // 16-byte words (0: unused)
