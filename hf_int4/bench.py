@@ -5,8 +5,8 @@ built-in int4, side by side.
 
 `path` is the path the dispatch plan chose; decode_x / dequant_x are the forced paths. read_x is fp16's time over
 that of a kernel that only reads the packed weight and its scales (no arithmetic, no output), timed the same way:
-about the most a kernel that starts after the previous one ends could reach at that M (ours launch early behind the
-previous GEMM, so their ceiling is somewhat higher). Also prints the dequantize pass alone per
+about the most our kernels could reach at that M (it launches early behind the previous call and lets the next one
+start once its loads are issued, as they do). Also prints the dequantize pass alone per
 shape, as a percentage of the measured copy bandwidth. The dispatched column is the
 chosen path's forced time: a CUDA graph of dispatched calls holds the same kernels, so timing it again would
 only add a second sample of that path (on the H200 two such samples of one run differed by 5-15% at M >= 1024).

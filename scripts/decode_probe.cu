@@ -203,7 +203,8 @@ int main(int argc, char** argv) {
   const float t_read = time_graph([&] {
     for (int i = 0; i < calls; ++i) {
       const hf_int4::ReadFloorArgs w{{reinterpret_cast<const int4*>(b + (i % copies) * b_ints)}, {b_ints / 4}};
-      hf_int4::read_floor_kernel<<<sms * 4, hf_int4::kReadFloorThreads, 0, s>>>(w, 0x12345678, sink);
+      CK(hf_int4::gemm::launch_maybe_early(hf_int4::read_floor_kernel, dim3(sms * 4), dim3(hf_int4::kReadFloorThreads), 0,
+                                           s, true, w, 0x12345678, sink));
     }
   }, calls, s);
   const int kt128 = K / 128, nt128 = N / 128;

@@ -1,4 +1,5 @@
 // Launcher of read_floor_kernel (read_floor.cuh) for torch.ops.hf_int4.read_floor.
+#include "early_launch.h"
 #include "kernels.h"
 #include "read_floor.cuh"
 
@@ -11,8 +12,10 @@ const char* read_floor_launch(const void* const* buffers, const int64_t* bytes, 
     args.p[j] = static_cast<const int4*>(buffers[j]);
     args.n[j] = bytes[j] / 16;
   }
-  read_floor_kernel<<<blocks, kReadFloorThreads, 0, stream>>>(args, key, sink);
-  return cudaGetLastError() == cudaSuccess ? nullptr : "hf_int4::read_floor: launch failed";
+  // launched early like the GEMMs (it reads nothing a previous kernel writes, so it never waits)
+  const bool ok = gemm::launch_maybe_early(read_floor_kernel, dim3(blocks), dim3(kReadFloorThreads), 0, stream,
+                                           early_launch_enabled(), args, key, sink) == cudaSuccess;
+  return ok ? nullptr : "hf_int4::read_floor: launch failed";
 }
 
 }  // namespace hf_int4
