@@ -30,6 +30,8 @@ CASES = [  # (K, N, M, config, dtype)
     # more 64-column tiles than SMs: 16-warp CTAs of two groups of warps (99 tiles of 128 columns), then of four
     (1000, 12632, 8, GPTQConfig(group_size=128), torch.float16),
     (1000, 25304, 3, GPTQConfig(group_size=64, sym=False, checkpoint_format="gptq_v2"), torch.bfloat16),
+    # 48-column tiles where 64-column ones fill the SMs too (128 tiles instead of 96)
+    (1000, 6104, 5, GPTQConfig(group_size=128, sym=False, checkpoint_format="gptq_v2"), torch.float16),
 ]
 
 

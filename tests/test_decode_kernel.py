@@ -285,6 +285,22 @@ def test_stream_kernel_16_warp_grids(gs, sym, dtype):
             check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"K={K} N={N} g{gs} M={M}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gs,sym", [(128, True), (64, False), (-1, True)])
+def test_stream_kernel_three_atom_tiles(gs, sym, dtype):
+    """48-column tiles (3 atoms per warp): N = 48 t - 40 with t = 8 (sms // 8) tiles (n_pad a multiple of 384), where
+    the 64-column tiles fill the SMs too but are fewer (4096x6144 on 132 SMs)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    K, N = 2000, 48 * 8 * (sms // 8) - 40
+    cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
+    layer, raw = get_layer(K, N, cfg, bias=True, seed=96)
+    packed = get_packed(K, N, cfg, dtype, bias=True, seed=96)
+    bias = raw["bias"].to(dtype)
+    for M in (1, 3, 8):
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"g{gs} M={M}")
+
+
 @pytest.mark.parametrize("M", [1, 5, 8])
 def test_stream_kernel_reads_nothing_past_its_rows(M):
     """x is the head of a NaN-filled buffer: a read past row M - 1 or past column K - 1 of the last row (the

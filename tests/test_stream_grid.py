@@ -69,10 +69,13 @@ def test_automatic_grid(choose):
         def grouped(groups):  # tiles of groups x max_atoms atoms fit where the max_atoms tiles outnumber the SMs
             return n_pad // (16 * max_atoms) > sms and in_range(max_atoms, groups) and chunks >= 16 // groups
 
-        assert atoms in (2, 4) and atoms <= max_atoms, ctx
+        assert atoms in (2, 3, 4) and atoms <= max_atoms, ctx
+        # 48-column tiles exactly where they and the 64-column ones both fill the SMs
+        assert (atoms == 3) == (max_atoms == 4 and in_range(4) and in_range(3)), ctx
+        assert atoms != 3 or (warps, s, wn) == (16, 1, 1), ctx
         if warps == 16:  # one CTA per column tile over all of K, one wave
             assert s == 1 and in_range(atoms, wn), ctx
-            if atoms < max_atoms:
+            if atoms == 2 and max_atoms == 4:
                 assert wn == 1 and not in_range(max_atoms) and chunks <= 2 * warps, ctx
             if wn > 1:  # groups of warps along N: only where no single-group tile fits, the fewest groups that do
                 assert wn in (2, 4) and atoms == max_atoms and not in_range(max_atoms), ctx
@@ -85,13 +88,14 @@ def test_automatic_grid(choose):
             if s > 1:
                 assert n_pad // (16 * atoms) * s <= 2 * sms, f"{ctx}: more than one wave of two CTAs per SM"
                 assert chunks // s >= warps // 2, f"{ctx}: fewer than half a chunk per warp"
+    assert any(g[1] == 3 for g in got), "no case reaches the 48-column tiles"
     # the shapes measured on the H200 (132 SMs, chunks of 128 rows)
     _, measured = choose([(8192, 64, 4, 132, -1, ROOMY), (6144, 32, 4, 132, -1, ROOMY), (4096, 32, 4, 132, -1, ROOMY),
                           (4096, 112, 4, 132, -1, ROOMY), (14336, 32, 4, 132, -1, ROOMY),
                           (28672, 32, 4, 132, -1, ROOMY)])
-    # 8192^2, 4096x6144, 4096^2: one 16-warp CTA per tile; 14336x4096: 8-warp CTAs, 4 splits; 4096x14336,
-    # 4096x28672: 16-warp CTAs of two and four groups of warps
-    assert measured == [(16, 4, 1, 1), (16, 4, 1, 1), (16, 2, 1, 1), (8, 4, 4, 1), (16, 4, 1, 2), (16, 4, 1, 4)]
+    # 8192^2, 4096x6144 (48 columns), 4096^2 (32 columns): one 16-warp CTA per tile; 14336x4096: 8-warp CTAs, 4
+    # splits; 4096x14336, 4096x28672: 16-warp CTAs of two and four groups of warps
+    assert measured == [(16, 4, 1, 1), (16, 3, 1, 1), (16, 2, 1, 1), (8, 4, 4, 1), (16, 4, 1, 2), (16, 4, 1, 4)]
 
 
 def test_forced_splits_and_the_workspace_bound(choose):

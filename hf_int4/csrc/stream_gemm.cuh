@@ -309,6 +309,8 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
 // - Where the 4-atom tiles outnumber the SMs: 16-warp CTAs of wn = 2 or 4 groups of warps, each group on its own
 //   4 atoms, if that makes the tiles number in (sms / 2, sms]: 4096x28672 (4 groups) 21.05 -> 19.42 us at M = 1,
 //   22.75 -> 21.35 at M = 8, against 8-warp CTAs in 1.7 waves; 4096x14336 (2 groups) unchanged (10.76 us).
+// - Where both 64- and 48-column tiles fall in (sms / 2, sms]: the 48-column ones (3 atoms), more CTAs over all of K:
+//   4096x6144 gets 128 instead of 96, 6.14 -> 5.67 us at M = 1, 6.79 -> 6.65 at M = 8.
 // forced_splits > 0 (tests) forces the second kind with that many splits.
 constexpr int kMaxGroups = 4;
 struct Grid {
@@ -317,6 +319,7 @@ struct Grid {
 inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int forced_splits, int64_t partial_floats) {
   auto fills = [&](int cols) { return n_pad % cols == 0 && 2 * (n_pad / cols) > sms && n_pad / cols <= sms; };
   if (forced_splits <= 0) {
+    if (max_atoms == 4 && fills(64) && fills(48)) return {kWideWarps, 3, 1, 1};  // more tiles, more SMs busy
     for (int atoms = max_atoms; atoms >= 2; atoms /= 2)
       if (fills(16 * atoms) && (atoms == max_atoms || chunks <= 2 * kWideWarps)) return {kWideWarps, atoms, 1, 1};
     for (int wn = 2; wn <= kMaxGroups; wn *= 2)
@@ -351,6 +354,8 @@ const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
   if (g.wn == 2) return launch_grid<T, CKB, kWideWarps, kAtoms, 2>(p, a.n_pad, a.stream, early);
   if (g.wn == 4) return launch_grid<T, CKB, kWideWarps, kAtoms, 4>(p, a.n_pad, a.stream, early);
   if (g.atoms == kAtoms) return launch_grid<T, CKB, kWideWarps, kAtoms>(p, a.n_pad, a.stream, early);
+  if constexpr (kAtoms == 4)
+    if (g.atoms == 3) return launch_grid<T, CKB, kWideWarps, 3>(p, a.n_pad, a.stream, early);
   return launch_grid<T, CKB, kWideWarps, 2>(p, a.n_pad, a.stream, early);
 }
 
