@@ -5,6 +5,8 @@
 # run one after the other. Columns: per-call time and TB/s of the GEMM, then of a plain read of the weights. Each run
 # first checks the GEMM's result against a host reference and stops the sweep if it is wrong.
 # PROBE_VARIANTS builds this tree once per NAME=DEFINES (commas for spaces), e.g. the streaming kernel's ring depth.
+# PROBE_READS=1 also times six reads of the weights in other access orders (tile order, stream order), each as long as
+# a GEMM run: off by default, where a sweep of several builds spends its device time on the GEMMs.
 #   PROBE_BASE=.probe/base PROBE_SHAPES="4096x4096 8192x8192" PROBE_MS="1 16" scripts/probe_sweep.sh
 #   PROBE_VARIANTS="ring8=-DHF_INT4_STREAM_RING=8 ring16=-DHF_INT4_STREAM_RING=16" scripts/probe_sweep.sh
 # PROBE_NCU=1: instead of the timings, ncu's speed-of-light, warp-state, scheduler and memory sections of each build's
@@ -14,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 variants="${PROBE_VARIANTS:-tree=}"
 names=""
-rm -f /tmp/probe_base
+rm -f /tmp/probe_base /tmp/probe_ref_*  # the host products that decode_probe caches per case (same data in every build)
 build() { nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I "$1" "${@:3}" scripts/decode_probe.cu -o "$2"; }
 [ -n "${PROBE_BASE:-}" ] && { build "$PROBE_BASE" /tmp/probe_base & names="base"; }
 for v in $variants; do
