@@ -270,35 +270,21 @@ def test_stream_kernel_16_warp_grids(gs, sym, dtype):
     """The 16-warp grids (one CTA per column tile over all of K), which the kernel picks when a layer's column tiles
     number between half and all of the SMs: N sized from this GPU's SM count so that 64-column tiles (4 atoms per
     warp, groups >= 64), then 32-column tiles (2 atoms), then tiles of two and of four groups of warps side by side
-    in N (128 and 256 columns, where the 64-column tiles outnumber the SMs) fall in that range; N - 40 leaves padded
-    columns in the last tile, K = 2000 / 1000 a partial last chunk."""
+    in N (128 and 256 columns, where the 64-column tiles outnumber the SMs) fall in that range, and last 48-column tiles
+    (3 atoms, groups >= 64: 8 (sms // 8) of them, where 64-column tiles fill the SMs too but are fewer, as 4096x6144 on
+    132 SMs); N - 40 leaves padded columns in the last tile, K = 2000 / 1000 a partial last chunk."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tiles = 3 * sms // 4
     cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
-    for K, cols in ((2000, 64), (1000, 32), (2000, 128), (1000, 256)):
-        N = cols * tiles - 40
+    for K, n in ((2000, 64 * tiles), (1000, 32 * tiles), (2000, 128 * tiles), (1000, 256 * tiles),
+                 (2000, 384 * (sms // 8))):
+        N = n - 40
         layer, raw = get_layer(K, N, cfg, bias=True, seed=93)
         packed = get_packed(K, N, cfg, dtype, bias=True, seed=93)
         bias = raw["bias"].to(dtype)
         for M in (1, 3, 8):
             x = torch.randn(M, K, dtype=dtype, device="cuda")
             check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"K={K} N={N} g{gs} M={M}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gs,sym", [(128, True), (64, False), (-1, True)])
-def test_stream_kernel_three_atom_tiles(gs, sym, dtype):
-    """48-column tiles (3 atoms per warp): N = 48 t - 40 with t = 8 (sms // 8) tiles (n_pad a multiple of 384), where
-    the 64-column tiles fill the SMs too but are fewer (4096x6144 on 132 SMs)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    K, N = 2000, 48 * 8 * (sms // 8) - 40
-    cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
-    layer, raw = get_layer(K, N, cfg, bias=True, seed=96)
-    packed = get_packed(K, N, cfg, dtype, bias=True, seed=96)
-    bias = raw["bias"].to(dtype)
-    for M in (1, 3, 8):
-        x = torch.randn(M, K, dtype=dtype, device="cuda")
-        check(run(x, packed, bias), oracle(raw, x, bias), dtype, f"g{gs} M={M}")
 
 
 @pytest.mark.parametrize("M", [1, 5, 8])
