@@ -113,15 +113,16 @@ float time_graph(F&& launch_all, int calls, cudaStream_t s) {
   return ts[ts.size() / 2];
 }
 
+double half_bits(uint16_t h) { return double(__half2float(__ushort_as_half(h))); }  // an fp16's value
+
 // The double-precision product of the first M (<= 16) rows of the activations with the weights decoded from the packed
 // words on the host, by kernels.h's layout: word (kb, 32 a + lane), nibble slot i = 4 odd + 2 upper + h holds row
 // k = 16 kb + 2 t + odd + 8 upper, column n = 16 a + 8 h + g (g = lane / 4, t = lane % 4) as a signed int4
 // (symmetric: the zero point 8 is already off).
 void compute_reference(const std::vector<int32_t>& hb, const std::vector<uint16_t>& hs, const std::vector<uint16_t>& ha,
                        int K, int N, int M, int gs, std::vector<double>& ref) {
-  auto f = [](uint16_t h) { return double(__half2float(__ushort_as_half(h))); };
   std::vector<double> x(int64_t(M) * K);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = f(ha[i]);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = half_bits(ha[i]);
   for (int kb = 0; kb < K / 16; ++kb)
     for (int col = 0; col < 2 * N; ++col) {
       const uint32_t word = uint32_t(hb[int64_t(kb) * 2 * N + col]);
@@ -129,7 +130,7 @@ void compute_reference(const std::vector<int32_t>& hb, const std::vector<uint16_
       for (int i = 0; i < 8; ++i) {
         const int q = int((word >> (4 * i)) & 15u), w = q >= 8 ? q - 16 : q;
         const int k = 16 * kb + 2 * t + (i >> 2) + 8 * ((i >> 1) & 1), n = 16 * a + 8 * (i & 1) + g;
-        const double wv = w * f(hs[int64_t(k / gs) * N + n]);
+        const double wv = w * half_bits(hs[int64_t(k / gs) * N + n]);
         for (int m = 0; m < M; ++m) ref[int64_t(m) * N + n] += x[int64_t(m) * K + k] * wv;
       }
     }
@@ -145,7 +146,6 @@ double check_against_reference(const std::vector<int32_t>& hb, const std::vector
   M = std::min(M, 16);
   std::vector<uint16_t> hc(int64_t(M) * N);
   CK(cudaMemcpy(hc.data(), c_dev, hc.size() * 2, cudaMemcpyDeviceToHost));
-  auto f = [](uint16_t h) { return double(__half2float(__ushort_as_half(h))); };
   std::vector<double> ref(hc.size(), 0.0);
   FILE* in = fopen(cache, "rb");
   const bool cached = in != nullptr && fread(ref.data(), sizeof(double), ref.size(), in) == ref.size();
@@ -158,7 +158,7 @@ double check_against_reference(const std::vector<int32_t>& hb, const std::vector
   double max_ref = 0.0, max_err = 0.0;
   for (size_t i = 0; i < ref.size(); ++i) {
     max_ref = std::max(max_ref, std::abs(ref[i]));
-    max_err = std::max(max_err, std::abs(f(hc[i]) - ref[i]));
+    max_err = std::max(max_err, std::abs(half_bits(hc[i]) - ref[i]));
   }
   return max_err / std::max(max_ref, 1e-30);
 }

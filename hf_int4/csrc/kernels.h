@@ -64,8 +64,9 @@ constexpr int kPadN = 128;
 
 constexpr int kReadFloorThreads = 512;  // hf_int4.ops.READ_FLOOR_THREADS
 constexpr int kReadFloorBuffers = 3;
-// The benchmark's floor (read_floor.cuh): reads count (1 .. kReadFloorBuffers, checked by the caller) buffers of bytes[j] bytes (16-byte aligned, whole 16-byte
-// words) with `blocks` blocks; thread g stores the xor of the 32-bit words it read to sink[g] if it equals key.
+// The benchmark's floor (read_floor.cuh): reads count (1 .. kReadFloorBuffers, checked by the caller) buffers of
+// bytes[j] bytes (16-byte aligned, whole 16-byte words) with `blocks` blocks; thread g stores the xor of the 32-bit
+// words it read to sink[g] if it equals key.
 const char* read_floor_launch(const void* const* buffers, const int64_t* bytes, int count, int key, int* sink,
                               int blocks, cudaStream_t stream);
 
