@@ -94,7 +94,7 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
-PARTIAL_SUM_SCHEDULES = (4, 5)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
 
 
 class HopperPath(KernelPath):
@@ -153,7 +153,10 @@ PATHS: Dict[str, KernelPath] = {
               # 192-token tiles: no padding rows at M = 192 * j, a wave count between 128- and 256-token tiles'
               HopperPath("hopper_192", 6),
               # 256-token tiles in clusters of two along the weights: the pair reads each activation tile once
-              HopperPath("hopper_wide_cluster", 7))
+              HopperPath("hopper_wide_cluster", 7),
+              # 256 weight rows per tile (128 per warpgroup): twice the weights per latency-bound k-block at M <= 64
+              *(HopperPath(f"hopper_w256_t{t}_partials{s}", schedule, s) for t, schedule in ((64, 8), (32, 9))
+                for s in (2, 4, 8)))
 }
 
 

@@ -33,8 +33,9 @@ struct HopperGemmArgs {
 // tile would spend half its MMAs on padding rows; 4 and 5: split-K with 128 x 128 and 128 x 64 tiles, every K-slice
 // at once writing fp32 partials, then one kernel sums them (hopper_gemm.cuh, Config with Out = float); 6 data-parallel
 // 128 x 192 tiles: at M = 192 * j no padding rows, and a wave count between the 128- and 256-token tiles'; 7 the
-// 128 x 256 tiles of 2 in clusters of two CTAs along the weights that share the activation tiles (TMA multicast).
-constexpr int kHopperSchedules = 8;
+// 128 x 256 tiles of 2 in clusters of two CTAs along the weights that share the activation tiles (TMA multicast);
+// 8 and 9: split-K partials with 256 (weights) x 64 and x 32 (tokens) tiles, for M <= 64.
+constexpr int kHopperSchedules = 10;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
 #define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
@@ -56,6 +57,10 @@ HF_INT4_HOPPER_DECLARE(fp16, tile192)
 HF_INT4_HOPPER_DECLARE(bf16, tile192)
 HF_INT4_HOPPER_DECLARE(fp16, wide_cluster)
 HF_INT4_HOPPER_DECLARE(bf16, wide_cluster)
+HF_INT4_HOPPER_DECLARE(fp16, partials_w256_t64)
+HF_INT4_HOPPER_DECLARE(bf16, partials_w256_t64)
+HF_INT4_HOPPER_DECLARE(fp16, partials_w256_t32)
+HF_INT4_HOPPER_DECLARE(bf16, partials_w256_t32)
 #undef HF_INT4_HOPPER_DECLARE
 
 }  // namespace hf_int4
