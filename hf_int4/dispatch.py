@@ -94,7 +94,7 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
-PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
 
 
 class HopperPath(KernelPath):
@@ -155,8 +155,10 @@ PATHS: Dict[str, KernelPath] = {
               # 256-token tiles in clusters of two along the weights: the pair reads each activation tile once
               HopperPath("hopper_wide_cluster", 7),
               # 256 weight rows per tile (128 per warpgroup): twice the weights per latency-bound k-block at M <= 64
-              *(HopperPath(f"hopper_w256_t{t}_partials{s}", schedule, s) for t, schedule in ((64, 8), (32, 9))
-                for s in (2, 4, 8)))
+              *(HopperPath(f"hopper_w256_t{t}_partials{s}", schedule, s) for t, schedule in ((64, 8), (32, 9), (16, 12))
+                for s in (2, 4, 8)),
+              *(HopperPath(f"hopper_w512_t{t}_partials{s}", schedule, s) for t, schedule in ((64, 10), (32, 11))
+                for s in (4, 8, 16)))
 }
 
 
