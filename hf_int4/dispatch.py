@@ -56,6 +56,9 @@ class LinearSpec:
 
 class KernelPath:
     name = ""
+    # The largest M at which this path can be the fastest (None: any). It still runs any M; tune and the benchmark
+    # do not time it beyond (the table holds null there) and plans never pick it there.
+    max_m: Optional[int] = None
 
     def unsupported(self, spec: LinearSpec) -> Optional[str]:
         """None when this path can run the layer, else why not."""
@@ -94,7 +97,7 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
-PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
 
 
 class HopperPath(KernelPath):
@@ -102,8 +105,8 @@ class HopperPath(KernelPath):
     One instance per configuration (tile, scheduler, split-K; hf_int4.ops.hopper_linear); the tables say where
     each wins."""
 
-    def __init__(self, name: str, schedule: int, splits: int = 0):
-        self.name, self.schedule, self.splits = name, schedule, splits
+    def __init__(self, name: str, schedule: int, splits: int = 0, max_m: Optional[int] = None):
+        self.name, self.schedule, self.splits, self.max_m = name, schedule, splits, max_m
 
     def unsupported(self, spec):
         why = super().unsupported(spec)
@@ -154,11 +157,10 @@ PATHS: Dict[str, KernelPath] = {
               HopperPath("hopper_192", 6),
               # 256-token tiles in clusters of two along the weights: the pair reads each activation tile once
               HopperPath("hopper_wide_cluster", 7),
-              # 256 weight rows per tile (128 per warpgroup): twice the weights per latency-bound k-block at M <= 64
-              *(HopperPath(f"hopper_w256_t{t}_partials{s}", schedule, s) for t, schedule in ((64, 8), (32, 9), (16, 12))
-                for s in (2, 4, 8)),
-              *(HopperPath(f"hopper_w512_t{t}_partials{s}", schedule, s) for t, schedule in ((64, 10), (32, 11))
-                for s in (4, 8, 16)))
+              # 256 weight rows per tile (128 per warpgroup), 64 or 32 tokens: twice the weights per latency-bound
+              # k-block at M <= 64; beyond 128 rows they only repeat the weight reads per token tile
+              *(HopperPath(f"hopper_w256{suffix}_partials{s}", schedule, s, max_m=128)
+                for suffix, schedule in (("", 8), ("_t32", 9)) for s in (2, 4, 8)))
 }
 
 
@@ -229,7 +231,10 @@ def plan_from_table(table: dict, spec: LinearSpec, source: str, usable_here: Seq
         raise ValueError(f"{source}: no measured path can run this layer")
     steps: List[Tuple[int, str]] = []
     for i, m in enumerate(entry["m"]):
-        best = min(usable, key=lambda name: entry["us"][name][i])
+        timed = [name for name in usable if entry["us"][name][i] is not None]  # null: not timed at this M (max_m)
+        if not timed:
+            raise ValueError(f"{source}: no usable path was timed at M = {m}")
+        best = min(timed, key=lambda name: entry["us"][name][i])
         if not steps or steps[-1][1] != best:
             steps.append((1 if not steps else m, best))
     where = f"{source}, entry {entry['k']}x{entry['n']} {entry['dtype']}"

@@ -34,10 +34,11 @@ def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) ->
         us = {name: [] for name in names}
         for M in ms:
             row = shape.time_paths(M, names)
+            timed = [name for name in names if f"{name}_us" in row]  # the others' max_m is below M
             for name in names:
-                us[name].append(round(row[f"{name}_us"], 2))
-            best = min(names, key=lambda name: row[f"{name}_us"])
-            log(f"{K:>6} {N:>6} {M:>5} " + " ".join(f"{name} {row[f'{name}_us']:9.1f}" for name in names)
+                us[name].append(round(row[f"{name}_us"], 2) if name in timed else None)
+            best = min(timed, key=lambda name: row[f"{name}_us"])
+            log(f"{K:>6} {N:>6} {M:>5} " + " ".join(f"{name} {row[f'{name}_us']:9.1f}" for name in timed)
                 + f"  -> {best}")
         entries.append({"k": K, "n": N, "dtype": str(dtype).replace("torch.", ""), "group_size": group_size,
                         "m": list(ms), "us": us})

@@ -34,6 +34,18 @@ def test_plan_can_switch_back_and_forth():
     assert [plan.path_name(m) for m in (7, 8, 63, 64)] == ["decode", "dequant", "dequant", "decode"]
 
 
+def test_a_path_not_timed_at_some_m_is_never_planned_there():
+    # a path with max_m (here "small") has null beyond it in tuned tables: the plan must not pick it there,
+    # even though null compares nowhere
+    table = {"entries": [entry(4096, 4096, [1, 16, 128, 256], [5, 9, 40, 80], [50, 50, 30, 20])]}
+    table["entries"][0]["us"]["hopper_w256_t32_partials2"] = [9, 4, None, None]
+    plan = dispatch.plan_from_table(table, spec(), "t")
+    assert plan.steps == ((1, "decode"), (16, "hopper_w256_t32_partials2"), (128, "dequant"))
+    table["entries"][0]["us"] = {"hopper_w256_t32_partials2": [9, 4, None, None]}
+    with pytest.raises(ValueError, match="no usable path was timed at M = 128"):
+        dispatch.plan_from_table(table, spec(), "t")
+
+
 def test_unmeasured_shape_uses_the_entry_closest_in_weight_size_and_dtype():
     table = {"entries": [
         entry(4096, 4096, [1, 256], [1, 9], [5, 5]),       # 16M weights: crossover 256
@@ -106,7 +118,11 @@ def test_shipped_tables_are_complete():
         assert dispatch.device_slug(table["device"]) == path.stem
         for e in table["entries"]:
             assert set(e["us"]) <= set(dispatch.PATHS) and e["m"] == sorted(e["m"]) and e["m"][0] == 1
-            assert all(len(times) == len(e["m"]) and min(times) > 0 for times in e["us"].values()), path
+            for name, times in e["us"].items():  # null exactly where the path's max_m says it is not timed
+                max_m = dispatch.PATHS[name].max_m
+                assert len(times) == len(e["m"]), path
+                assert all((t is None) == (max_m is not None and m > max_m) for m, t in zip(e["m"], times)), (path, name)
+                assert all(t > 0 for t in times if t is not None), (path, name)
         for K, N in [(576, 1536), (4096, 4096), (8192, 28672)]:
             plan = dispatch.plan_from_table(table, spec(K, N), path.name)
             assert plan.steps[0] == (1, "decode"), plan.describe()
