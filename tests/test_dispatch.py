@@ -35,8 +35,8 @@ def test_plan_can_switch_back_and_forth():
 
 
 def test_a_path_not_timed_at_some_m_is_never_planned_there():
-    # a path with max_m (here "small") has null beyond it in tuned tables: the plan must not pick it there,
-    # even though null compares nowhere
+    # a path with max_m has null beyond it in tuned tables (here at M = 128 and 256): the plan must not pick it
+    # there, and must say so when nothing else was timed
     table = {"entries": [entry(4096, 4096, [1, 16, 128, 256], [5, 9, 40, 80], [50, 50, 30, 20])]}
     table["entries"][0]["us"]["hopper_w256_t32_partials2"] = [9, 4, None, None]
     plan = dispatch.plan_from_table(table, spec(), "t")
