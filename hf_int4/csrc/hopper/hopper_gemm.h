@@ -36,7 +36,8 @@ struct HopperGemmArgs {
 // 128 x 256 tiles of 2 in clusters of two CTAs along the weights that share the activation tiles (TMA multicast);
 // 8 and 9: split-K partials with 256 (weights) x 64 and 256 x 32 (tokens) tiles. At M <= 64 the mainloop is bound by
 // the latency of each k-block's smem -> convert -> wgmma chain, not by the tensor cores: 256 weight rows (128 per
-// warpgroup) carry twice the weights per chain of 128-row tiles (H200, M = 16-32: 1.2-1.35x faster).
+// warpgroup) carry twice the weights per chain of 128-row tiles (H200, M = 16-32: 1.06-1.47x faster than the best
+// 128-row configuration, docs/results/bench_hopper_w256_h200.txt).
 constexpr int kHopperSchedules = 10;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.

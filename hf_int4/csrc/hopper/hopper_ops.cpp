@@ -34,7 +34,8 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
               "64-token tiles), 4 (split-K partials), 5 (split-K partials, 64-token tiles), 6 (data-parallel, 192-token "
               "tiles), 7 (data-parallel, 256-token tiles, clusters of 2), 8 or 9 (split-K partials, 256-weight x 64- or "
               "32-token tiles), got ", schedule);
-  const bool stream_k = schedule == 1 || schedule == 3, partials = schedule == 4 || schedule == 5 || schedule >= 8;
+  const bool stream_k = schedule == 1 || schedule == 3;
+  const bool partials = schedule == 4 || schedule == 5 || schedule == 8 || schedule == 9;  // dispatch.PARTIAL_SUM_SCHEDULES
   TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
               ": splits (0 CUTLASS's heuristic, 1 data-parallel, 2..64 split-K) apply to the stream-K configurations "
               "(schedule 1 or 3), got splits=", splits, " with schedule ", schedule);
