@@ -6,9 +6,11 @@ every range of M:
 
 - from a measured table for this GPU model: a user table written by `hf-int4 tune` (in
   `$HF_INT4_CACHE` or `~/.cache/hf_int4`) first, else the table shipped in `hf_int4/tables/`. A table
-  holds, per measured (K, N, dtype), each path's time at a grid of M; the plan takes the fastest path the
-  layer supports at each grid point, for M from that point up to the next. An unmeasured shape uses the
-  measured shape closest in weight size;
+  holds, per measured (K, N, dtype), each path's time at a grid of M; the plan serves each M with the fastest
+  path the layer supports at the first grid point at or above it (beyond the last point, the last point's). A
+  path's time does not fall as M grows, so its time at that point bounds its time over the whole interval; the
+  point below bounds nothing (a path of 64-token tiles, fastest at M = 64, runs two tiles at 65). An unmeasured
+  shape uses the measured shape closest in weight size;
 - else from a rule: the decode kernel up to a crossover M estimated from the GPU's FLOP/byte ratio.
 
 A plan is a tuple of (first M, path) pairs, so the choice per call is a pure function of the input's
@@ -97,7 +99,7 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
-PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
 
 
 class HopperPath(KernelPath):
@@ -157,10 +159,10 @@ PATHS: Dict[str, KernelPath] = {
               HopperPath("hopper_192", 6),
               # 256-token tiles in clusters of two along the weights: the pair reads each activation tile once
               HopperPath("hopper_wide_cluster", 7),
-              # 256 weight rows per tile (128 per warpgroup), 64 or 32 tokens: twice the weights per latency-bound
-              # k-block at M <= 64; beyond 128 rows they only repeat the weight reads per token tile
-              *(HopperPath(f"hopper_w256{suffix}_partials{s}", schedule, s, max_m=128)
-                for suffix, schedule in (("", 8), ("_t32", 9)) for s in (2, 4, 8)))
+              # 256 weight rows per tile (128 per warpgroup), 64, 32 or 16 tokens: twice the weights per latency-bound
+              # k-block at M <= 64; beyond 128 rows (16-token tiles: 16) they only repeat the weight reads per token tile
+              *(HopperPath(f"hopper_w256{suffix}_partials{s}", schedule, s, max_m=max_m)
+                for suffix, schedule, max_m in (("", 8, 128), ("_t32", 9, 128), ("_t16", 10, 16)) for s in (2, 4, 8)))
 }
 
 
@@ -230,13 +232,15 @@ def plan_from_table(table: dict, spec: LinearSpec, source: str, usable_here: Seq
     if not usable:
         raise ValueError(f"{source}: no measured path can run this layer")
     steps: List[Tuple[int, str]] = []
+    previous_m = 0
     for i, m in enumerate(entry["m"]):
         timed = [name for name in usable if entry["us"][name][i] is not None]  # null: not timed at this M (max_m)
         if not timed:
             raise ValueError(f"{source}: no usable path was timed at M = {m}")
         best = min(timed, key=lambda name: entry["us"][name][i])
         if not steps or steps[-1][1] != best:
-            steps.append((1 if not steps else m, best))
+            steps.append((previous_m + 1, best))  # serves previous_m + 1 .. m (module docstring)
+        previous_m = m
     where = f"{source}, entry {entry['k']}x{entry['n']} {entry['dtype']}"
     return Plan(tuple(steps), where)
 

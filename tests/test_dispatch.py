@@ -19,19 +19,20 @@ def entry(k, n, m, decode, dequant, dtype="float16"):
     return {"k": k, "n": n, "dtype": dtype, "m": m, "us": {"decode": decode, "dequant": dequant}}
 
 
-def test_plan_takes_the_fastest_path_from_each_grid_point_up_to_the_next():
+def test_plan_serves_each_m_with_the_path_fastest_at_the_grid_point_at_or_above_it():
     table = {"entries": [entry(4096, 4096, [1, 16, 128, 192, 1024], [5, 6, 30, 40, 400], [50, 50, 31, 39, 300])]}
     plan = dispatch.plan_from_table(table, spec(), "t")
-    assert plan.steps == ((1, "decode"), (192, "dequant"))
-    assert [plan.path_name(m) for m in (1, 16, 128, 191, 192, 10**6)] == ["decode"] * 4 + ["dequant"] * 2
-    assert "decode for M 1..191, dequant for M 192.." in plan.describe()
+    assert plan.steps == ((1, "decode"), (129, "dequant"))
+    assert [plan.path_name(m) for m in (1, 16, 128, 129, 191, 192, 10**6)] == ["decode"] * 3 + ["dequant"] * 4
+    assert "decode for M 1..128, dequant for M 129.." in plan.describe()
 
 
 def test_plan_can_switch_back_and_forth():
     table = {"entries": [entry(64, 64, [1, 8, 64], [1, 9, 1], [5, 5, 5])]}
     plan = dispatch.plan_from_table(table, spec(64, 64), "t")
-    assert plan.steps == ((1, "decode"), (8, "dequant"), (64, "decode"))
-    assert [plan.path_name(m) for m in (7, 8, 63, 64)] == ["decode", "dequant", "dequant", "decode"]
+    assert plan.steps == ((1, "decode"), (2, "dequant"), (9, "decode"))
+    assert [plan.path_name(m) for m in (1, 2, 8, 9, 64, 65)] == ["decode", "dequant", "dequant", "decode", "decode",
+                                                                "decode"]
 
 
 def test_a_path_not_timed_at_some_m_is_never_planned_there():
@@ -40,7 +41,7 @@ def test_a_path_not_timed_at_some_m_is_never_planned_there():
     table = {"entries": [entry(4096, 4096, [1, 16, 128, 256], [5, 9, 40, 80], [50, 50, 30, 20])]}
     table["entries"][0]["us"]["hopper_w256_t32_partials2"] = [9, 4, None, None]
     plan = dispatch.plan_from_table(table, spec(), "t")
-    assert plan.steps == ((1, "decode"), (16, "hopper_w256_t32_partials2"), (128, "dequant"))
+    assert plan.steps == ((1, "decode"), (2, "hopper_w256_t32_partials2"), (17, "dequant"))
     table["entries"][0]["us"] = {"hopper_w256_t32_partials2": [9, 4, None, None]}
     with pytest.raises(ValueError, match="no usable path was timed at M = 128"):
         dispatch.plan_from_table(table, spec(), "t")
@@ -48,13 +49,13 @@ def test_a_path_not_timed_at_some_m_is_never_planned_there():
 
 def test_unmeasured_shape_uses_the_entry_closest_in_weight_size_and_dtype():
     table = {"entries": [
-        entry(4096, 4096, [1, 256], [1, 9], [5, 5]),       # 16M weights: crossover 256
-        entry(8192, 8192, [1, 512], [1, 9], [5, 5]),       # 64M weights: crossover 512
-        entry(8192, 8192, [1, 64], [1, 9], [5, 5], "bfloat16"),
+        entry(4096, 4096, [1, 128, 256], [1, 2, 9], [5, 5, 5]),       # 16M weights: dequant from 129
+        entry(8192, 8192, [1, 256, 512], [1, 2, 9], [5, 5, 5]),       # 64M weights: dequant from 257
+        entry(8192, 8192, [1, 32, 64], [1, 2, 9], [5, 5, 5], "bfloat16"),
     ]}
-    assert dispatch.plan_from_table(table, spec(4096, 6144), "t").steps[1][0] == 256
-    assert dispatch.plan_from_table(table, spec(8192, 28672), "t").steps[1][0] == 512
-    assert dispatch.plan_from_table(table, spec(8192, 8192, dtype=BF16), "t").steps[1][0] == 64
+    assert dispatch.plan_from_table(table, spec(4096, 6144), "t").steps[1][0] == 129
+    assert dispatch.plan_from_table(table, spec(8192, 28672), "t").steps[1][0] == 257
+    assert dispatch.plan_from_table(table, spec(8192, 8192, dtype=BF16), "t").steps[1][0] == 33
     assert "entry 8192x8192 bfloat16" in dispatch.plan_from_table(table, spec(8192, 8192, dtype=BF16), "t").source
 
 
@@ -65,7 +66,7 @@ def test_paths_that_cannot_run_a_layer_are_never_planned(monkeypatch):
 
     monkeypatch.setitem(dispatch.PATHS, "dequant", NoAsym())
     table = {"entries": [entry(4096, 4096, [1, 256], [1, 9], [5, 5])]}
-    assert dispatch.plan_from_table(table, spec(sym=True), "t").steps == ((1, "decode"), (256, "dequant"))
+    assert dispatch.plan_from_table(table, spec(sym=True), "t").steps == ((1, "decode"), (2, "dequant"))
     assert dispatch.plan_from_table(table, spec(sym=False), "t").steps == ((1, "decode"),)
     assert dispatch.PATHS["decode"].unsupported(spec(dtype=torch.float32)) is not None
     with pytest.raises(ValueError, match="no measured path"):
@@ -75,9 +76,9 @@ def test_paths_that_cannot_run_a_layer_are_never_planned(monkeypatch):
 def test_paths_this_gpu_lacks_are_left_out_of_the_plan():
     table = {"entries": [{"k": 4096, "n": 4096, "dtype": "float16", "m": [1, 256, 512],
                           "us": {"decode": [1, 9, 20], "dequant": [5, 8, 10], "hopper": [7, 6, 5]}}]}
-    assert dispatch.plan_from_table(table, spec(), "t").steps == ((1, "decode"), (256, "hopper"))
-    assert dispatch.plan_from_table(table, spec(), "t", ["decode", "dequant"]).steps == ((1, "decode"), (256, "dequant"))
-    assert dispatch.plan_from_table(table, spec(sym=False), "t").steps == ((1, "decode"), (256, "dequant"))
+    assert dispatch.plan_from_table(table, spec(), "t").steps == ((1, "decode"), (2, "hopper"))
+    assert dispatch.plan_from_table(table, spec(), "t", ["decode", "dequant"]).steps == ((1, "decode"), (2, "dequant"))
+    assert dispatch.plan_from_table(table, spec(sym=False), "t").steps == ((1, "decode"), (2, "dequant"))
     assert dispatch.PATHS["hopper"].device_unsupported(props(108, 1, 1, 1, major=8)).startswith("needs sm_90")
 
 
@@ -147,18 +148,18 @@ def test_tune_keeps_the_entries_it_did_not_measure():
 
     previous = table("GPU A", "2026-01-01",
                      entry(4096, 4096, [1, 256], [1, 9], [5, 5]),  # re-measured below: replaced
-                     entry(4096, 4096, [1, 64], [1, 9], [5, 5], "bfloat16"),  # other dtype: kept
+                     entry(4096, 4096, [1, 32, 64], [1, 2, 9], [5, 5, 5], "bfloat16"),  # other dtype: kept
                      dict(entry(8192, 8192, [1, 512], [1, 9], [5, 5]), measured="2025-12-31"))  # other shape: kept
-    fresh = table("GPU A", "2026-02-02", entry(4096, 4096, [1, 128], [1, 9], [5, 5]))
+    fresh = table("GPU A", "2026-02-02", entry(4096, 4096, [1, 64, 128], [1, 2, 9], [5, 5, 5]))
     merged = merge_tables(dict(previous, note="written by hand"), fresh)
     assert merged["measured"] == "2026-02-02"
     assert merged["note"] == "written by hand"
     got = {(e["n"], e["dtype"]): e for e in merged["entries"]}
     assert sorted(got) == [(4096, "bfloat16"), (4096, "float16"), (8192, "float16")]
-    assert got[(4096, "float16")]["m"] == [1, 128]
+    assert got[(4096, "float16")]["m"] == [1, 64, 128]
     assert got[(4096, "bfloat16")]["measured"] == "2026-01-01"
     assert got[(8192, "float16")]["measured"] == "2025-12-31"
-    assert dispatch.plan_from_table(merged, spec(), "t").steps == ((1, "decode"), (128, "dequant"))
-    assert dispatch.plan_from_table(merged, spec(dtype=BF16), "t").steps == ((1, "decode"), (64, "dequant"))
+    assert dispatch.plan_from_table(merged, spec(), "t").steps == ((1, "decode"), (65, "dequant"))
+    assert dispatch.plan_from_table(merged, spec(dtype=BF16), "t").steps == ((1, "decode"), (33, "dequant"))
     # another GPU model's table contributes nothing
     assert merge_tables(dict(previous, device="GPU B"), fresh) == fresh

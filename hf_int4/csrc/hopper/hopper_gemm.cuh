@@ -161,7 +161,7 @@ struct Config {
 // configuration at TokenTile = 128), with the persistent data-parallel or stream-K scheduler. ClusterWeights = 2:
 // clusters of two CTAs on neighbouring weight tiles, which share each activation tile by TMA multicast (half the
 // activation traffic from L2 per CTA; activations are 8x the int4 weight bytes of a 128 x 256 tile).
-// WeightTile = 256: each consumer warpgroup on 128 weight rows (hopper_gemm.h, schedules 8 and 9).
+// WeightTile = 256: each consumer warpgroup on 128 weight rows (hopper_gemm.h, schedules 8, 9 and 10).
 template <class Act, class TileScheduler, int TokenTile = 128, class Out = Act, int ClusterWeights = 1,
           int WeightTile = 128>
 using Cooperative = Config<Act, Shape<Int<WeightTile>, Int<TokenTile>, _64>, Shape<Int<ClusterWeights>, _1, _1>,

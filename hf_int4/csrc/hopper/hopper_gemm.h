@@ -34,11 +34,11 @@ struct HopperGemmArgs {
 // at once writing fp32 partials, then one kernel sums them (hopper_gemm.cuh, Config with Out = float); 6 data-parallel
 // 128 x 192 tiles: at M = 192 * j no padding rows, and a wave count between the 128- and 256-token tiles'; 7 the
 // 128 x 256 tiles of 2 in clusters of two CTAs along the weights that share the activation tiles (TMA multicast);
-// 8 and 9: split-K partials with 256 (weights) x 64 and 256 x 32 (tokens) tiles. At M <= 64 the mainloop is bound by
-// the latency of each k-block's smem -> convert -> wgmma chain, not by the tensor cores: 256 weight rows (128 per
-// warpgroup) carry twice the weights per chain of 128-row tiles (H200, M = 16-32: 1.06-1.47x faster than the best
-// 128-row configuration, docs/results/bench_hopper_w256_h200.txt).
-constexpr int kHopperSchedules = 10;
+// 8, 9 and 10: split-K partials with 256 (weights) x 64, 256 x 32 and 256 x 16 (tokens) tiles. At M <= 64 the
+// mainloop is bound by the latency of each k-block's smem -> convert -> wgmma chain, not by the tensor cores: 256
+// weight rows (128 per warpgroup) carry twice the weights per chain of 128-row tiles (H200, M = 16-32: 1.06-1.47x
+// faster than the best 128-row configuration, docs/results/bench_hopper_w256_h200.txt).
+constexpr int kHopperSchedules = 11;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
 #define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
@@ -64,6 +64,8 @@ HF_INT4_HOPPER_DECLARE(fp16, partials_w256)
 HF_INT4_HOPPER_DECLARE(bf16, partials_w256)
 HF_INT4_HOPPER_DECLARE(fp16, partials_w256_t32)
 HF_INT4_HOPPER_DECLARE(bf16, partials_w256_t32)
+HF_INT4_HOPPER_DECLARE(fp16, partials_w256_t16)
+HF_INT4_HOPPER_DECLARE(bf16, partials_w256_t16)
 #undef HF_INT4_HOPPER_DECLARE
 
 }  // namespace hf_int4
