@@ -7,7 +7,8 @@ benchmark does (CUDA-graph replays over rotating weight copies, median), and wri
 user cache (`$HF_INT4_CACHE/tables/<gpu>.json`, default ~/.cache/hf_int4), where hf_int4.dispatch
 finds it automatically from then on: layers planned afterwards (new loads) use it. Entries of the table
 this GPU used before (the user's, else the shipped one) for other shapes, dtypes or group sizes are kept,
-so tuning bfloat16 does not discard float16; delete the file to start afresh.
+so tuning bfloat16 does not discard float16; a shape measured again at other Ms (`--ms`) with the same paths
+gains those Ms, the Ms measured again taking the new times. Delete the file to start afresh.
 """
 import argparse
 import json
@@ -23,6 +24,9 @@ TABLE_VERSION = 1
 # The benchmark's shapes (q/k/v and gate/up fused, as serving stacks hold them) plus the separate k/v and
 # gate/up projections that a transformers Llama-3-8B calls: every layer then finds its own measured shape.
 TUNE_SHAPES = bench.LLAMA3_8B_SHAPES + [(4096, 1024), (4096, 14336)]
+# The benchmark's Ms plus one between each pair above 128: the plan serves M with the path fastest at the grid
+# point at or above it, and a path chosen at 1536 (192-token tiles) ran 12% slower than the best at M = 1280.
+TUNE_MS = sorted(bench.DEFAULT_MS + [160, 224, 320, 448, 640, 896, 1280, 1792, 3072, 6144])
 
 
 def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) -> dict:
@@ -58,17 +62,32 @@ def entry_key(entry: dict) -> tuple:
     return entry["k"], entry["n"], entry["dtype"], entry.get("group_size")
 
 
+def merge_entries(old: dict, new: dict) -> dict:
+    """One key measured twice: `new`, plus `old`'s Ms that `new` did not measure if both timed the same paths
+    (the plan compares paths at one M, all timed in one run); else `new` alone."""
+    if set(old["us"]) != set(new["us"]):
+        return new
+    times = {m: {name: old["us"][name][i] for name in old["us"]} for i, m in enumerate(old["m"])}
+    times.update({m: {name: new["us"][name][i] for name in new["us"]} for i, m in enumerate(new["m"])})
+    ms = sorted(times)
+    return dict(new, m=ms, us={name: [times[m][name] for m in ms] for name in new["us"]})
+
+
 def merge_tables(previous: dict, measured: dict) -> dict:
-    """`measured`, plus the entries of `previous` (the same GPU model's table) for keys it did not measure.
+    """`measured`, plus the entries of `previous` (the same GPU model's table) for keys it did not measure, and
+    the Ms of `previous`'s entries that it did not measure again (merge_entries).
 
     A kept entry carries the date it was measured (its own, else its table's); the previous table's other
     top-level keys (notes written by hand, e.g. "dropped") stay unless `measured` sets them."""
     if previous.get("device") != measured["device"]:
         return measured
+    old_entries = {entry_key(e): e for e in previous.get("entries", [])}
     new_keys = {entry_key(e) for e in measured["entries"]}
     kept = [dict(e, measured=e.get("measured", previous.get("measured")))
-            for e in previous.get("entries", []) if entry_key(e) not in new_keys]
-    return {**previous, **measured, "entries": kept + measured["entries"]}
+            for key, e in old_entries.items() if key not in new_keys]
+    remeasured = [merge_entries(old_entries[entry_key(e)], e) if entry_key(e) in old_entries else e
+                  for e in measured["entries"]]
+    return {**previous, **measured, "entries": kept + remeasured}
 
 
 def main(argv=None):
@@ -81,7 +100,7 @@ def main(argv=None):
 def add_arguments(parser):
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in TUNE_SHAPES),
                         help="layer shapes KxN (in_features x out_features), comma separated")
-    parser.add_argument("--ms", default=",".join(map(str, bench.DEFAULT_MS)), help="row counts M to measure")
+    parser.add_argument("--ms", default=",".join(map(str, TUNE_MS)), help="row counts M to measure")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--out", help="table path (default: the user cache, used automatically)")
@@ -104,7 +123,8 @@ def run(args) -> int:
     previous = out if out.is_file() else dispatch.table_path_for(table["device"])
     if previous is not None:
         table = merge_tables(json.loads(Path(previous).read_text()), table)
-        print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes or dtypes")
+        print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes or dtypes, "
+              "and the Ms not measured again of the shapes measured")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(table, indent=1))

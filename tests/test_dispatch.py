@@ -147,7 +147,7 @@ def test_tune_keeps_the_entries_it_did_not_measure():
         return {"device": device, "measured": measured, "entries": [dict(e, group_size=128) for e in entries]}
 
     previous = table("GPU A", "2026-01-01",
-                     entry(4096, 4096, [1, 256], [1, 9], [5, 5]),  # re-measured below: replaced
+                     entry(4096, 4096, [1, 256], [1, 9], [5, 5]),  # re-measured below at other Ms: merged
                      entry(4096, 4096, [1, 32, 64], [1, 2, 9], [5, 5, 5], "bfloat16"),  # other dtype: kept
                      dict(entry(8192, 8192, [1, 512], [1, 9], [5, 5]), measured="2025-12-31"))  # other shape: kept
     fresh = table("GPU A", "2026-02-02", entry(4096, 4096, [1, 64, 128], [1, 2, 9], [5, 5, 5]))
@@ -156,10 +156,15 @@ def test_tune_keeps_the_entries_it_did_not_measure():
     assert merged["note"] == "written by hand"
     got = {(e["n"], e["dtype"]): e for e in merged["entries"]}
     assert sorted(got) == [(4096, "bfloat16"), (4096, "float16"), (8192, "float16")]
-    assert got[(4096, "float16")]["m"] == [1, 64, 128]
+    assert got[(4096, "float16")]["m"] == [1, 64, 128, 256]
+    assert got[(4096, "float16")]["us"] == {"decode": [1, 2, 9, 9], "dequant": [5, 5, 5, 5]}  # M = 1: the new time
     assert got[(4096, "bfloat16")]["measured"] == "2026-01-01"
     assert got[(8192, "float16")]["measured"] == "2025-12-31"
     assert dispatch.plan_from_table(merged, spec(), "t").steps == ((1, "decode"), (65, "dequant"))
     assert dispatch.plan_from_table(merged, spec(dtype=BF16), "t").steps == ((1, "decode"), (33, "dequant"))
     # another GPU model's table contributes nothing
     assert merge_tables(dict(previous, device="GPU B"), fresh) == fresh
+    # an entry whose paths changed is replaced, not merged: its old Ms lack the new path's times
+    fresh["entries"][0]["us"]["hopper"] = [3, 3, 3]
+    got = {(e["n"], e["dtype"]): e for e in merge_tables(previous, fresh)["entries"]}
+    assert got[(4096, "float16")]["m"] == [1, 64, 128]

@@ -141,8 +141,9 @@ def test_dequantize_op_checks_its_inputs():
 
 
 @pytest.fixture
-def table_crossing_at_100(tmp_path, monkeypatch):
-    """A user table for this GPU: decode fastest below M = 100, dequant from 100 on."""
+def table_crossing_after_64(tmp_path, monkeypatch):
+    """A user table for this GPU: decode fastest up to M = 64, dequant at the next grid point (100) and on, so the
+    plan takes dequant from M = 65."""
     monkeypatch.setenv("HF_INT4_CACHE", str(tmp_path))
     name = torch.cuda.get_device_name()
     table = {"version": 1, "device": name, "entries": [
@@ -164,17 +165,17 @@ def make_layer(K, N, cfg, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_calls_the_path_its_plan_names(table_crossing_at_100, monkeypatch, dtype):
+def test_layer_calls_the_path_its_plan_names(table_crossing_after_64, monkeypatch, dtype):
     cfg = _cfg(sym=False, desc_act=True, gs=64)
     module, raw = make_layer(576, 1536, cfg, dtype)
     plan = module.dispatch_plan()
-    assert str(table_crossing_at_100) in plan.source
-    assert [dispatch.explain(module, m).path for m in (1, 99, 100, 5000)] == ["decode", "decode", "dequant", "dequant"]
+    assert str(table_crossing_after_64) in plan.source
+    assert [dispatch.explain(module, m).path for m in (1, 64, 65, 5000)] == ["decode", "decode", "dequant", "dequant"]
     calls = []
     for name in ("int4_gemm", "dequant_linear"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    for rows, want in ((99, "int4_gemm"), (100, "dequant_linear"), (1, "int4_gemm")):
+    for rows, want in ((64, "int4_gemm"), (65, "dequant_linear"), (1, "int4_gemm")):
         calls.clear()
         x = torch.randn(rows, 576, device="cuda", dtype=dtype)
         check(module(x), oracle(raw, x, module.bias), dtype, f"M={rows}")
@@ -185,7 +186,7 @@ def test_layer_calls_the_path_its_plan_names(table_crossing_at_100, monkeypatch,
     assert calls == ["dequant_linear"]
 
 
-def test_compiled_layer_switches_paths_by_shape_without_graph_breaks(table_crossing_at_100):
+def test_compiled_layer_switches_paths_by_shape_without_graph_breaks(table_crossing_after_64):
     cfg = _cfg(sym=True, gs=128)
     module, raw = make_layer(576, 1536, cfg, F16)
     compiled = torch.compile(module, fullgraph=True, dynamic=True)
