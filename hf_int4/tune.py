@@ -25,7 +25,7 @@ TABLE_VERSION = 1
 # gate/up projections that a transformers Llama-3-8B calls: every layer then finds its own measured shape.
 TUNE_SHAPES = bench.LLAMA3_8B_SHAPES + [(4096, 1024), (4096, 14336)]
 # The benchmark's Ms plus one between each pair above 128: the plan serves M with the path fastest at the grid
-# point at or above it, and a path chosen at 1536 (192-token tiles) ran 12% slower than the best at M = 1280.
+# point at or above it, and (H200, 8192x8192) the path fastest at 1536 ran 12% slower than the fastest at M = 1280.
 TUNE_MS = sorted(bench.DEFAULT_MS + [160, 224, 320, 448, 640, 896, 1280, 1792, 3072, 6144])
 
 
