@@ -123,8 +123,8 @@ def run(args) -> int:
     previous = out if out.is_file() else dispatch.table_path_for(table["device"])
     if previous is not None:
         table = merge_tables(json.loads(Path(previous).read_text()), table)
-        print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes or dtypes, "
-              "and the Ms not measured again of the shapes measured")
+        print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes or dtypes, and "
+              "the Ms not measured again of the shapes measured where the same paths were timed")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(table, indent=1))
