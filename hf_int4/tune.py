@@ -7,8 +7,8 @@ benchmark does (CUDA-graph replays over rotating weight copies, median), and wri
 user cache (`$HF_INT4_CACHE/tables/<gpu>.json`, default ~/.cache/hf_int4), where hf_int4.dispatch
 finds it automatically from then on: layers planned afterwards (new loads) use it. Entries of the table
 this GPU used before (the user's, else the shipped one) for other shapes, dtypes or group sizes are kept,
-so tuning bfloat16 does not discard float16; a shape measured again at other Ms (`--ms`) with the same paths
-gains those Ms, the Ms measured again taking the new times. Delete the file to start afresh.
+so tuning bfloat16 does not discard float16; a shape measured again at other Ms (`--ms`) with the same paths or
+more gains those Ms, the Ms measured again taking the new times (paths added since: not timed at the others). Delete the file to start afresh.
 """
 import argparse
 import json
@@ -63,11 +63,13 @@ def entry_key(entry: dict) -> tuple:
 
 
 def merge_entries(old: dict, new: dict) -> dict:
-    """One key measured twice: `new`, plus `old`'s Ms that `new` did not measure if both timed the same paths
-    (the plan compares paths at one M, all timed in one run); else `new` alone."""
-    if set(old["us"]) != set(new["us"]):
+    """One key measured twice: `new`, plus `old`'s Ms that `new` did not measure if `new` timed every path `old`
+    did (the plan compares paths at one M, all timed in one run; at old Ms a path new to `new` is null, not timed,
+    so the plan never picks it there); else `new` alone."""
+    if not set(old["us"]) <= set(new["us"]):
         return new
-    times = {m: {name: old["us"][name][i] for name in old["us"]} for i, m in enumerate(old["m"])}
+    times = {m: {name: old["us"].get(name, [None] * len(old["m"]))[i] for name in new["us"]}
+             for i, m in enumerate(old["m"])}
     times.update({m: {name: new["us"][name][i] for name in new["us"]} for i, m in enumerate(new["m"])})
     ms = sorted(times)
     return dict(new, m=ms, us={name: [times[m][name] for m in ms] for name in new["us"]})
@@ -124,7 +126,7 @@ def run(args) -> int:
     if previous is not None:
         table = merge_tables(json.loads(Path(previous).read_text()), table)
         print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes or dtypes, and "
-              "the Ms not measured again of the shapes measured where the same paths were timed")
+              "the Ms not measured again of the shapes measured where every path timed before was timed again")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(table, indent=1))

@@ -1,5 +1,7 @@
 """The dispatch logic (no GPU needed): plans from tables, the rule for GPUs without one, table lookup."""
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -164,7 +166,27 @@ def test_tune_keeps_the_entries_it_did_not_measure():
     assert dispatch.plan_from_table(merged, spec(dtype=BF16), "t").steps == ((1, "decode"), (33, "dequant"))
     # another GPU model's table contributes nothing
     assert merge_tables(dict(previous, device="GPU B"), fresh) == fresh
-    # an entry whose paths changed is replaced, not merged: its old Ms lack the new path's times
+    # a path new since the old entry: merged, not timed (null) at the old Ms, so never planned there
     fresh["entries"][0]["us"]["hopper"] = [3, 3, 3]
     got = {(e["n"], e["dtype"]): e for e in merge_tables(previous, fresh)["entries"]}
+    assert got[(4096, "float16")]["m"] == [1, 64, 128, 256]
+    assert got[(4096, "float16")]["us"]["hopper"] == [3, 3, 3, None]
+    plan = dispatch.plan_from_table({"entries": [got[(4096, "float16")]]}, spec(), "t")
+    assert plan.steps == ((1, "decode"), (65, "hopper"), (129, "dequant"))  # 129..256: old times, hopper untimed
+    # an entry that lost a path is replaced: the old Ms would compare that path against paths no longer timed
+    del fresh["entries"][0]["us"]["decode"]
+    got = {(e["n"], e["dtype"]): e for e in merge_tables(previous, fresh)["entries"]}
     assert got[(4096, "float16")]["m"] == [1, 64, 128]
+
+
+def test_the_hopper_paths_match_the_schedules_the_op_knows():
+    """dispatch's schedule numbers and partial-sum set against hopper_gemm.h (kHopperSchedules, kPartialSchedules):
+    a schedule the op reads as data-parallel while dispatch passes splits would be refused on the GPU only."""
+    header = (Path(dispatch.__file__).parent / "csrc" / "hopper" / "hopper_gemm.h").read_text()
+    count = int(re.search(r"kHopperSchedules = (\d+);", header).group(1))
+    mask = re.search(r"kPartialSchedules = ([^;]+);", header).group(1)
+    partial = sorted(int(bit) for bit in re.findall(r"1u << (\d+)", mask))
+    assert partial == sorted(dispatch.PARTIAL_SUM_SCHEDULES)
+    hopper = [p for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
+    assert {p.schedule for p in hopper} == set(range(count))  # every configuration reachable, none beyond the op's
+    assert all((p.splits >= 2) == (p.schedule in dispatch.PARTIAL_SUM_SCHEDULES) for p in hopper if p.schedule not in (1, 3))  # stream-K: splits too
