@@ -386,14 +386,18 @@ def test_chained_layers_wait_for_their_input(graph, K):
 
 
 def chain_layers(K, n_layers, cfg, seed):
-    """(raws, fp16 packed) of n_layers square layers for a chain, every other column's scales negated. The
-    integers average 7.5 against a zero point of 8, so each layer's weights share a mean that a chain compounds
-    by ~sqrt(K)/8 per layer (fp16 overflowed at the 10th layer of K=1024); alternating signs cancel it."""
+    """(raws, fp16 packed) of n_layers square layers for a chain, every other column's scales negated and all
+    scaled so that a layer keeps its input's norm. The integers average 7.5 against a zero point of 8, so each
+    layer's weights share a mean that a chain compounds by ~sqrt(K)/8 per layer (fp16 overflowed at the 10th
+    layer of K=1024); alternating signs cancel it. What is left, rms(W) sqrt(K) ~ 1.2 per layer, overflowed at
+    the 50th."""
     raws, packed = [], []
     sign = torch.tensor([1.0, -1.0], device="cuda").repeat(K // 2).half()
     for i in range(n_layers):
         _, raw = random_gptq_layer(K, K, cfg, seed=seed + i, device="cuda")
-        raw = dict(raw, scales=raw["scales"] * sign)
+        g = raw["g_idx"].long()
+        gain = (raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()).pow(2).mean().sqrt() * K**0.5
+        raw = dict(raw, scales=(raw["scales"] * sign / gain).half())
         layer = make_gptq_layer("chain", raw["intweight"], raw["zeros"], raw["scales"], raw["g_idx"], cfg)
         raws.append(raw)
         packed.append(pack_gptq_layer(layer, F16))

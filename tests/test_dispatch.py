@@ -121,11 +121,15 @@ def test_shipped_tables_are_complete():
         assert dispatch.device_slug(table["device"]) == path.stem
         for e in table["entries"]:
             assert set(e["us"]) <= set(dispatch.PATHS) and e["m"] == sorted(e["m"]) and e["m"][0] == 1
-            for name, times in e["us"].items():  # null exactly where the path's max_m says it is not timed
+            # null where the path's max_m says it is not timed, and where a path added later was not (tune.merge_entries)
+            for name, times in e["us"].items():
                 max_m = dispatch.PATHS[name].max_m
                 assert len(times) == len(e["m"]), path
-                assert all((t is None) == (max_m is not None and m > max_m) for m, t in zip(e["m"], times)), (path, name)
-                assert all(t > 0 for t in times if t is not None), (path, name)
+                assert all(t is None for m, t in zip(e["m"], times) if max_m is not None and m > max_m), (path, name)
+                assert any(t is not None for t in times) and all(t > 0 for t in times if t is not None), (path, name)
+            original = [name for name, times in e["us"].items() if all(  # the paths timed at every M in their range
+                t is not None for m, t in zip(e["m"], times) if dispatch.PATHS[name].max_m is None or m <= dispatch.PATHS[name].max_m)]
+            assert {"decode", "dequant", "hopper"} <= set(original), (path, e["k"], e["n"], e["dtype"])
         for K, N in [(576, 1536), (4096, 4096), (8192, 28672)]:
             plan = dispatch.plan_from_table(table, spec(K, N), path.name)
             assert plan.steps[0] == (1, "decode"), plan.describe()
