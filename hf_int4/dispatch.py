@@ -99,7 +99,7 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
-PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12, 14)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
 
 
 class HopperPath(KernelPath):
@@ -163,11 +163,10 @@ PATHS: Dict[str, KernelPath] = {
               # k-block at M <= 64; beyond 128 rows (16-token tiles: 16) they only repeat the weight reads per token tile
               *(HopperPath(f"hopper_w256{suffix}_partials{s}", schedule, s, max_m=max_m)
                 for suffix, schedule, max_m in (("", 8, 128), ("_t32", 9, 128), ("_t16", 10, 16)) for s in (2, 4, 8)),
-              # M = 160..1280: token tiles that cover M in one or two passes (each converts every weight once), with
-              # 160 = 1280 / 8 tokens, or split along K where a layer has too few weight tiles for the SMs
-              HopperPath("hopper_160", 13, max_m=1280),
+              # M = 160..1280: 192- and 256-token tiles, which cover M in one or two passes (each pass converts every
+              # weight once), split along K where a layer has too few weight tiles for the SMs
               *(HopperPath(f"hopper_{tile}_partials{s}", schedule, s, max_m=1280)
-                for tile, schedule in (("160", 14), ("192", 11), ("wide", 12)) for s in (2, 4)))
+                for tile, schedule in (("192", 11), ("wide", 12)) for s in (2, 4)))
 }
 
 
