@@ -8,7 +8,8 @@ user cache (`$HF_INT4_CACHE/tables/<gpu>.json`, default ~/.cache/hf_int4), where
 finds it automatically from then on: layers planned afterwards (new loads) use it. Entries of the table
 this GPU used before (the user's, else the shipped one) for other shapes, dtypes or group sizes are kept,
 so tuning bfloat16 does not discard float16; a shape measured again at other Ms (`--ms`) with the same paths or
-more gains those Ms, the Ms measured again taking the new times (paths added since: not timed at the others). Delete the file to start afresh.
+more gains those Ms, the Ms measured again taking the new times (paths added since: not timed at the others).
+Delete the file to start afresh.
 """
 import argparse
 import json
@@ -68,7 +69,7 @@ def merge_entries(old: dict, new: dict) -> dict:
     so the plan never picks it there); else `new` alone."""
     if not set(old["us"]) <= set(new["us"]):
         return new
-    times = {m: {name: old["us"].get(name, [None] * len(old["m"]))[i] for name in new["us"]}
+    times = {m: {name: old["us"][name][i] if name in old["us"] else None for name in new["us"]}
              for i, m in enumerate(old["m"])}
     times.update({m: {name: new["us"][name][i] for name in new["us"]} for i, m in enumerate(new["m"])})
     ms = sorted(times)

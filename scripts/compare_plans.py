@@ -41,7 +41,8 @@ def main(argv):
     print(f"{'K x N':>11} {'M':>5} {'fp16_us':>8}" + "".join(f"  {c:<26}{'x':>6}" for c in columns))
     ratios = {c: [] for c in columns}
     for r in bench["rows"]:
-        spec = dispatch.LinearSpec(r["K"], r["N"], 128, True, False, getattr(torch, bench["meta"].get("dtype", "float16")))
+        spec = dispatch.LinearSpec(r["K"], r["N"], bench["meta"]["group_size"], True, False,
+                                   getattr(torch, bench["meta"]["dtype"]))
         forced = {k[:-3]: v for k, v in r.items() if k.endswith("_us") and v is not None and k[:-3] in dispatch.PATHS}
         choice = {name: dispatch.plan_from_table(t, spec, name).path_name(r["M"]) for name, t in tables.items()}
         if lower:

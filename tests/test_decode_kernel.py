@@ -56,9 +56,14 @@ def get_packed(K, N, cfg, dtype, *, bias=False, seed=0):
     return _PACKED[key]
 
 
-def oracle(raw, x, bias=None):
+def raw_weight(raw):
+    """W [K, N] float64 from the unpacked GPTQ integers, zero points and scales."""
     g = raw["g_idx"].long()
-    W = raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()
+    return raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()
+
+
+def oracle(raw, x, bias=None):
+    W = raw_weight(raw)
     ref = x.reshape(-1, x.shape[-1]).double() @ W
     if bias is not None:
         ref = ref + bias.double()
@@ -395,8 +400,7 @@ def chain_layers(K, n_layers, cfg, seed):
     sign = torch.tensor([1.0, -1.0], device="cuda").repeat(K // 2).half()
     for i in range(n_layers):
         _, raw = random_gptq_layer(K, K, cfg, seed=seed + i, device="cuda")
-        g = raw["g_idx"].long()
-        gain = (raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()).pow(2).mean().sqrt() * K**0.5
+        gain = raw_weight(raw).pow(2).mean().sqrt() * K**0.5
         raw = dict(raw, scales=(raw["scales"] * sign / gain).half())
         layer = make_gptq_layer("chain", raw["intweight"], raw["zeros"], raw["scales"], raw["g_idx"], cfg)
         raws.append(raw)
