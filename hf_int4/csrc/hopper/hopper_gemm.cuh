@@ -1,5 +1,6 @@
 // int4 x fp16/bf16 GEMM for Hopper on CUTLASS's mixed-input collective (TMA loads, warp-specialised
-// cooperative schedule, int4 converted in registers and fed to wgmma as the A operand).
+// cooperative schedule, int4 converted in registers and fed to wgmma as the A operand), its consumer loop
+// rescheduled to convert a whole k-tile per fence (tile_batched_mainloop.cuh).
 //
 // The problem is run transposed ("swap AB"): C^T [n, m] = W^T [n, k] x A^T, so that the int4 weight is
 // wgmma's register operand; C^T column-major is C [m, n] row-major, written by the TMA epilogue, which
@@ -21,6 +22,7 @@
 
 #include "../gemm_common.cuh"  // grid_dependency_wait, launch_dependents, launch_maybe_early
 #include "hopper_gemm.h"
+#include "tile_batched_mainloop.cuh"
 #include "cutlass/util/mixed_dtype_utils.hpp"  // compute_memory_reordering_atom
 
 namespace hf_int4 {
@@ -100,11 +102,11 @@ struct Config {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, float, void, LayoutOutT, kOutAlign, Out, LayoutOutT,
       kOutAlign, EpilogueSchedule, Fusion>::CollectiveOp;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using Mainloop = TileBatchedMainloop<typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<Quant, Act>, LayoutQuant, 32, Act,
       cutlass::layout::ColumnMajor, 8, Accumulator, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
+      KernelSchedule>::CollectiveOp>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
