@@ -1,6 +1,8 @@
-"""Run one int4_gemm case against the float64 oracle from the unpacked GPTQ ints (kernel debugging).
+"""Run one int4_gemm case, or one Hopper configuration, against the float64 oracle from the unpacked GPTQ ints
+(kernel debugging; with --repeat, one kernel for a profiler such as ncu).
 
     python scripts/kernel_case.py K N M [--group-size 128] [--asym] [--act-order] [--bf16] [--tile TNxTK] [--sms S]
+                                  [--hopper SCHEDULE [--splits S]] [--repeat R]
 """
 import argparse
 
@@ -8,7 +10,7 @@ import torch
 
 from hf_int4.formats import GPTQConfig
 from hf_int4.formats.gptq_writer import random_gptq_layer
-from hf_int4.ops import int4_gemm
+from hf_int4.ops import hopper_linear, int4_gemm
 from hf_int4.packing import pack_gptq_layer
 
 
@@ -23,6 +25,9 @@ def main():
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tile", default=None)
     p.add_argument("--sms", type=int, default=-1)
+    p.add_argument("--hopper", type=int, default=None, help="run this Hopper schedule instead (hf_int4.ops.hopper_linear)")
+    p.add_argument("--splits", type=int, default=0, help="the Hopper schedule's splits")
+    p.add_argument("--repeat", type=int, default=1, help="launch the kernel this many times")
     a = p.parse_args()
     cfg = GPTQConfig(group_size=a.group_size, sym=not a.asym, desc_act=a.act_order)
     dtype = torch.bfloat16 if a.bf16 else torch.float16
@@ -30,14 +35,18 @@ def main():
     packed = pack_gptq_layer(layer, dtype)
     x = torch.randn(a.M, a.K, device="cuda", dtype=dtype)
     tn, tk = map(int, a.tile.split("x")) if a.tile else (-1, -1)
-    out = int4_gemm(x, packed, thread_n=tn, thread_k=tk, sms=a.sms)
+    for _ in range(a.repeat):
+        if a.hopper is None:
+            out = int4_gemm(x, packed, thread_n=tn, thread_k=tk, sms=a.sms)
+        else:
+            out = hopper_linear(x, packed, None, a.hopper, a.splits)
     torch.cuda.synchronize()
     g = raw["g_idx"].long()
     w = raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()
     ref = x.double() @ w
     err = ((out.double() - ref).norm() / ref.norm()).item()
     bad_rows = ((out.double() - ref).abs().amax(1) > 0.05 * ref.abs().amax()).nonzero().flatten().tolist()
-    print(f"K={a.K} N={a.N} M={a.M} {cfg} {dtype} tile={a.tile} sms={a.sms}: rel err {err:.3e} bad rows {bad_rows[:10]}{'...' if len(bad_rows) > 10 else ''}")
+    print(f"K={a.K} N={a.N} M={a.M} {cfg} {dtype} tile={a.tile} sms={a.sms} hopper={a.hopper}/{a.splits}: rel err {err:.3e} bad rows {bad_rows[:10]}{'...' if len(bad_rows) > 10 else ''}")
 
 
 if __name__ == "__main__":
