@@ -163,8 +163,8 @@ PATHS: Dict[str, KernelPath] = {
               # k-block at M <= 64; beyond 128 rows (16-token tiles: 16) they only repeat the weight reads per token tile
               *(HopperPath(f"hopper_w256{suffix}_partials{s}", schedule, s, max_m=max_m)
                 for suffix, schedule, max_m in (("", 8, 128), ("_t32", 9, 128), ("_t16", 10, 16)) for s in (2, 4, 8)),
-              # M = 160..1280: 192- and 256-token tiles, which cover M in one or two passes (each pass converts every
-              # weight once), split along K where a layer has too few weight tiles for the SMs
+              # M = 160..1280: 192- and 256-token tiles, which cover M in one or two passes and keep the tensor pipe
+              # busier than 128-token tiles, split along K where a layer has too few weight tiles for the SMs
               *(HopperPath(f"hopper_{tile}_partials{s}", schedule, s, max_m=1280)
                 for tile, schedule in (("192", 11), ("wide", 12)) for s in (2, 4)))
 }

@@ -38,8 +38,8 @@ struct HopperGemmArgs {
 // mainloop is bound by the latency of each k-block's smem -> convert -> wgmma chain, not by the tensor cores: 256
 // weight rows (128 per warpgroup) carry twice the weights per chain of 128-row tiles (H200, M = 16-32: 1.06-1.47x
 // faster than the best 128-row configuration, docs/results/bench_hopper_w256_h200.txt). 11 and 12: split-K partials
-// with 128 x 192 and 128 x 256 tiles: at M = 160..1280 the mainloop converts each weight once per token tile, so a
-// tile covering M in one or two passes wins, as long as the layer still has enough CTAs (hence the K-slices).
+// with 128 x 192 and 128 x 256 tiles: at M = 160..1280 these keep the tensor pipe busiest (ncu, H200: 90% at 192
+// tokens, 76% at 128) and cover M in one or two passes, as long as the layer still has enough CTAs (hence the K-slices).
 // (128 x 160 tiles, data-parallel and split, timed the same as 128 x 192 ones: docs/kernel_notes.md step 28.)
 constexpr int kHopperSchedules = 13;
 // The split-K partial-sum schedules as a bit mask (dispatch.PARTIAL_SUM_SCHEDULES).
