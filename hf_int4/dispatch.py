@@ -99,7 +99,7 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
-PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12, 14)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
 
 
 class HopperPath(KernelPath):
@@ -163,10 +163,13 @@ PATHS: Dict[str, KernelPath] = {
               # k-block at M <= 64; beyond 128 rows (16-token tiles: 16) they only repeat the weight reads per token tile
               *(HopperPath(f"hopper_w256{suffix}_partials{s}", schedule, s, max_m=max_m)
                 for suffix, schedule, max_m in (("", 8, 128), ("_t32", 9, 128), ("_t16", 10, 16)) for s in (2, 4, 8)),
-              # M = 160..1280: 192- and 256-token tiles, which cover M in one or two passes and keep the tensor pipe
-              # busier than 128-token tiles, split along K where a layer has too few weight tiles for the SMs
+              # 160-token tiles (m64n160k16): no padding rows at M = 160 j, where on the H200 they beat every other
+              # path by 4-18% (docs/kernel_notes.md step 30); measured at every M, the tune decides
+              HopperPath("hopper_160", 13),
+              # M = 160..1280: 160-, 192- and 256-token tiles, which cover M in one or two passes and keep the tensor
+              # pipe busier than 128-token tiles, split along K where a layer has too few weight tiles for the SMs
               *(HopperPath(f"hopper_{tile}_partials{s}", schedule, s, max_m=1280)
-                for tile, schedule in (("192", 11), ("wide", 12)) for s in (2, 4)))
+                for tile, schedule in (("160", 14), ("192", 11), ("wide", 12)) for s in (2, 4)))
 }
 
 

@@ -70,6 +70,24 @@ def test_hopper_split_k_partials_every_variant(dtype, fmt, desc_act, gs):
         assert torch.equal(ops.hopper_linear(x, packed, bias, schedule, splits), out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,gs,splits", [(576, 64, 3), (1152, 64, 2), (768, 128, 2), (768, 128, 3), (640, 64, 5),
+                                         (1536, 128, 2)])
+def test_hopper_partials_every_k_range_and_group_count(dtype, K, gs, splits):
+    """K-slices of an odd and an even number of k-tiles (3, 9, 6, 4, 2, 12: the consumer loop issues k-tiles in
+    pairs, then maybe one more, tile_batched_mainloop.cuh), of one group per k-tile (64) or two, with odd and even
+    group counts, on every partial-sum schedule."""
+    N = 512
+    cfg = _cfg(gs=gs)
+    _, raw = get_layer(K, N, cfg)
+    packed = get_packed(K, N, cfg, dtype)
+    for schedule, M in itertools.product(sorted(dispatch.PARTIAL_SUM_SCHEDULES), (1, 16, 33, 100)):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        poison_allocator(M * N * 4 * splits)
+        check(ops.hopper_linear(x, packed, None, schedule, splits), oracle(raw, x), dtype,
+              f"K={K} gs={gs} M={M} schedule {schedule} splits {splits}")
+
+
 # 1024x384: three 128-row weight tiles, so a cluster of two (schedule 7) has a CTA past the last tile
 @pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 14336), (14336, 4096), (8192, 8192), (1024, 384)])
 def test_hopper_matches_the_oracle_llama_shapes(K, N):

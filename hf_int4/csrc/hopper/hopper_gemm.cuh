@@ -8,6 +8,9 @@
 // symmetric GPTQ case; asymmetric layers take another path.
 #pragma once
 
+// wgmma shapes of every width that is a multiple of 8 (CuTe offers n = 160 only with this): 160-token tiles run as
+// m64n160k16, not five m64n32k16 (docs/kernel_notes.md step 30). Widths CuTe always offers are chosen as before.
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"

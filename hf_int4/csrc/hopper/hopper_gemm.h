@@ -40,10 +40,11 @@ struct HopperGemmArgs {
 // faster than the best 128-row configuration, docs/results/bench_hopper_w256_h200.txt). 11 and 12: split-K partials
 // with 128 x 192 and 128 x 256 tiles: at M = 160..1280 these keep the tensor pipe busiest (ncu, H200: 90% at 192
 // tokens, 76% at 128) and cover M in one or two passes, as long as the layer still has enough CTAs (hence the K-slices).
-// (128 x 160 tiles, data-parallel and split, timed the same as 128 x 192 ones: docs/kernel_notes.md step 28.)
-constexpr int kHopperSchedules = 13;
+// 13 data-parallel 128 x 160 tiles, 14 split-K partials with them: M = 160 j runs without padding rows (192-token
+// tiles run 640 tokens as 768), issued as m64n160k16 wgmmas (CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, hopper_gemm.cuh).
+constexpr int kHopperSchedules = 15;
 // The split-K partial-sum schedules as a bit mask (dispatch.PARTIAL_SUM_SCHEDULES).
-constexpr unsigned kPartialSchedules = 1u << 4 | 1u << 5 | 1u << 8 | 1u << 9 | 1u << 10 | 1u << 11 | 1u << 12;
+constexpr unsigned kPartialSchedules = 1u << 4 | 1u << 5 | 1u << 8 | 1u << 9 | 1u << 10 | 1u << 11 | 1u << 12 | 1u << 14;
 
 // Each returns nullptr on success, else a static error message; *_workspace: bytes the launch needs.
 #define HF_INT4_HOPPER_DECLARE(dtype, schedule)                                     \
@@ -75,6 +76,10 @@ HF_INT4_HOPPER_DECLARE(fp16, partials_t192)
 HF_INT4_HOPPER_DECLARE(bf16, partials_t192)
 HF_INT4_HOPPER_DECLARE(fp16, partials_wide)
 HF_INT4_HOPPER_DECLARE(bf16, partials_wide)
+HF_INT4_HOPPER_DECLARE(fp16, tile160)
+HF_INT4_HOPPER_DECLARE(bf16, tile160)
+HF_INT4_HOPPER_DECLARE(fp16, partials_t160)
+HF_INT4_HOPPER_DECLARE(bf16, partials_t160)
 #undef HF_INT4_HOPPER_DECLARE
 
 }  // namespace hf_int4

@@ -33,7 +33,8 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
               ": schedule must be 0 (data-parallel), 1 (stream-K), 2 (data-parallel, 256-token tiles), 3 (stream-K, "
               "64-token tiles), 4 (split-K partials), 5 (split-K partials, 64-token tiles), 6 (data-parallel, 192-token "
               "tiles), 7 (data-parallel, 256-token tiles, clusters of 2), 8, 9 or 10 (split-K partials, 256-weight x 64-, "
-              "32- or 16-token tiles), 11 or 12 (split-K partials, 192- or 256-token tiles), got ", schedule);
+              "32- or 16-token tiles), 11 or 12 (split-K partials, 192- or 256-token tiles), 13 (data-parallel, "
+              "160-token tiles) or 14 (split-K partials, 160-token tiles), got ", schedule);
   const bool stream_k = schedule == 1 || schedule == 3;
   const bool partials = (kPartialSchedules >> schedule) & 1u;  // dispatch.PARTIAL_SUM_SCHEDULES
   TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
@@ -41,7 +42,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
               "(schedule 1 or 3), got splits=", splits, " with schedule ", schedule);
   TORCH_CHECK(!partials || (splits >= 2 && splits <= 16 && group_size != -1 && size_k % (64 * splits) == 0 &&
                             (size_k / splits) % group_size == 0),
-              op, ": the split-K schedules (4, 5, 8-12) need 2..16 splits that cut K into slices of whole 64-row tiles and "
+              op, ": the split-K schedules (4, 5, 8-12, 14) need 2..16 splits that cut K into slices of whole 64-row tiles and "
               "whole groups (not per channel), got splits=", splits, " for K=", size_k, ", group size ", group_size);
   const ActivationRows rows = activation_rows(op, a_in, size_k, size_n);
   const at::Tensor& a = rows.a;
@@ -71,25 +72,27 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
        hopper_gemm_fp16_partials, hopper_gemm_fp16_partials_narrow, hopper_gemm_fp16_tile192,
        hopper_gemm_fp16_wide_cluster, hopper_gemm_fp16_partials_w256, hopper_gemm_fp16_partials_w256_t32,
        hopper_gemm_fp16_partials_w256_t16, hopper_gemm_fp16_partials_t192,
-       hopper_gemm_fp16_partials_wide},
+       hopper_gemm_fp16_partials_wide, hopper_gemm_fp16_tile160, hopper_gemm_fp16_partials_t160},
       {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide, hopper_gemm_bf16_narrow,
        hopper_gemm_bf16_partials, hopper_gemm_bf16_partials_narrow, hopper_gemm_bf16_tile192,
        hopper_gemm_bf16_wide_cluster, hopper_gemm_bf16_partials_w256, hopper_gemm_bf16_partials_w256_t32,
        hopper_gemm_bf16_partials_w256_t16, hopper_gemm_bf16_partials_t192,
-       hopper_gemm_bf16_partials_wide}};
+       hopper_gemm_bf16_partials_wide, hopper_gemm_bf16_tile160, hopper_gemm_bf16_partials_t160}};
   static constexpr Workspace kWorkspace[2][kHopperSchedules] = {
       {hopper_gemm_workspace_fp16_dp, hopper_gemm_workspace_fp16_sk, hopper_gemm_workspace_fp16_wide,
        hopper_gemm_workspace_fp16_narrow, hopper_gemm_workspace_fp16_partials,
        hopper_gemm_workspace_fp16_partials_narrow, hopper_gemm_workspace_fp16_tile192,
        hopper_gemm_workspace_fp16_wide_cluster, hopper_gemm_workspace_fp16_partials_w256,
        hopper_gemm_workspace_fp16_partials_w256_t32, hopper_gemm_workspace_fp16_partials_w256_t16,
-       hopper_gemm_workspace_fp16_partials_t192, hopper_gemm_workspace_fp16_partials_wide},
+       hopper_gemm_workspace_fp16_partials_t192, hopper_gemm_workspace_fp16_partials_wide,
+       hopper_gemm_workspace_fp16_tile160, hopper_gemm_workspace_fp16_partials_t160},
       {hopper_gemm_workspace_bf16_dp, hopper_gemm_workspace_bf16_sk, hopper_gemm_workspace_bf16_wide,
        hopper_gemm_workspace_bf16_narrow, hopper_gemm_workspace_bf16_partials,
        hopper_gemm_workspace_bf16_partials_narrow, hopper_gemm_workspace_bf16_tile192,
        hopper_gemm_workspace_bf16_wide_cluster, hopper_gemm_workspace_bf16_partials_w256,
        hopper_gemm_workspace_bf16_partials_w256_t32, hopper_gemm_workspace_bf16_partials_w256_t16,
-       hopper_gemm_workspace_bf16_partials_t192, hopper_gemm_workspace_bf16_partials_wide}};
+       hopper_gemm_workspace_bf16_partials_t192, hopper_gemm_workspace_bf16_partials_wide,
+       hopper_gemm_workspace_bf16_tile160, hopper_gemm_workspace_bf16_partials_t160}};
   const Run run = kRun[half ? 0 : 1][schedule];
   const Workspace workspace = kWorkspace[half ? 0 : 1][schedule];
   // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
