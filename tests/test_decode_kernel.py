@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU and the built hf_int4._C extension",
 )
 
+from gptq_oracle import oracle, weight_from_ints  # noqa: E402
 from hf_int4 import ops  # noqa: E402
 from hf_int4.formats.gptq import GPTQConfig  # noqa: E402
 from hf_int4.formats.gptq_writer import make_gptq_layer, random_gptq_layer  # noqa: E402
@@ -54,20 +55,6 @@ def get_packed(K, N, cfg, dtype, *, bias=False, seed=0):
         layer, _ = get_layer(K, N, cfg, bias=bias, seed=seed)
         _PACKED[key] = pack_gptq_layer(layer, dtype)
     return _PACKED[key]
-
-
-def raw_weight(raw):
-    """W [K, N] float64 from the unpacked GPTQ integers, zero points and scales."""
-    g = raw["g_idx"].long()
-    return raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()
-
-
-def oracle(raw, x, bias=None):
-    W = raw_weight(raw)
-    ref = x.reshape(-1, x.shape[-1]).double() @ W
-    if bias is not None:
-        ref = ref + bias.double()
-    return ref.reshape(*x.shape[:-1], W.shape[1])
 
 
 def poison_allocator(nbytes, device="cuda", copies=4):
@@ -400,7 +387,7 @@ def chain_layers(K, n_layers, cfg, seed):
     sign = torch.tensor([1.0, -1.0], device="cuda").repeat(K // 2).half()
     for i in range(n_layers):
         _, raw = random_gptq_layer(K, K, cfg, seed=seed + i, device="cuda")
-        gain = raw_weight(raw).pow(2).mean().sqrt() * K**0.5
+        gain = weight_from_ints(raw).pow(2).mean().sqrt() * K**0.5
         raw = dict(raw, scales=(raw["scales"] * sign / gain).half())
         layer = make_gptq_layer("chain", raw["intweight"], raw["zeros"], raw["scales"], raw["g_idx"], cfg)
         raws.append(raw)

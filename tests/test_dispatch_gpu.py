@@ -14,8 +14,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU and the built hf_int4._C extension",
 )
 
-from test_decode_kernel import (  # noqa: E402
-    BF16, DTYPES, F16, VARIANTS, _cfg, check, get_layer, get_packed, oracle, poison_allocator, raw_weight)
+from gptq_oracle import oracle, weight_from_ints  # noqa: E402
+from test_decode_kernel import DTYPES, F16, VARIANTS, _cfg, check, get_layer, get_packed, poison_allocator  # noqa: E402
 
 from hf_int4 import HfInt4Linear, dispatch, ops  # noqa: E402
 from hf_int4.modules import packed_state_dict  # noqa: E402
@@ -34,7 +34,7 @@ def test_dequantize_gives_the_gptq_weight_transposed_in_packed_row_order(dtype, 
         w = ops.dequantize(packed)
         assert w.shape == (N, K) and w.dtype == dtype
         perm = packed.perm.long() if packed.perm is not None else torch.arange(K, device="cuda")
-        want = raw_weight(raw)[perm].T
+        want = weight_from_ints(raw)[perm].T
         if dtype == F16:
             # (q - z) * s with fp16 scales is one rounding of an exact product: bit-exact
             assert torch.equal(w, want.to(F16)), f"{K}x{N} {fmt} sym={sym} act={desc_act} g{gs}"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from gptq_oracle import weight_from_ints
 from hf_int4.formats import (
     GPTQConfig,
     GPTQFormatError,
@@ -55,8 +56,8 @@ def random_ints(K, N, cfg: GPTQConfig, gen):
 
 
 def oracle(raw):
-    g = raw["g_idx"].long()
-    return raw["scales"].float()[g] * (raw["intweight"] - raw["zeros"][g]).float()
+    """The float32 weight of the raw integers: what dequantize_gptq must reproduce bit for bit."""
+    return weight_from_ints(raw, torch.float32)
 
 
 def write_ckpt(path, cfg, tensors, *, shards=1, where="config.json"):

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs an sm_90 GPU and the built hf_int4._hopper extension",
 )
 
+from gptq_oracle import oracle  # noqa: E402
 from test_decode_kernel import (  # noqa: E402
-    DTYPES, F16, _cfg, chain_layers, check, check_chained_calls, get_layer, get_packed, oracle, poison_allocator)
+    DTYPES, F16, _cfg, chain_layers, check, check_chained_calls, get_layer, get_packed, poison_allocator)
 
 from hf_int4 import dispatch, ops  # noqa: E402
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from gptq_oracle import weight_from_ints
 from hf_int4.formats.gptq import GPTQConfig
 from hf_int4.formats.gptq_writer import make_gptq_layer, random_gptq_layer
 from hf_int4.packing import (
@@ -26,11 +27,6 @@ MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}
 def _layer(K, N, group_size=128, sym=True, desc_act=False, fmt="gptq", seed=0, bias=False):
     cfg = GPTQConfig(group_size=group_size, sym=sym, desc_act=desc_act, checkpoint_format=fmt)
     return random_gptq_layer(K, N, cfg, seed=seed, with_bias=bias)
-
-
-def _oracle(raw):
-    g = raw["g_idx"].long()
-    return raw["scales"].double()[g] * (raw["intweight"] - raw["zeros"][g]).double()
 
 
 # ------------------------------------------------------------------------------- independent layout model
@@ -129,7 +125,7 @@ def test_dequantized_packed_matches_oracle(group_size, desc_act, sym, fmt, dtype
     layer, raw = _layer(K, N, group_size=group_size, sym=sym, desc_act=desc_act, fmt=fmt, seed=11)
     packed = pack_gptq_layer_cpu(layer, dtype)
     W = dequantize_like_kernel(packed).double()
-    ref = _oracle(raw)
+    ref = weight_from_ints(raw)
     err = ((W - ref).norm() / ref.norm()).item()
     assert err < (1e-3 if dtype == torch.float16 else 8e-3), err
     if group_size == 48:

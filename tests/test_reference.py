@@ -2,14 +2,15 @@
 import pytest
 import torch
 
+from gptq_oracle import weight_from_ints
 from hf_int4.formats import GPTQConfig, GPTQFormatError, GPTQLayer
 from hf_int4.formats.gptq_writer import random_gptq_layer
 from hf_int4.reference import dequantize_gptq, gptq_matmul_reference
 
 
 def oracle(raw):
-    g = raw["g_idx"].long()
-    return raw["scales"].float()[g] * (raw["intweight"] - raw["zeros"][g]).float()
+    """The float32 weight of the raw integers: what dequantize_gptq must reproduce bit for bit."""
+    return weight_from_ints(raw, torch.float32)
 
 
 def test_dequantize_tiny_by_hand():
