@@ -55,11 +55,6 @@ def random_ints(K, N, cfg: GPTQConfig, gen):
     return dict(intweight=intweight, zeros=zeros, scales=scales, g_idx=g_idx)
 
 
-def oracle(raw):
-    """The float32 weight of the raw integers: what dequantize_gptq must reproduce bit for bit."""
-    return weight_from_ints(raw, torch.float32)
-
-
 def write_ckpt(path, cfg, tensors, *, shards=1, where="config.json"):
     """A checkpoint dir as AutoGPTQ/optimum lay it out; shards > 1 splits tensors round-robin + index."""
     os.makedirs(path, exist_ok=True)
@@ -294,7 +289,7 @@ def test_round_trip_through_checkpoint(tmp_path, fmt, sym, desc_act, gs):
         assert torch.equal(layer.g_idx, r["g_idx"])
         deq = dequantize_gptq(layer)
         assert deq.dtype == torch.float32 and deq.shape == (K, N)
-        assert torch.equal(deq, oracle(r))
+        assert torch.equal(deq, weight_from_ints(r, torch.float32))
         if "bias" in r:
             assert torch.equal(layer.bias, r["bias"])
         else:
@@ -312,7 +307,7 @@ def test_from_tensors_derives_g_idx_and_converts_dtypes():
     layer = GPTQLayer.from_tensors("l", {"qweight": packed["qweight"], "qzeros": packed["qzeros"], "scales": raw["scales"].float()}, cfg)
     assert layer.g_idx.dtype == torch.int32 and layer.g_idx.tolist() == [k // 32 for k in range(96)]
     assert layer.scales.dtype == torch.float16
-    assert torch.equal(dequantize_gptq(layer), oracle(raw))
+    assert torch.equal(dequantize_gptq(layer), weight_from_ints(raw, torch.float32))
     layer = GPTQLayer.from_tensors("l", {**packed, "g_idx": packed["g_idx"].long()}, cfg)
     assert layer.g_idx.dtype == torch.int32
 

@@ -8,11 +8,6 @@ from hf_int4.formats.gptq_writer import random_gptq_layer
 from hf_int4.reference import dequantize_gptq, gptq_matmul_reference
 
 
-def oracle(raw):
-    """The float32 weight of the raw integers: what dequantize_gptq must reproduce bit for bit."""
-    return weight_from_ints(raw, torch.float32)
-
-
 def test_dequantize_tiny_by_hand():
     # K=16, N=8, one group of 16: q[k, n] = k, zero (v2) of column n = n, scale of column n = 2^-n.
     cfg = GPTQConfig(group_size=16, sym=False, checkpoint_format="gptq_v2")
@@ -34,7 +29,7 @@ def test_dequantize_tiny_by_hand():
 def test_dequantize_matches_raw_ints(fmt, sym, desc_act, gs):
     cfg = GPTQConfig(group_size=gs, sym=sym, desc_act=desc_act, checkpoint_format=fmt)
     layer, raw = random_gptq_layer(576, 192, cfg, seed=7)
-    assert torch.equal(dequantize_gptq(layer), oracle(raw))
+    assert torch.equal(dequantize_gptq(layer), weight_from_ints(raw, torch.float32))  # bit for bit
 
 
 # half an ulp of the output dtype, relative: the one rounding after the fp32 result
@@ -51,7 +46,7 @@ def test_matmul_against_float64(dtype, shape, with_bias):
     x = torch.randn(*shape, 576, generator=gen).to(dtype)
     y = gptq_matmul_reference(x, layer)
     assert y.dtype == dtype and y.shape == (*shape, 192)
-    w = oracle(raw).double()
+    w = weight_from_ints(raw)
     want = x.double() @ w
     if with_bias:
         want = want + raw["bias"].double()
@@ -67,7 +62,7 @@ def test_matmul_float64_is_computed_in_float64():
     layer, raw = random_gptq_layer(576, 64, cfg, seed=5, with_bias=True)
     x = torch.randn(4, 576, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = gptq_matmul_reference(x, layer)
-    want = x @ oracle(raw).double() + raw["bias"].double()
+    want = x @ weight_from_ints(raw) + raw["bias"].double()
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
