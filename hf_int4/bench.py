@@ -1,7 +1,7 @@
 """Kernel benchmark: hf_int4 (dispatched, and each path forced) vs fp16 cuBLAS (F.linear) and torch's
 built-in int4, side by side.
 
-    python -m hf_int4.bench [--shapes 4096x4096,...] [--ms 1,2,4,...] [--json out.json]
+    python -m hf_int4.bench [--shapes 4096x4096,...] [--ms 1,2,4,...] [--asym] [--json out.json]
 
 `path` is the path the dispatch plan chose; decode_x / dequant_x are the forced paths. read_x is fp16's time over
 that of a kernel that only reads the packed weight and its scales (no arithmetic, no output), timed the same way:
@@ -105,13 +105,13 @@ def copies_for(bytes_per_copy: int) -> int:
 class Shape:
     """One layer shape with its weight copies for every path; built once, timed at every M."""
 
-    def __init__(self, K: int, N: int, group_size: int, dtype: torch.dtype):
+    def __init__(self, K: int, N: int, group_size: int, dtype: torch.dtype, sym: bool = True):
         from hf_int4.formats import GPTQConfig
         from hf_int4.formats.gptq_writer import random_gptq_layer
         from hf_int4.packing import PackedInt4Weight, pack_gptq_layer
 
         self.K, self.N, self.dtype = K, N, dtype
-        layer, _ = random_gptq_layer(K, N, GPTQConfig(group_size=group_size, sym=True), seed=0, device="cuda")
+        layer, _ = random_gptq_layer(K, N, GPTQConfig(group_size=group_size, sym=sym), seed=0, device="cuda")
         packed = pack_gptq_layer(layer, dtype)
         self.int4_bytes = sum(t.numel() * t.element_size() for t in packed.tensors().values())
         self.packed = [packed] + [
@@ -197,6 +197,7 @@ def main(argv=None):
     parser.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--asym", action="store_true", help="asymmetric weights (zero points), not symmetric")
     parser.add_argument("--json", help="write all rows here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -208,15 +209,16 @@ def main(argv=None):
         "copy_bandwidth_TBps": bandwidth / 1e12,
         "group_size": args.group_size,
         "dtype": args.dtype,
+        "sym": not args.asym,
     }
     print(f"# {meta['device']}, torch {meta['torch']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
-          f"group {args.group_size}, {args.dtype}")
+          f"group {args.group_size}, {args.dtype}, {'asymmetric' if args.asym else 'symmetric'}")
     print(f"{'K':>6} {'N':>6} {'M':>5} {'fp16_us':>9} {'ours_us':>9} {'ours_x':>7} {'path':>8} {'decode_x':>8} "
           f"{'dequant_x':>9} {'hopper_x':>8} {'tiny_x':>7} {'read_x':>6} {'%bw':>5} {'TFLOP/s':>8} {'fp16_TF':>7}")
     rows, passes = [], []
     for spec in args.shapes.split(","):
         K, N = map(int, spec.split("x"))
-        shape = Shape(K, N, args.group_size, dtype)
+        shape = Shape(K, N, args.group_size, dtype, sym=not args.asym)
         paths = shape.runnable_paths()
         pass_us = shape.time_dequantize()
         pass_pct = 100 * (shape.int4_bytes + 2 * K * N) / (pass_us * 1e-6) / bandwidth

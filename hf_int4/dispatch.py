@@ -224,11 +224,13 @@ def _nearest_entry(entries: Sequence[dict], spec: LinearSpec) -> dict:
     dtype = str(spec.dtype).replace("torch.", "")
     same_dtype = [e for e in entries if e["dtype"] == dtype] or list(entries)
     size = math.log(spec.in_features * spec.out_features)
-    # weight size decides the crossover first; the K:N aspect breaks ties
+    # weight size decides the crossover first; the K:N aspect breaks ties; among entries of one shape, the layer's
+    # variant (an entry without "sym" was measured on symmetric weights), then its group size
     return min(
         same_dtype,
         key=lambda e: (abs(math.log(e["k"] * e["n"]) - size),
-                       abs(math.log(e["k"] / e["n"]) - math.log(spec.in_features / spec.out_features))),
+                       abs(math.log(e["k"] / e["n"]) - math.log(spec.in_features / spec.out_features)),
+                       e.get("sym", True) != spec.sym, e.get("group_size") != spec.group_size),
     )
 
 

@@ -1,12 +1,14 @@
 """`hf-int4 tune`: measure where each kernel path wins on this GPU and write the dispatch table.
 
-    hf-int4 tune [--shapes 4096x4096,...] [--ms 1,2,...] [--dtype float16] [--out PATH]
+    hf-int4 tune [--shapes 4096x4096,...] [--ms 1,2,...] [--dtype float16] [--asym] [--out PATH]
 
 Times every hf_int4 path (hf_int4.dispatch.PATHS) forced, for each layer shape and M, the way the
 benchmark does (CUDA-graph replays over rotating weight copies, median), and writes the table to the
 user cache (`$HF_INT4_CACHE/tables/<gpu>.json`, default ~/.cache/hf_int4), where hf_int4.dispatch
-finds it automatically from then on: layers planned afterwards (new loads) use it. Entries of the table
-this GPU used before (the user's, else the shipped one) for other shapes, dtypes or group sizes are kept,
+finds it automatically from then on: layers planned afterwards (new loads) use it. `--asym` measures
+asymmetric weights (zero points): their entries serve asymmetric layers, symmetric ones the others (each falls
+back to the other's where its own shape was not measured). Entries of the table this GPU used before (the
+user's, else the shipped one) for other shapes, dtypes, group sizes or variants are kept,
 so tuning bfloat16 does not discard float16; a shape measured again at other Ms (`--ms`) with the same paths or
 more gains those Ms, the Ms measured again taking the new times (paths added since: not timed at the others).
 Delete the file to start afresh.
@@ -30,11 +32,12 @@ TUNE_SHAPES = bench.LLAMA3_8B_SHAPES + [(4096, 1024), (4096, 14336)]
 TUNE_MS = sorted(bench.DEFAULT_MS + [160, 224, 320, 448, 640, 896, 1280, 1792, 3072, 6144])
 
 
-def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) -> dict:
-    """{"device", ..., "entries": [{"k", "n", "dtype", "m": [...], "us": {path: [...]}}]} for this GPU."""
+def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, sym: bool = True, log=print) -> dict:
+    """{"device", ..., "entries": [{"k", "n", "dtype", "group_size", "sym", "m": [...], "us": {path: [...]}}]} for
+    this GPU."""
     entries = []
     for K, N in shapes:
-        shape = bench.Shape(K, N, group_size, dtype)
+        shape = bench.Shape(K, N, group_size, dtype, sym=sym)
         names = shape.runnable_paths()
         us = {name: [] for name in names}
         for M in ms:
@@ -46,7 +49,7 @@ def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) ->
             log(f"{K:>6} {N:>6} {M:>5} " + " ".join(f"{name} {row[f'{name}_us']:9.1f}" for name in timed)
                 + f"  -> {best}")
         entries.append({"k": K, "n": N, "dtype": str(dtype).replace("torch.", ""), "group_size": group_size,
-                        "m": list(ms), "us": us})
+                        "sym": sym, "m": list(ms), "us": us})
         del shape
         torch.cuda.empty_cache()
     return {
@@ -60,7 +63,7 @@ def measure_table(shapes, ms, dtype: torch.dtype, group_size: int, log=print) ->
 
 
 def entry_key(entry: dict) -> tuple:
-    return entry["k"], entry["n"], entry["dtype"], entry.get("group_size")
+    return entry["k"], entry["n"], entry["dtype"], entry.get("group_size"), entry.get("sym", True)
 
 
 def merge_entries(old: dict, new: dict) -> dict:
@@ -106,6 +109,7 @@ def add_arguments(parser):
     parser.add_argument("--ms", default=",".join(map(str, TUNE_MS)), help="row counts M to measure")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--asym", action="store_true", help="asymmetric weights (zero points), not symmetric")
     parser.add_argument("--out", help="table path (default: the user cache, used automatically)")
 
 
@@ -121,13 +125,14 @@ def run(args) -> int:
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ms = sorted(set(map(int, args.ms.split(","))))
     torch.manual_seed(0)
-    table = measure_table(shapes, ms, getattr(torch, args.dtype), args.group_size)
+    table = measure_table(shapes, ms, getattr(torch, args.dtype), args.group_size, sym=not args.asym)
     out = Path(args.out) if args.out else dispatch.user_table_dir() / f"{dispatch.device_slug(table['device'])}.json"
     previous = out if out.is_file() else dispatch.table_path_for(table["device"])
     if previous is not None:
         table = merge_tables(json.loads(Path(previous).read_text()), table)
-        print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes or dtypes, and "
-              "the Ms not measured again of the shapes measured where every path timed before was timed again")
+        print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes, dtypes or "
+              "variants, and the Ms not measured again of the shapes measured where every path timed before was timed "
+              "again")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(table, indent=1))

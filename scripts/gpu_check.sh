@@ -2,8 +2,8 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [keep] [test] [sanitize] [tune] [bench] [bench_noearly] [probe] [demo] [quality]
-#                        [generation]
+#   scripts/gpu_check.sh [build] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [probe] [demo]
+#                        [quality] [generation]
 #   (no argument: build test sanitize tune bench)
 #   keep copies the built extensions to $OUT: a later call on a fresh machine carries them back into hf_int4/
 #   (carry ["hf_int4/_C.cpython-312-x86_64-linux-gnu.so", ...]) and leaves out build, saving its minutes.
@@ -82,6 +82,8 @@ for stage in $stages; do
       cp "$HF_INT4_CACHE"/tables/*.json "$OUT/dispatch_table.json" ;;
     bench)
       run bench python3 -m hf_int4.bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
+    bench_asym)  # the same on asymmetric weights (zero points)
+      run bench_asym python3 -m hf_int4.bench --asym --json "$OUT/bench_asym.json" ${BENCH_ARGS:-} ;;
     bench_noearly)  # the same with early launch off, for an A/B against bench (early_launch.h)
       run bench_noearly env HF_INT4_EARLY_LAUNCH=0 python3 -m hf_int4.bench --json "$OUT/bench_noearly.json" ${BENCH_ARGS:-} ;;
     probe)

@@ -186,6 +186,28 @@ def test_tune_keeps_the_entries_it_did_not_measure():
     assert got[(4096, "float16")]["m"] == [1, 64, 128]
 
 
+def test_a_layer_takes_its_own_variants_entry_where_its_shape_has_one():
+    """Entries of one shape measured on symmetric and asymmetric weights (`hf-int4 tune --asym`) or at another group
+    size: each layer takes its own; a shape measured only in the other variant still beats a farther shape."""
+    crossing_at = {65: [1, 64, 128], 129: [1, 128, 256]}
+    sym_4k = dict(entry(4096, 4096, crossing_at[65], [1, 2, 9], [5, 5, 5]), group_size=128)  # no "sym": symmetric
+    asym_4k = dict(entry(4096, 4096, crossing_at[129], [1, 2, 9], [5, 5, 5]), group_size=128, sym=False)
+    g64_4k = dict(entry(4096, 4096, [1, 32, 64], [1, 2, 9], [5, 5, 5]), group_size=64, sym=True)
+    sym_8k = dict(entry(8192, 8192, [1, 512, 1024], [1, 2, 9], [5, 5, 5]), group_size=128)
+    for entries in ([sym_4k, asym_4k, g64_4k, sym_8k], [sym_8k, g64_4k, asym_4k, sym_4k]):  # order does not matter
+        table = {"entries": entries}
+        assert dispatch.plan_from_table(table, spec(), "t").steps == ((1, "decode"), (65, "dequant"))
+        assert dispatch.plan_from_table(table, spec(sym=False), "t").steps == ((1, "decode"), (129, "dequant"))
+        assert dispatch.plan_from_table(table, spec(gs=64), "t").steps == ((1, "decode"), (33, "dequant"))
+        asym_8k = dispatch.plan_from_table(table, spec(8192, 8192, sym=False), "t")
+        assert asym_8k.steps == ((1, "decode"), (513, "dequant"))
+    # tune keeps both variants of a shape: they are different entries
+    from hf_int4.tune import merge_tables
+
+    merged = merge_tables({"device": "G", "entries": [sym_4k]}, {"device": "G", "entries": [asym_4k]})
+    assert sorted(e.get("sym", True) for e in merged["entries"]) == [False, True]
+
+
 def test_the_hopper_paths_match_the_schedules_the_op_knows():
     """dispatch's schedule numbers and partial-sum set against hopper_gemm.h (kHopperSchedules, kPartialSchedules):
     a schedule the op reads as data-parallel while dispatch passes splits would be refused on the GPU only."""
