@@ -2,8 +2,8 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [probe] [demo]
-#                        [quality] [generation]
+#   scripts/gpu_check.sh [build] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [stalls] [probe]
+#                        [demo] [quality] [generation]
 #   (no argument: build test sanitize tune bench)
 #   keep copies the built extensions to $OUT: a later call on a fresh machine carries them back into hf_int4/
 #   (carry ["hf_int4/_C.cpython-312-x86_64-linux-gnu.so", ...]) and leaves out build, saving its minutes.
@@ -13,8 +13,10 @@
 #   one call carries at most 64 MiB, so a first call copies one half to the warm machine).
 #   generation: examples/bench_generation.py (Llama-3-8B-shaped model, hf_int4 vs fp16 generate()).
 #   probe: the decode kernel alone, no torch (scripts/probe_sweep.sh; PROBE_BASE=.probe/base for an A/B).
+#   stalls: ncu's full set on one launch of each STALL_CASES line (scripts/kernel_case.py arguments; default the
+#   256 x 16 and 256 x 64 Hopper tiles at M = 16 and 64), details and per-SASS-instruction CSV in $OUT/stalls.tar.gz.
 #   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS / TUNE_ARGS /
-#   QUALITY_ARGS / GEN_ARGS (extra args)
+#   QUALITY_ARGS / GEN_ARGS (extra args), STALL_CASES (lines)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
@@ -86,6 +88,20 @@ for stage in $stages; do
       run bench_asym python3 -m hf_int4.bench --asym --json "$OUT/bench_asym.json" ${BENCH_ARGS:-} ;;
     bench_noearly)  # the same with early launch off, for an A/B against bench (early_launch.h)
       run bench_noearly env HF_INT4_EARLY_LAUNCH=0 python3 -m hf_int4.bench --json "$OUT/bench_noearly.json" ${BENCH_ARGS:-} ;;
+    stalls)  # ncu, full set, on one launch per case: where each SASS instruction's warps stall (raw, for reading here)
+      mkdir -p /tmp/stalls && rm -f /tmp/stalls/*
+      i=0
+      while IFS= read -r case; do
+        [ -n "$case" ] || continue
+        i=$((i + 1))
+        run "stalls_$i" ncu -k regex:device_kernel --launch-skip 2 --launch-count 1 --set full -f -o "/tmp/stalls/case_$i" \
+          python3 scripts/kernel_case.py $case --repeat 3
+        echo "kernel_case.py $case" > "/tmp/stalls/case_$i.txt"
+        ncu -i "/tmp/stalls/case_$i.ncu-rep" --print-details all >> "/tmp/stalls/case_$i.txt" 2>&1
+        ncu -i "/tmp/stalls/case_$i.ncu-rep" --page source --csv --print-source sass > "/tmp/stalls/case_${i}_sass.csv" 2>&1
+        rm -f "/tmp/stalls/case_$i.ncu-rep" "$OUT/stalls_$i.log"
+      done <<< "${STALL_CASES:-$'8192 8192 16 --hopper 10 --splits 4\n8192 8192 64 --hopper 8 --splits 4'}"
+      tar -czf "$OUT/stalls.tar.gz" -C /tmp/stalls . && ls -l "$OUT/stalls.tar.gz" || status=1 ;;
     probe)
       run probe bash scripts/probe_sweep.sh ;;
     demo)
