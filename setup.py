@@ -5,6 +5,7 @@ Archs come from TORCH_CUDA_ARCH_LIST (default: Ampere + Hopper).
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -90,6 +91,30 @@ def curand_include(cuda_home):
     return None
 
 
+def hopper_schedule_units(here, csrc):
+    """One translation unit per dtype and Hopper schedule (hopper_schedules.cuh lists the configurations), written
+    under build/; a file is rewritten only when its text changes, so that rebuilds stay incremental."""
+    with open(os.path.join(here, csrc, "hopper_gemm.h")) as f:
+        count = re.search(r"constexpr int kHopperSchedules = (\d+);", f.read())
+    if count is None:
+        raise RuntimeError(f"{csrc}/hopper_gemm.h: no `constexpr int kHopperSchedules = N;`")
+    out = os.path.join("build", "hopper_schedules")
+    os.makedirs(os.path.join(here, out), exist_ok=True)
+    units = []
+    for dtype, name in enumerate(("float16", "bfloat16")):  # HopperDtype
+        for schedule in range(int(count.group(1))):
+            text = (f"// Written by setup.py: the Hopper int4 GEMM's schedule {schedule} for {name}.\n"
+                    f"#define HF_INT4_HOPPER_DTYPE {dtype}\n#define HF_INT4_HOPPER_SCHEDULE {schedule}\n"
+                    '#include "hopper_schedules.cuh"\n')
+            path = os.path.join(out, f"hopper_{name}_{schedule:02d}.cu")
+            full = os.path.join(here, path)
+            if not os.path.exists(full) or open(full).read() != text:
+                with open(full, "w") as f:
+                    f.write(text)
+            units.append(path)
+    return units
+
+
 def hopper_extension(CUDAExtension, cuda_home, here):
     """hf_int4._hopper (sm_90a only, CUTLASS), or None and why not."""
     if os.environ.get("HF_INT4_NO_HOPPER") == "1":
@@ -102,12 +127,11 @@ def hopper_extension(CUDAExtension, cuda_home, here):
     curand = curand_include(cuda_home)
     if curand is None:
         return None, "no curand_kernel.h (CUTLASS's mixed-input utilities need it)"
-    csrc = os.path.join(here, "hf_int4", "csrc", "hopper")
-    sources = sorted(os.path.relpath(p, here) for ext in ("*.cu", "*.cpp") for p in glob.glob(os.path.join(csrc, ext)))
+    csrc = os.path.join("hf_int4", "csrc", "hopper")
     return CUDAExtension(
         name="hf_int4._hopper",
-        sources=sources,
-        include_dirs=includes + ([curand] if curand != os.path.join(cuda_home, "include") else []),
+        sources=[os.path.join(csrc, "hopper_ops.cpp")] + hopper_schedule_units(here, csrc),
+        include_dirs=[os.path.join(here, csrc)] + includes + ([curand] if curand != os.path.join(cuda_home, "include") else []),
         extra_compile_args={
             "cxx": ["-O3"],
             # an explicit -gencode replaces TORCH_CUDA_ARCH_LIST's for this extension only

@@ -209,14 +209,18 @@ def test_a_layer_takes_its_own_variants_entry_where_its_shape_has_one():
 
 
 def test_the_hopper_paths_match_the_schedules_the_op_knows():
-    """dispatch's schedule numbers and partial-sum set against hopper_gemm.h (kHopperSchedules, kPartialSchedules):
-    a schedule the op reads as data-parallel while dispatch passes splits would be refused on the GPU only."""
+    """dispatch's schedule numbers and partial-sum set against hopper_gemm.h (kHopperSchedules, kPartialSchedules, the
+    stream-K schedules): a schedule the op reads as data-parallel while dispatch passes splits would be refused on the
+    GPU only."""
     header = (Path(dispatch.__file__).parent / "csrc" / "hopper" / "hopper_gemm.h").read_text()
     count = int(re.search(r"kHopperSchedules = (\d+);", header).group(1))
-    mask = re.search(r"kPartialSchedules = ([^;]+);", header).group(1)
-    partial = sorted(int(bit) for bit in re.findall(r"1u << (\d+)", mask))
-    assert partial == sorted(dispatch.PARTIAL_SUM_SCHEDULES)
+
+    def bits(mask_pattern):
+        return sorted(int(bit) for bit in re.findall(r"1u << (\d+)", re.search(mask_pattern, header).group(1)))
+
+    assert bits(r"kPartialSchedules = ([^;]+);") == sorted(dispatch.PARTIAL_SUM_SCHEDULES)
+    stream_k = bits(r"#define HF_INT4_HOPPER_STREAM_K_SCHEDULES (.+)")
     hopper = [p for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
     assert {p.schedule for p in hopper} == set(range(count))  # every configuration reachable, none beyond the op's
-    split_k = [p for p in hopper if p.schedule not in (1, 3)]  # the stream-K schedules take splits too
+    split_k = [p for p in hopper if p.schedule not in stream_k]  # the stream-K schedules take splits too
     assert all((p.splits >= 2) == (p.schedule in dispatch.PARTIAL_SUM_SCHEDULES) for p in split_k)

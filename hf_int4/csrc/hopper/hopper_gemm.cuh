@@ -34,9 +34,8 @@ namespace hopper {
 using namespace cute;
 
 // A kernel launched early must wait for the one before it, which CUTLASS's kernels do when built with
-// CUTLASS_ENABLE_GDC_FOR_SM90 (hopper_gemm_early.cuh defines it). CUTLASS 4.2's stream-K scheduler does not
-// compile with it (PersistentTileSchedulerSm90StreamK::is_last_tile), so the stream-K configurations are built
-// without it and launch normally.
+// CUTLASS_ENABLE_GDC_FOR_SM90 (hopper_schedules.cuh defines it, except for the stream-K configurations, which launch
+// normally).
 #ifdef CUTLASS_ENABLE_GDC_FOR_SM90
 constexpr bool kLaunchEarly = true;
 #else
@@ -89,6 +88,7 @@ template <class Act, class TileShape, class ClusterShape, class KernelSchedule, 
           class TileScheduler, class Out = Act>
 struct Config {
   static constexpr bool kPartials = std::is_same_v<Out, float>;
+  static constexpr bool kStreamK = std::is_same_v<TileScheduler, StreamK>;
   static constexpr int kOutAlign = 16 / sizeof(Out);
   using Quant = cutlass::int4b_t;
   using Accumulator = float;
@@ -134,7 +134,7 @@ struct Config {
     args.epilogue.thread.alpha = 1.f;
     args.epilogue.thread.beta = 0.f;
     if constexpr (!kPartials) args.epilogue.thread.bias_ptr = static_cast<const Act*>(a.bias);
-    if constexpr (std::is_same_v<TileScheduler, StreamK>) {
+    if constexpr (kStreamK) {
       // Partial tiles are reduced in K order (CUTLASS's default, deterministic "turnstile"): the same
       // input gives the same bits whatever the timing.
       using Mode = cutlass::gemm::kernel::detail::DecompositionMode;
@@ -166,7 +166,7 @@ struct Config {
 // configuration at TokenTile = 128), with the persistent data-parallel or stream-K scheduler. ClusterWeights = 2:
 // clusters of two CTAs on neighbouring weight tiles, which share each activation tile by TMA multicast (half the
 // activation traffic from L2 per CTA; activations are 8x the int4 weight bytes of a 128 x 256 tile).
-// WeightTile = 256: each consumer warpgroup on 128 weight rows (hopper_gemm.h, schedules 8, 9 and 10).
+// WeightTile = 256: each consumer warpgroup on 128 weight rows (hopper_schedules.cuh, schedules 8, 9 and 10).
 template <class Act, class TileScheduler, int TokenTile = 128, class Out = Act, int ClusterWeights = 1,
           int WeightTile = 128>
 using Cooperative = Config<Act, Shape<Int<WeightTile>, Int<TokenTile>, _64>, Shape<Int<ClusterWeights>, _1, _1>,

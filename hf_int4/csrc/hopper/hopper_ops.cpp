@@ -8,12 +8,28 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <utility>
+
 #include "../early_launch.h"
 #include "../op_checks.h"
 #include "hopper_gemm.h"
 
 namespace hf_int4 {
 namespace {
+
+// Every configuration's entry points, by dtype and schedule (each defined in its own translation unit).
+struct HopperKernel {
+  const char* (*run)(const HopperGemmArgs&);
+  size_t (*workspace)(const HopperGemmArgs&);
+};
+template <int Dtype, int... Schedule>
+constexpr std::array<HopperKernel, kHopperSchedules> kernels_of(std::integer_sequence<int, Schedule...>) {
+  return {HopperKernel{&HopperGemm<Dtype, Schedule>::run, &HopperGemm<Dtype, Schedule>::workspace}...};
+}
+constexpr std::array<HopperKernel, kHopperSchedules> kKernels[2] = {
+    kernels_of<kFloat16>(std::make_integer_sequence<int, kHopperSchedules>{}),
+    kernels_of<kBfloat16>(std::make_integer_sequence<int, kHopperSchedules>{})};
 
 at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, const at::Tensor& scales,
                                  const std::optional<at::Tensor>& bias, int64_t size_n, int64_t size_k,
@@ -35,7 +51,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
               "tiles), 7 (data-parallel, 256-token tiles, clusters of 2), 8, 9 or 10 (split-K partials, 256-weight x 64-, "
               "32- or 16-token tiles), 11 or 12 (split-K partials, 192- or 256-token tiles), 13 (data-parallel, "
               "160-token tiles) or 14 (split-K partials, 160-token tiles), got ", schedule);
-  const bool stream_k = schedule == 1 || schedule == 3;
+  const bool stream_k = (kStreamKSchedules >> schedule) & 1u;
   const bool partials = (kPartialSchedules >> schedule) & 1u;  // dispatch.PARTIAL_SUM_SCHEDULES
   TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
               ": splits (0 CUTLASS's heuristic, 1 data-parallel, 2..64 split-K) apply to the stream-K configurations "
@@ -64,40 +80,10 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   args.splits = static_cast<int>(splits);
   args.early = early_launch_enabled();
   args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
-  const bool half = a.scalar_type() == at::kHalf;
-  using Run = const char* (*)(const HopperGemmArgs&);
-  using Workspace = size_t (*)(const HopperGemmArgs&);
-  static constexpr Run kRun[2][kHopperSchedules] = {
-      {hopper_gemm_fp16_dp, hopper_gemm_fp16_sk, hopper_gemm_fp16_wide, hopper_gemm_fp16_narrow,
-       hopper_gemm_fp16_partials, hopper_gemm_fp16_partials_narrow, hopper_gemm_fp16_tile192,
-       hopper_gemm_fp16_wide_cluster, hopper_gemm_fp16_partials_w256, hopper_gemm_fp16_partials_w256_t32,
-       hopper_gemm_fp16_partials_w256_t16, hopper_gemm_fp16_partials_t192,
-       hopper_gemm_fp16_partials_wide, hopper_gemm_fp16_tile160, hopper_gemm_fp16_partials_t160},
-      {hopper_gemm_bf16_dp, hopper_gemm_bf16_sk, hopper_gemm_bf16_wide, hopper_gemm_bf16_narrow,
-       hopper_gemm_bf16_partials, hopper_gemm_bf16_partials_narrow, hopper_gemm_bf16_tile192,
-       hopper_gemm_bf16_wide_cluster, hopper_gemm_bf16_partials_w256, hopper_gemm_bf16_partials_w256_t32,
-       hopper_gemm_bf16_partials_w256_t16, hopper_gemm_bf16_partials_t192,
-       hopper_gemm_bf16_partials_wide, hopper_gemm_bf16_tile160, hopper_gemm_bf16_partials_t160}};
-  static constexpr Workspace kWorkspace[2][kHopperSchedules] = {
-      {hopper_gemm_workspace_fp16_dp, hopper_gemm_workspace_fp16_sk, hopper_gemm_workspace_fp16_wide,
-       hopper_gemm_workspace_fp16_narrow, hopper_gemm_workspace_fp16_partials,
-       hopper_gemm_workspace_fp16_partials_narrow, hopper_gemm_workspace_fp16_tile192,
-       hopper_gemm_workspace_fp16_wide_cluster, hopper_gemm_workspace_fp16_partials_w256,
-       hopper_gemm_workspace_fp16_partials_w256_t32, hopper_gemm_workspace_fp16_partials_w256_t16,
-       hopper_gemm_workspace_fp16_partials_t192, hopper_gemm_workspace_fp16_partials_wide,
-       hopper_gemm_workspace_fp16_tile160, hopper_gemm_workspace_fp16_partials_t160},
-      {hopper_gemm_workspace_bf16_dp, hopper_gemm_workspace_bf16_sk, hopper_gemm_workspace_bf16_wide,
-       hopper_gemm_workspace_bf16_narrow, hopper_gemm_workspace_bf16_partials,
-       hopper_gemm_workspace_bf16_partials_narrow, hopper_gemm_workspace_bf16_tile192,
-       hopper_gemm_workspace_bf16_wide_cluster, hopper_gemm_workspace_bf16_partials_w256,
-       hopper_gemm_workspace_bf16_partials_w256_t32, hopper_gemm_workspace_bf16_partials_w256_t16,
-       hopper_gemm_workspace_bf16_partials_t192, hopper_gemm_workspace_bf16_partials_wide,
-       hopper_gemm_workspace_bf16_tile160, hopper_gemm_workspace_bf16_partials_t160}};
-  const Run run = kRun[half ? 0 : 1][schedule];
-  const Workspace workspace = kWorkspace[half ? 0 : 1][schedule];
+  const HopperKernel& kernel = kKernels[a.scalar_type() == at::kHalf ? kFloat16 : kBfloat16][schedule];
   // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
   // the same block call after call, and a graph capture takes it from the graph's pool.
-  const size_t ws_bytes = workspace(args);
+  const size_t ws_bytes = kernel.workspace(args);
   at::Tensor ws;
   if (ws_bytes > 0) {
     ws = at::empty({static_cast<int64_t>(ws_bytes)}, a.options().dtype(at::kByte));
@@ -108,7 +94,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
     partial_sums = at::empty({splits, a.size(0), size_n}, a.options().dtype(at::kFloat));
     args.partials = partial_sums.data_ptr<float>();
   }
-  const char* err = run(args);
+  const char* err = kernel.run(args);
   TORCH_CHECK(err == nullptr, err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c.view(rows.out_shape);

@@ -1,8 +1,0 @@
-// bf16, data-parallel 128x192 tiles of the Hopper int4 GEMM (one translation unit each: CUTLASS kernels compile slowly).
-#include "hopper_gemm_early.cuh"
-
-namespace hf_int4 {
-using Gemm_bf16_tile192 = hopper::Cooperative<cutlass::bfloat16_t, hopper::DataParallel, 192>;
-const char* hopper_gemm_bf16_tile192(const HopperGemmArgs& args) { return Gemm_bf16_tile192::run(args); }
-size_t hopper_gemm_workspace_bf16_tile192(const HopperGemmArgs& args) { return Gemm_bf16_tile192::workspace(args); }
-}  // namespace hf_int4

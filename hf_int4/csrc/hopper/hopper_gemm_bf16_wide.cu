@@ -1,8 +1,0 @@
-// bf16, data-parallel 128x256 tiles of the Hopper int4 GEMM (one translation unit each: CUTLASS kernels compile slowly).
-#include "hopper_gemm_early.cuh"
-
-namespace hf_int4 {
-using Gemm_bf16_wide = hopper::Cooperative<cutlass::bfloat16_t, hopper::DataParallel, 256>;
-const char* hopper_gemm_bf16_wide(const HopperGemmArgs& args) { return Gemm_bf16_wide::run(args); }
-size_t hopper_gemm_workspace_bf16_wide(const HopperGemmArgs& args) { return Gemm_bf16_wide::workspace(args); }
-}  // namespace hf_int4

@@ -1,9 +1,0 @@
-// fp16, split-K into fp32 partials with 128 x 128 tiles of the Hopper int4 GEMM (one translation unit each:
-// CUTLASS kernels compile slowly).
-#include "hopper_gemm_early.cuh"
-
-namespace hf_int4 {
-using Gemm_fp16_partials = hopper::Cooperative<cutlass::half_t, hopper::DataParallel, 128, float>;
-const char* hopper_gemm_fp16_partials(const HopperGemmArgs& args) { return Gemm_fp16_partials::run(args); }
-size_t hopper_gemm_workspace_fp16_partials(const HopperGemmArgs& args) { return Gemm_fp16_partials::workspace(args); }
-}  // namespace hf_int4

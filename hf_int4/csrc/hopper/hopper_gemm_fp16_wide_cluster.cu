@@ -1,9 +1,0 @@
-// fp16, data-parallel 128x256 tiles in clusters of two along the weights (one translation unit each: CUTLASS kernels
-// compile slowly).
-#include "hopper_gemm_early.cuh"
-
-namespace hf_int4 {
-using Gemm_fp16_wide_cluster = hopper::Cooperative<cutlass::half_t, hopper::DataParallel, 256, cutlass::half_t, 2>;
-const char* hopper_gemm_fp16_wide_cluster(const HopperGemmArgs& args) { return Gemm_fp16_wide_cluster::run(args); }
-size_t hopper_gemm_workspace_fp16_wide_cluster(const HopperGemmArgs& args) { return Gemm_fp16_wide_cluster::workspace(args); }
-}  // namespace hf_int4
