@@ -107,14 +107,10 @@ def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torc
                   schedule: int = 0, splits: int = 0) -> torch.Tensor:
     """The Hopper kernel (CUTLASS, TMA + wgmma): symmetric weights, N % 128 == 0, K % 64 == 0, groups >= 64.
 
-    schedule: 0 data-parallel 128 (weights) x 128 (tokens) tiles, 1 the same tiles with the stream-K scheduler,
-    2 data-parallel 128 x 256 tiles, 3 128 x 64 tiles with the stream-K scheduler, 4 and 5 split-K with 128 x 128
-    and 128 x 64 tiles into fp32 partials that a second kernel sums, 6 data-parallel 128 x 192 tiles, 7 the tiles of 2
-    in clusters of two CTAs along the weights (activation tiles multicast to both), 8, 9 and 10 split-K into
-    partials with 256 x 64, 256 x 32 and 256 x 16 tiles, 11 and 12 into partials with 128 x 192 and 128 x 256 tiles,
-    13 data-parallel 128 x 160 tiles, 14 into partials with 128 x 160 tiles. splits, schedules 1 and 3:
-    0 CUTLASS's heuristic (stream-K where tiles are fewer than SMs), 1 data-parallel, s > 1 split-K in s parts
-    (partials reduced in K order); the partial-sum schedules (hf_int4.dispatch.PARTIAL_SUM_SCHEDULES): 2..16
+    schedule: which configuration (tile shape, scheduler, split-K into fp32 partials or not), an index into the list
+    in hf_int4/csrc/hopper/hopper_schedules.cuh (hf_int4.dispatch.PATHS names each). splits, the stream-K schedules
+    (1 and 3): 0 CUTLASS's heuristic (stream-K where tiles are fewer than SMs), 1 data-parallel, s > 1 split-K in s
+    parts (partials reduced in K order); the partial-sum schedules (hf_int4.dispatch.PARTIAL_SUM_SCHEDULES): 2..16
     K-slices of whole 64-row tiles and groups. All deterministic.
     hf_int4.dispatch.HopperPath says which layers it takes; this checks again and raises otherwise."""
     _check_call("hopper_linear", x, packed, bias)

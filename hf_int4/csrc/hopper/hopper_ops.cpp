@@ -45,12 +45,8 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
               ": group_size must be -1 or a multiple of 64 (the tile's K), got ", group_size);
   check_packed_weight(op, a_in, "the activation", b_packed, scales, std::nullopt, size_n, size_k, group_size);
   const at::Tensor bias_c = checked_bias(op, bias, a_in, size_n);
-  TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op,
-              ": schedule must be 0 (data-parallel), 1 (stream-K), 2 (data-parallel, 256-token tiles), 3 (stream-K, "
-              "64-token tiles), 4 (split-K partials), 5 (split-K partials, 64-token tiles), 6 (data-parallel, 192-token "
-              "tiles), 7 (data-parallel, 256-token tiles, clusters of 2), 8, 9 or 10 (split-K partials, 256-weight x 64-, "
-              "32- or 16-token tiles), 11 or 12 (split-K partials, 192- or 256-token tiles), 13 (data-parallel, "
-              "160-token tiles) or 14 (split-K partials, 160-token tiles), got ", schedule);
+  TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op, ": schedule must be 0..", kHopperSchedules - 1,
+              " (the configurations of hf_int4/csrc/hopper/hopper_schedules.cuh), got ", schedule);
   const bool stream_k = (kStreamKSchedules >> schedule) & 1u;
   const bool partials = (kPartialSchedules >> schedule) & 1u;  // dispatch.PARTIAL_SUM_SCHEDULES
   TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
@@ -58,7 +54,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
               "(schedule 1 or 3), got splits=", splits, " with schedule ", schedule);
   TORCH_CHECK(!partials || (splits >= 2 && splits <= 16 && group_size != -1 && size_k % (64 * splits) == 0 &&
                             (size_k / splits) % group_size == 0),
-              op, ": the split-K schedules (4, 5, 8-12, 14) need 2..16 splits that cut K into slices of whole 64-row tiles and "
+              op, ": the split-K partial-sum schedules need 2..16 splits that cut K into slices of whole 64-row tiles and "
               "whole groups (not per channel), got splits=", splits, " for K=", size_k, ", group size ", group_size);
   const ActivationRows rows = activation_rows(op, a_in, size_k, size_n);
   const at::Tensor& a = rows.a;
