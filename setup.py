@@ -131,7 +131,8 @@ def hopper_extension(CUDAExtension, cuda_home, here):
     return CUDAExtension(
         name="hf_int4._hopper",
         sources=[os.path.join(csrc, "hopper_ops.cpp")] + hopper_schedule_units(here, csrc),
-        include_dirs=[os.path.join(here, csrc)] + includes + ([curand] if curand != os.path.join(cuda_home, "include") else []),
+        include_dirs=[os.path.join(here, csrc)] + includes
+        + ([curand] if curand != os.path.join(cuda_home, "include") else []),
         extra_compile_args={
             "cxx": ["-O3"],
             # an explicit -gencode replaces TORCH_CUDA_ARCH_LIST's for this extension only

@@ -5,8 +5,9 @@
 #   scripts/gpu_check.sh [build] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [stalls] [probe]
 #                        [demo] [quality] [generation]
 #   (no argument: build test sanitize tune bench)
-#   keep copies the built extensions to $OUT: a later call on a fresh machine carries them back into hf_int4/
-#   (carry ["hf_int4/_C.cpython-312-x86_64-linux-gnu.so", ...]) and leaves out build, saving its minutes.
+#   keep packs the built extensions into $OUT/extensions.tar.xz (xz: the Hopper .so alone is ~14 MB, near the 16 MiB
+#   a returned file may have); a later call on a fresh machine carries the archive (e.g. as .carry/extensions.tar.xz),
+#   starts with `python3 -m tarfile -e .carry/extensions.tar.xz .` and leaves out build, saving its minutes.
 #   tune writes this GPU's dispatch table into HF_INT4_CACHE (/tmp/hf_int4_cache for every stage, so the
 #   bench's dispatched column uses it) and $OUT/dispatch_table.json (copy it to hf_int4/tables/ to ship it).
 #   demo and quality need the SmolLM2 wheel: .carry/smol_a/part_00 + .carry/smol_b/part_01 (its two halves;
@@ -71,7 +72,8 @@ for stage in $stages; do
       cat "$OUT/env.txt" >> "$OUT/build.log" && rm -f "$OUT/env.txt"
       ;;
     keep)
-      cp hf_int4/_C*.so hf_int4/_hopper*.so "$OUT/" && ls -l "$OUT"/*.so || status=1 ;;
+      python3 -m tarfile -c "$OUT/extensions.tar.xz" hf_int4/_C*.so hf_int4/_hopper*.so && ls -l "$OUT/extensions.tar.xz" ||
+        status=1 ;;
     test)
       run tests python3 -m pytest -p no:cacheprovider -q -rs ${TEST_ARGS:-tests} ;;
     sanitize)
