@@ -92,26 +92,33 @@ def curand_include(cuda_home):
 
 
 def hopper_schedule_units(here, csrc):
-    """One translation unit per dtype and Hopper schedule (hopper_schedules.cuh lists the configurations), written
-    under build/; a file is rewritten only when its text changes, so that rebuilds stay incremental."""
+    """One translation unit per dtype, Hopper schedule and variant (hopper_schedules.cuh lists the configurations;
+    hopper_gemm.h's kZeroPointSchedules those also built with zero points), written under build/; a file is rewritten
+    only when its text changes, so that rebuilds stay incremental."""
     with open(os.path.join(here, csrc, "hopper_gemm.h")) as f:
-        count = re.search(r"constexpr int kHopperSchedules = (\d+);", f.read())
-    if count is None:
-        raise RuntimeError(f"{csrc}/hopper_gemm.h: no `constexpr int kHopperSchedules = N;`")
+        header = f.read()
+    count = re.search(r"constexpr int kHopperSchedules = (\d+);", header)
+    zero_mask = re.search(r"constexpr unsigned kZeroPointSchedules =([^;]+);", header)
+    if count is None or zero_mask is None:
+        raise RuntimeError(f"{csrc}/hopper_gemm.h: kHopperSchedules or kZeroPointSchedules not found")
+    with_zeros = {int(bit) for bit in re.findall(r"1u << (\d+)", zero_mask.group(1))}
     out = os.path.join("build", "hopper_schedules")
     os.makedirs(os.path.join(here, out), exist_ok=True)
     units = []
     for dtype, name in enumerate(("float16", "bfloat16")):  # HopperDtype
         for schedule in range(int(count.group(1))):
-            text = (f"// Written by setup.py: the Hopper int4 GEMM's schedule {schedule} for {name}.\n"
-                    f"#define HF_INT4_HOPPER_DTYPE {dtype}\n#define HF_INT4_HOPPER_SCHEDULE {schedule}\n"
-                    '#include "hopper_schedules.cuh"\n')
-            path = os.path.join(out, f"hopper_{name}_{schedule:02d}.cu")
-            full = os.path.join(here, path)
-            if not os.path.exists(full) or open(full).read() != text:
-                with open(full, "w") as f:
-                    f.write(text)
-            units.append(path)
+            for zeros in (0, 1) if schedule in with_zeros else (0,):
+                variant = ", zero points" if zeros else ""
+                text = (f"// Written by setup.py: the Hopper int4 GEMM's schedule {schedule} for {name}{variant}.\n"
+                        f"#define HF_INT4_HOPPER_DTYPE {dtype}\n#define HF_INT4_HOPPER_SCHEDULE {schedule}\n"
+                        f"#define HF_INT4_HOPPER_ZEROS {zeros}\n"
+                        '#include "hopper_schedules.cuh"\n')
+                path = os.path.join(out, f"hopper_{name}_{schedule:02d}{'_zeros' if zeros else ''}.cu")
+                full = os.path.join(here, path)
+                if not os.path.exists(full) or open(full).read() != text:
+                    with open(full, "w") as f:
+                        f.write(text)
+                units.append(path)
     return units
 
 

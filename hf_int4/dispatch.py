@@ -100,6 +100,8 @@ class DequantCublasPath(KernelPath):
 
 
 PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12, 14)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+# also built with zero points, for asymmetric layers (csrc/hopper/hopper_gemm.h: one per regime of M, to bound the build)
+ZERO_POINT_SCHEDULES = (0, 2, 4, 9)
 
 
 class HopperPath(KernelPath):
@@ -114,8 +116,8 @@ class HopperPath(KernelPath):
         why = super().unsupported(spec)
         if why:
             return why
-        if not spec.sym:
-            return "asymmetric weights (zero points) are not wired into the Hopper kernel yet"
+        if not spec.sym and self.schedule not in ZERO_POINT_SCHEDULES:
+            return f"asymmetric weights (zero points): schedule {self.schedule} is built without them"
         if spec.out_features % 128 or spec.in_features % 64:
             return f"needs out_features % 128 == 0 and in_features % 64 == 0, got {spec.out_features}x{spec.in_features}"
         if spec.group_size != -1 and spec.group_size % 64:

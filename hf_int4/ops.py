@@ -105,7 +105,8 @@ def dequant_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[tor
 
 def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor] = None,
                   schedule: int = 0, splits: int = 0) -> torch.Tensor:
-    """The Hopper kernel (CUTLASS, TMA + wgmma): symmetric weights, N % 128 == 0, K % 64 == 0, groups >= 64.
+    """The Hopper kernel (CUTLASS, TMA + wgmma): N % 128 == 0, K % 64 == 0, groups >= 64; asymmetric weights (zero
+    points) only with the schedules built for them (hf_int4.dispatch.ZERO_POINT_SCHEDULES).
 
     schedule: which configuration (tile shape, scheduler, split-K into fp32 partials or not), an index into the list
     in hf_int4/csrc/hopper/hopper_schedules.cuh (hf_int4.dispatch.PATHS names each). splits, the stream-K schedules
@@ -116,11 +117,9 @@ def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torc
     _check_call("hopper_linear", x, packed, bias)
     if not _HAS_HOPPER:
         raise RuntimeError("hf_int4.hopper_linear needs hf_int4._hopper (built for sm_90a with the CUTLASS headers)")
-    if not packed.sym:
-        raise ValueError("hf_int4.hopper_linear: symmetric weights only (this layer has zero points)")
     return torch.ops.hf_int4.hopper_int4_gemm(
-        _in_packed_order(x, packed), packed.qweight, packed.scales, bias, packed.out_features, packed.in_features,
-        packed.group_size, schedule, splits,
+        _in_packed_order(x, packed), packed.qweight, packed.scales, packed.zeros, bias, packed.out_features,
+        packed.in_features, packed.group_size, schedule, splits,
     )
 
 
@@ -174,7 +173,8 @@ if _HAS_EXTENSION:
     if _HAS_HOPPER:
 
         @torch.library.register_fake("hf_int4::hopper_int4_gemm")
-        def _hopper_int4_gemm_fake(a, b_packed, scales, bias, size_n, size_k, group_size, schedule=0, splits=0):
+        def _hopper_int4_gemm_fake(a, b_packed, scales, zeros, bias, size_n, size_k, group_size, schedule=0,
+                                   splits=0):
             torch._check(a.dim() >= 1 and a.shape[-1] == size_k,
                          lambda: f"hf_int4::hopper_int4_gemm: the activation must be [..., K={size_k}]")
             return a.new_empty((*a.shape[:-1], size_n))

@@ -24,6 +24,8 @@ CASES = [  # (K, N, M, config, dtype)
     (1024, 264, 65, GPTQConfig(group_size=32, sym=False, desc_act=True), torch.float16),
     (2048, 2048, 129, GPTQConfig(group_size=-1), torch.bfloat16),
     (1024, 1536, 96, GPTQConfig(group_size=128), torch.float16),  # every Hopper configuration, split-K sums too
+    # the Hopper configurations built with zero points, split-K sums too
+    (1024, 1536, 40, GPTQConfig(group_size=128, sym=False, desc_act=True, checkpoint_format="gptq_v2"), torch.bfloat16),
     # on a 132-SM GPU the streaming kernel's 16-warp grid: 100 column tiles of 4 atoms, then 100 of 2
     (1000, 6296, 3, GPTQConfig(group_size=64, sym=False, checkpoint_format="gptq_v2"), torch.bfloat16),
     (1000, 3128, 8, GPTQConfig(group_size=128), torch.float16),

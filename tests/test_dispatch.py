@@ -80,8 +80,17 @@ def test_paths_this_gpu_lacks_are_left_out_of_the_plan():
                           "us": {"decode": [1, 9, 20], "dequant": [5, 8, 10], "hopper": [7, 6, 5]}}]}
     assert dispatch.plan_from_table(table, spec(), "t").steps == ((1, "decode"), (2, "hopper"))
     assert dispatch.plan_from_table(table, spec(), "t", ["decode", "dequant"]).steps == ((1, "decode"), (2, "dequant"))
-    assert dispatch.plan_from_table(table, spec(sym=False), "t").steps == ((1, "decode"), (2, "dequant"))
     assert dispatch.PATHS["hopper"].device_unsupported(props(108, 1, 1, 1, major=8)).startswith("needs sm_90")
+
+
+def test_asymmetric_layers_plan_only_the_hopper_schedules_built_with_zero_points():
+    table = {"entries": [{"k": 4096, "n": 4096, "dtype": "float16", "m": [1, 256, 512, 1024],
+                          "us": {"decode": [1, 9, 20, 40], "dequant": [5, 8, 10, 20], "hopper": [7, 7, 9, 15],
+                                 "hopper_192": [7, 6, 5, 16]}}]}
+    assert dispatch.plan_from_table(table, spec(), "t").steps == ((1, "decode"), (2, "hopper_192"), (513, "hopper"))
+    assert dispatch.plan_from_table(table, spec(sym=False), "t").steps == ((1, "decode"), (2, "hopper"))
+    assert "built without them" in dispatch.PATHS["hopper_192"].unsupported(spec(sym=False))
+    assert dispatch.PATHS["hopper"].unsupported(spec(sym=False)) is None
 
 
 def props(sms, clock_khz, mem_khz, bus_bits, major=9, minor=0, name="GPU"):
@@ -209,9 +218,9 @@ def test_a_layer_takes_its_own_variants_entry_where_its_shape_has_one():
 
 
 def test_the_hopper_paths_match_the_schedules_the_op_knows():
-    """dispatch's schedule numbers and partial-sum set against hopper_gemm.h (kHopperSchedules, kPartialSchedules, the
-    stream-K schedules): a schedule the op reads as data-parallel while dispatch passes splits would be refused on the
-    GPU only."""
+    """dispatch's schedule numbers, partial-sum and zero-point sets against hopper_gemm.h (kHopperSchedules,
+    kPartialSchedules, kZeroPointSchedules, the stream-K schedules): a schedule the op reads as data-parallel while
+    dispatch passes splits would be refused on the GPU only."""
     header = (Path(dispatch.__file__).parent / "csrc" / "hopper" / "hopper_gemm.h").read_text()
     count = int(re.search(r"kHopperSchedules = (\d+);", header).group(1))
 
@@ -219,6 +228,7 @@ def test_the_hopper_paths_match_the_schedules_the_op_knows():
         return sorted(int(bit) for bit in re.findall(r"1u << (\d+)", re.search(mask_pattern, header).group(1)))
 
     assert bits(r"kPartialSchedules = ([^;]+);") == sorted(dispatch.PARTIAL_SUM_SCHEDULES)
+    assert bits(r"kZeroPointSchedules =\s*([^;]+);") == sorted(dispatch.ZERO_POINT_SCHEDULES)
     stream_k = bits(r"#define HF_INT4_HOPPER_STREAM_K_SCHEDULES (.+)")
     hopper = [p for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
     assert {p.schedule for p in hopper} == set(range(count))  # every configuration reachable, none beyond the op's

@@ -31,14 +31,18 @@ def configs(packed):
     """(schedule, splits) of every Hopper configuration dispatch can pick for this layer."""
     spec = dispatch.LinearSpec.of(packed)
     return [(p.schedule, p.splits) for p in HOPPER_PATHS if p.unsupported(spec) is None]
-SYM_VARIANTS = list(itertools.product(["gptq", "gptq_v2"], [False, True], [64, 128, -1]))  # fmt, desc_act, gs
+
+
+# fmt, sym, desc_act, gs: asymmetric layers run the schedules built with zero points (dispatch.ZERO_POINT_SCHEDULES)
+VARIANTS = list(itertools.product(["gptq", "gptq_v2"], [True, False], [False, True], [64, 128, -1]))
+VARIANT_IDS = [f"{f}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}-g{g}" for f, s, a, g in VARIANTS]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fmt,desc_act,gs", SYM_VARIANTS)
-def test_hopper_matches_the_oracle_small_shape_every_m(dtype, fmt, desc_act, gs):
+@pytest.mark.parametrize("fmt,sym,desc_act,gs", VARIANTS, ids=VARIANT_IDS)
+def test_hopper_matches_the_oracle_small_shape_every_m(dtype, fmt, sym, desc_act, gs):
     K, N = 576, 1536  # SmolLM2's MLP
-    cfg = _cfg(fmt, True, desc_act, gs)
+    cfg = _cfg(fmt, sym, desc_act, gs)
     layer, raw = get_layer(K, N, cfg, bias=True)
     packed = get_packed(K, N, cfg, dtype, bias=True)
     bias = layer.bias.to(dtype)
@@ -52,16 +56,18 @@ def test_hopper_matches_the_oracle_small_shape_every_m(dtype, fmt, desc_act, gs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fmt,desc_act,gs", [v for v in SYM_VARIANTS if v[2] != -1])
-def test_hopper_split_k_partials_every_variant(dtype, fmt, desc_act, gs):
-    """Schedules 4 and 5 (K-slices as a batch into fp32 partials, then a sum) on a K that every split cuts into
-    whole groups."""
+@pytest.mark.parametrize("fmt,sym,desc_act,gs", [v for v in VARIANTS if v[3] != -1],
+                         ids=[i for v, i in zip(VARIANTS, VARIANT_IDS) if v[3] != -1])
+def test_hopper_split_k_partials_every_variant(dtype, fmt, sym, desc_act, gs):
+    """The partial-sum schedules (K-slices as a batch into fp32 partials, then a sum; asymmetric layers: those built
+    with zero points) on a K that every split cuts into whole groups."""
     K, N = 1024, 384
-    cfg = _cfg(fmt, True, desc_act, gs)
+    cfg = _cfg(fmt, sym, desc_act, gs)
     layer, raw = get_layer(K, N, cfg, bias=True)
     packed = get_packed(K, N, cfg, dtype, bias=True)
     bias = layer.bias.to(dtype)
-    runs = [(p.schedule, p.splits) for p in HOPPER_PATHS if p.schedule in dispatch.PARTIAL_SUM_SCHEDULES]
+    runs = [(p.schedule, p.splits) for p in HOPPER_PATHS if p.schedule in dispatch.PARTIAL_SUM_SCHEDULES
+            and (sym or p.schedule in dispatch.ZERO_POINT_SCHEDULES)]
     assert runs and all(c in configs(packed) for c in runs)
     for M, (schedule, splits) in itertools.product([48, 64, 65, 129, 1000], runs):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -74,15 +80,18 @@ def test_hopper_split_k_partials_every_variant(dtype, fmt, desc_act, gs):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K,gs,splits", [(576, 64, 3), (1152, 64, 2), (768, 128, 2), (768, 128, 3), (640, 64, 5),
                                          (1536, 128, 2)])
-def test_hopper_partials_every_k_range_and_group_count(dtype, K, gs, splits):
+@pytest.mark.parametrize("sym", [True, False])
+def test_hopper_partials_every_k_range_and_group_count(dtype, K, gs, splits, sym):
     """K-slices of an odd and an even number of k-tiles (3, 9, 6, 4, 2, 12: the consumer loop issues k-tiles in
     pairs, then maybe one more, tile_batched_mainloop.cuh), of one group per k-tile (64) or two, with odd and even
-    group counts, on every partial-sum schedule."""
+    group counts, on every partial-sum schedule (asymmetric: those built with zero points, whose zeros are sliced
+    with the scales)."""
     N = 512
-    cfg = _cfg(gs=gs)
+    cfg = _cfg(sym=sym, gs=gs)
     _, raw = get_layer(K, N, cfg)
     packed = get_packed(K, N, cfg, dtype)
-    for schedule, M in itertools.product(sorted(dispatch.PARTIAL_SUM_SCHEDULES), (1, 16, 33, 100)):
+    schedules = [s for s in sorted(dispatch.PARTIAL_SUM_SCHEDULES) if sym or s in dispatch.ZERO_POINT_SCHEDULES]
+    for schedule, M in itertools.product(schedules, (1, 16, 33, 100)):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         poison_allocator(M * N * 4 * splits)
         check(ops.hopper_linear(x, packed, None, schedule, splits), oracle(raw, x), dtype,
@@ -90,9 +99,10 @@ def test_hopper_partials_every_k_range_and_group_count(dtype, K, gs, splits):
 
 
 # 1024x384: three 128-row weight tiles, so a cluster of two (schedule 7) has a CTA past the last tile
-@pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 14336), (14336, 4096), (8192, 8192), (1024, 384)])
-def test_hopper_matches_the_oracle_llama_shapes(K, N):
-    cfg = _cfg(gs=128)
+@pytest.mark.parametrize("K,N,sym", [(4096, 6144, True), (4096, 14336, True), (14336, 4096, True), (8192, 8192, True),
+                                     (1024, 384, True), (14336, 4096, False), (4096, 6144, False)])
+def test_hopper_matches_the_oracle_llama_shapes(K, N, sym):
+    cfg = _cfg("gptq" if sym else "gptq_v2", sym, gs=128)
     _, raw = get_layer(K, N, cfg)
     for dtype in DTYPES:
         packed = get_packed(K, N, cfg, dtype)
@@ -105,10 +115,15 @@ def test_hopper_matches_the_oracle_llama_shapes(K, N):
                 assert torch.equal(ops.hopper_linear(x, packed, None, schedule, splits), out)
 
 
-@pytest.mark.parametrize("schedule,splits", [(p.schedule, p.splits) for p in HOPPER_PATHS])  # groups of 64
-def test_hopper_in_a_cuda_graph_and_under_compile(schedule, splits):
+ZERO_POINT_PATHS = [p for p in HOPPER_PATHS if p.schedule in dispatch.ZERO_POINT_SCHEDULES]
+
+
+@pytest.mark.parametrize("schedule,splits,sym",  # groups of 64
+                         [(p.schedule, p.splits, True) for p in HOPPER_PATHS] +
+                         [(p.schedule, p.splits, False) for p in ZERO_POINT_PATHS])
+def test_hopper_in_a_cuda_graph_and_under_compile(schedule, splits, sym):
     K, N = 1024, 1536  # K cuts into 4 slices of whole tiles and groups
-    cfg = _cfg(gs=64)
+    cfg = _cfg(sym=sym, gs=64)
     _, raw = get_layer(K, N, cfg)
     packed = get_packed(K, N, cfg, F16)
     x = torch.randn(300, K, device="cuda", dtype=F16)
@@ -129,7 +144,8 @@ def test_hopper_in_a_cuda_graph_and_under_compile(schedule, splits):
     compiled = torch.compile(lambda t: ops.hopper_linear(t, packed, None, schedule, splits), fullgraph=True)
     check(compiled(x), oracle(raw, x), F16, "compiled")
     torch.library.opcheck(torch.ops.hf_int4.hopper_int4_gemm,
-                          (x, packed.qweight, packed.scales, None, N, K, packed.group_size, schedule, splits))
+                          (x, packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size, schedule,
+                           splits))
 
 
 @pytest.mark.parametrize("graph", [False, True])
@@ -158,18 +174,18 @@ def test_hopper_takes_any_leading_dimensions():
     op = torch.ops.hf_int4.hopper_int4_gemm
     x = torch.randn(100, 2, K, dtype=F16, device="cuda").transpose(0, 1)  # [2, 100, K], not contiguous
     for schedule, splits in configs(packed):
-        out = op(x, packed.qweight, packed.scales, None, N, K, 128, schedule, splits)
+        out = op(x, packed.qweight, packed.scales, None, None, N, K, 128, schedule, splits)
         assert out.shape == (2, 100, N)
-        assert torch.equal(out.reshape(-1, N), op(x.reshape(-1, K), packed.qweight, packed.scales, None, N, K, 128,
-                                                  schedule, splits))
+        assert torch.equal(out.reshape(-1, N), op(x.reshape(-1, K), packed.qweight, packed.scales, None, None, N, K,
+                                                  128, schedule, splits))
         check(out, oracle(raw, x), F16, f"3-D schedule {schedule} splits {splits}")
 
 
 def test_hopper_refuses_what_it_cannot_run():
     asym = get_packed(576, 1536, _cfg(sym=False, gs=128), F16)
     x = torch.randn(64, 576, device="cuda", dtype=F16)
-    with pytest.raises(ValueError, match="symmetric weights only"):
-        ops.hopper_linear(x, asym)
+    with pytest.raises(RuntimeError, match="schedule 1 has no build with zero points"):
+        ops.hopper_linear(x, asym, None, 1)
     odd = get_packed(200, 264, _cfg(gs=32), F16)
     with pytest.raises(RuntimeError, match="out_features % 128"):
         ops.hopper_linear(torch.randn(64, 200, device="cuda", dtype=F16), odd)
@@ -182,7 +198,8 @@ def test_hopper_refuses_what_it_cannot_run():
         ops.hopper_linear(x, sym, None, max(p.schedule for p in HOPPER_PATHS) + 1)
     spec = dispatch.LinearSpec.of
     assert "slices" in dispatch.PATHS["hopper_partials2"].unsupported(spec(sym))
-    assert "asymmetric" in dispatch.PATHS["hopper"].unsupported(spec(asym))
+    assert "asymmetric" in dispatch.PATHS["hopper_sk"].unsupported(spec(asym))
+    assert dispatch.PATHS["hopper"].unsupported(spec(asym)) is None
     assert "% 128" in dispatch.PATHS["hopper"].unsupported(spec(odd))
     g32 = get_packed(576, 1536, _cfg(gs=32), F16)
     assert "group size 32" in dispatch.PATHS["hopper"].unsupported(spec(g32))

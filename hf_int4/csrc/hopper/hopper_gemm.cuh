@@ -4,8 +4,8 @@
 //
 // The problem is run transposed ("swap AB"): C^T [n, m] = W^T [n, k] x A^T, so that the int4 weight is
 // wgmma's register operand; C^T column-major is C [m, n] row-major, written by the TMA epilogue, which
-// also adds the bias (per row of C^T). Weights are signed int4 (q - 8) times a group scale: the
-// symmetric GPTQ case; asymmetric layers take another path.
+// also adds the bias (per row of C^T). Weights are signed int4 (q - 8) times a group scale (symmetric GPTQ), or, in the
+// configurations built with zeros, (q - z) times the scale (asymmetric; tile_batched_mainloop.cuh).
 #pragma once
 
 // wgmma shapes of every width that is a multiple of 8 (CuTe offers n = 160 only with this): 160-token tiles run as
@@ -83,14 +83,17 @@ const char* reduce_partials(const HopperGemmArgs& a) {
 // Out = Act: C = A W (+ bias). Out = float: split-K partials, HopperGemmArgs::splits K-slices run as a batch
 // (L = splits) that writes fp32 partials [splits, m, n] to HopperGemmArgs::partials, summed afterwards by
 // reduce_partials: every slice runs at once and no CTA waits for another (CUTLASS's own split-K reduces the
-// partial tiles one CTA after the other).
+// partial tiles one CTA after the other). Zeros: asymmetric layers, HopperGemmArgs::zeros read beside the scales
+// (symmetric layers run the configurations without, which load no zeros).
 template <class Act, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
-          class TileScheduler, class Out = Act>
+          class TileScheduler, class Out = Act, bool Zeros = false>
 struct Config {
   static constexpr bool kPartials = std::is_same_v<Out, float>;
   static constexpr bool kStreamK = std::is_same_v<TileScheduler, StreamK>;
   static constexpr int kOutAlign = 16 / sizeof(Out);
   using Quant = cutlass::int4b_t;
+  // CUTLASS's element tuple: the quantized type, its scale type and, in zero mode, its zero type
+  using QuantTuple = std::conditional_t<Zeros, cute::tuple<Quant, Act, Act>, cute::tuple<Quant, Act>>;
   using Accumulator = float;
   // The packed layout (kernels.h): one reordering atom (16 x 16), values shuffled [0,2,4,6,1,3,5,7].
   using ValueShuffle = Layout<Shape<_2, _4>, Stride<_4, _1>>;
@@ -106,7 +109,7 @@ struct Config {
       cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, float, void, LayoutOutT, kOutAlign, Out, LayoutOutT,
       kOutAlign, EpilogueSchedule, Fusion>::CollectiveOp;
   using Mainloop = TileBatchedMainloop<typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<Quant, Act>, LayoutQuant, 32, Act,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, QuantTuple, LayoutQuant, 32, Act,
       cutlass::layout::ColumnMajor, 8, Accumulator, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp>;
@@ -129,7 +132,8 @@ struct Config {
         cutlass::gemm::GemmUniversalMode::kGemm,
         {a.n, a.m, k_s, slices},
         {static_cast<const Quant*>(a.b), layout_b, static_cast<const Act*>(a.a), stride_a,
-         static_cast<const Act*>(a.scales), stride_s, a.group_size},
+         static_cast<const Act*>(a.scales), stride_s, a.group_size,
+         static_cast<typename Mainloop::ElementZero const*>(Zeros ? a.zeros : nullptr)},
         {{}, nullptr, stride_c, out, stride_c}};
     args.epilogue.thread.alpha = 1.f;
     args.epilogue.thread.beta = 0.f;

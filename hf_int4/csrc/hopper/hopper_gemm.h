@@ -14,6 +14,7 @@ struct HopperGemmArgs {
   const void* a = nullptr;       // [m, k] activation dtype, row-major
   const void* b = nullptr;       // packed int32 [k / 16, n * 2] (kernels.h)
   const void* scales = nullptr;  // [ceil(k / group_size), n] activation dtype, natural column order
+  const void* zeros = nullptr;   // the scales' shape, (magic + z) (kernels.h): asymmetric layers; nullptr: symmetric
   const void* bias = nullptr;    // [n] or nullptr
   void* c = nullptr;             // [m, n]
   void* workspace = nullptr;
@@ -27,19 +28,24 @@ struct HopperGemmArgs {
 };
 
 // The configurations, one per value of the op's `schedule`: hopper_schedules.cuh lists them and says what each is
-// for; each is built once per dtype in its own translation unit, which setup.py writes.
+// for; each is built once per dtype (and variant) in its own translation unit, which setup.py writes.
 constexpr int kHopperSchedules = 15;
 // The split-K partial-sum schedules as a bit mask (dispatch.PARTIAL_SUM_SCHEDULES), and the stream-K ones (a macro:
 // the preprocessor reads it, hopper_schedules.cuh). hopper_schedules.cuh checks both against the configurations.
 constexpr unsigned kPartialSchedules = 1u << 4 | 1u << 5 | 1u << 8 | 1u << 9 | 1u << 10 | 1u << 11 | 1u << 12 | 1u << 14;
 #define HF_INT4_HOPPER_STREAM_K_SCHEDULES (1u << 1 | 1u << 3)
 constexpr unsigned kStreamKSchedules = HF_INT4_HOPPER_STREAM_K_SCHEDULES;
+// The schedules also built with zero points, for asymmetric layers (dispatch.ZERO_POINT_SCHEDULES): one per regime
+// of M (256 x 32 partials up to 64 rows, 128 x 128 partials and data-parallel tiles, 128 x 256 tiles at the largest M),
+// not all fifteen, to bound the build.
+constexpr unsigned kZeroPointSchedules = 1u << 0 | 1u << 2 | 1u << 4 | 1u << 9;
 
 enum HopperDtype { kFloat16 = 0, kBfloat16 = 1 };
 
-// One configuration's entry points, defined and instantiated in its translation unit (hopper_schedules.cuh). run
-// returns nullptr on success, else a static error message; workspace: the bytes its launch needs.
-template <int Dtype, int Schedule>
+// One configuration's entry points, defined and instantiated in its translation unit (hopper_schedules.cuh); Zeros:
+// its build for asymmetric layers (kZeroPointSchedules only). run returns nullptr on success, else a static error
+// message; workspace: the bytes its launch needs.
+template <int Dtype, int Schedule, bool Zeros>
 struct HopperGemm {
   static const char* run(const HopperGemmArgs& args);
   static size_t workspace(const HopperGemmArgs& args);

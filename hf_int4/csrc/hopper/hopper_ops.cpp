@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <string>
 #include <utility>
 
 #include "../early_launch.h"
@@ -18,22 +19,29 @@
 namespace hf_int4 {
 namespace {
 
-// Every configuration's entry points, by dtype and schedule (each defined in its own translation unit).
+// Every configuration's entry points by dtype, variant (without, with zero points) and schedule, each defined in its
+// own translation unit; empty where a schedule has no zero-point build (kZeroPointSchedules).
 struct HopperKernel {
-  const char* (*run)(const HopperGemmArgs&);
-  size_t (*workspace)(const HopperGemmArgs&);
+  const char* (*run)(const HopperGemmArgs&) = nullptr;
+  size_t (*workspace)(const HopperGemmArgs&) = nullptr;
 };
-template <int Dtype, int... Schedule>
-constexpr std::array<HopperKernel, kHopperSchedules> kernels_of(std::integer_sequence<int, Schedule...>) {
-  return {HopperKernel{&HopperGemm<Dtype, Schedule>::run, &HopperGemm<Dtype, Schedule>::workspace}...};
+template <int Dtype, bool Zeros, int Schedule>
+constexpr HopperKernel kernel_of() {
+  if constexpr (Zeros && !((kZeroPointSchedules >> Schedule) & 1u)) return {};
+  else return {&HopperGemm<Dtype, Schedule, Zeros>::run, &HopperGemm<Dtype, Schedule, Zeros>::workspace};
 }
-constexpr std::array<HopperKernel, kHopperSchedules> kKernels[2] = {
-    kernels_of<kFloat16>(std::make_integer_sequence<int, kHopperSchedules>{}),
-    kernels_of<kBfloat16>(std::make_integer_sequence<int, kHopperSchedules>{})};
+template <int Dtype, bool Zeros, int... Schedule>
+constexpr std::array<HopperKernel, kHopperSchedules> kernels_of(std::integer_sequence<int, Schedule...>) {
+  return {kernel_of<Dtype, Zeros, Schedule>()...};
+}
+constexpr auto kSchedules = std::make_integer_sequence<int, kHopperSchedules>{};
+constexpr std::array<HopperKernel, kHopperSchedules> kKernels[2][2] = {
+    {kernels_of<kFloat16, false>(kSchedules), kernels_of<kFloat16, true>(kSchedules)},
+    {kernels_of<kBfloat16, false>(kSchedules), kernels_of<kBfloat16, true>(kSchedules)}};
 
 at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, const at::Tensor& scales,
-                                 const std::optional<at::Tensor>& bias, int64_t size_n, int64_t size_k,
-                                 int64_t group_size, int64_t schedule, int64_t splits) {
+                                 const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                                 int64_t size_n, int64_t size_k, int64_t group_size, int64_t schedule, int64_t splits) {
   const char* op = "hf_int4::hopper_int4_gemm";
   TORCH_CHECK(a_in.is_cuda(), op, ": the activation must be a CUDA tensor, got device ", a_in.device());
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
@@ -43,10 +51,17 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
               " K=", size_k);
   TORCH_CHECK(group_size == -1 || group_size % 64 == 0, op,
               ": group_size must be -1 or a multiple of 64 (the tile's K), got ", group_size);
-  check_packed_weight(op, a_in, "the activation", b_packed, scales, std::nullopt, size_n, size_k, group_size);
+  check_packed_weight(op, a_in, "the activation", b_packed, scales, zeros, size_n, size_k, group_size);
   const at::Tensor bias_c = checked_bias(op, bias, a_in, size_n);
   TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op, ": schedule must be 0..", kHopperSchedules - 1,
               " (the configurations of hf_int4/csrc/hopper/hopper_schedules.cuh), got ", schedule);
+  if (zeros.has_value() && !((kZeroPointSchedules >> schedule) & 1u)) {
+    std::string built;
+    for (int s = 0; s < kHopperSchedules; ++s)
+      if ((kZeroPointSchedules >> s) & 1u) built += (built.empty() ? "" : ", ") + std::to_string(s);
+    TORCH_CHECK(false, op, ": schedule ", schedule, " has no build with zero points (asymmetric layers run schedules ",
+                built, ")");
+  }
   const bool stream_k = (kStreamKSchedules >> schedule) & 1u;
   const bool partials = (kPartialSchedules >> schedule) & 1u;  // dispatch.PARTIAL_SUM_SCHEDULES
   TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
@@ -67,6 +82,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   args.a = a.data_ptr();
   args.b = b_packed.data_ptr();
   args.scales = scales.data_ptr();
+  args.zeros = zeros.has_value() ? zeros->data_ptr() : nullptr;
   args.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
   args.c = c.data_ptr();
   args.m = static_cast<int>(a.size(0));
@@ -76,7 +92,8 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   args.splits = static_cast<int>(splits);
   args.early = early_launch_enabled();
   args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
-  const HopperKernel& kernel = kKernels[a.scalar_type() == at::kHalf ? kFloat16 : kBfloat16][schedule];
+  const HopperKernel& kernel =
+      kKernels[a.scalar_type() == at::kHalf ? kFloat16 : kBfloat16][zeros.has_value() ? 1 : 0][schedule];
   // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
   // the same block call after call, and a graph capture takes it from the graph's pool.
   const size_t ws_bytes = kernel.workspace(args);
@@ -100,8 +117,8 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
 }  // namespace hf_int4
 
 TORCH_LIBRARY_FRAGMENT(hf_int4, m) {
-  m.def("hopper_int4_gemm(Tensor a, Tensor b_packed, Tensor scales, Tensor? bias, int size_n, int size_k, "
-        "int group_size, int schedule=0, int splits=0) -> Tensor",
+  m.def("hopper_int4_gemm(Tensor a, Tensor b_packed, Tensor scales, Tensor? zeros, Tensor? bias, int size_n, "
+        "int size_k, int group_size, int schedule=0, int splits=0) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 }
 

@@ -1,13 +1,13 @@
 // The Hopper int4 GEMM's configurations, one per schedule (the op's `schedule` indexes this list), and the build of
 // one of them. CUTLASS kernels compile slowly, so each configuration is built per dtype in a translation unit of its
-// own, in parallel: setup.py writes one small .cu per dtype and schedule that defines HF_INT4_HOPPER_DTYPE
-// (HopperDtype) and HF_INT4_HOPPER_SCHEDULE and includes this file.
+// own, in parallel: setup.py writes one small .cu per dtype, schedule and variant that defines HF_INT4_HOPPER_DTYPE
+// (HopperDtype), HF_INT4_HOPPER_SCHEDULE and HF_INT4_HOPPER_ZEROS (0 symmetric, 1 with zero points) and includes it.
 #pragma once
 
 #include "hopper_gemm.h"
 
-#if !defined(HF_INT4_HOPPER_DTYPE) || !defined(HF_INT4_HOPPER_SCHEDULE)
-#error "define HF_INT4_HOPPER_DTYPE and HF_INT4_HOPPER_SCHEDULE (setup.py writes the translation units that do)"
+#if !defined(HF_INT4_HOPPER_DTYPE) || !defined(HF_INT4_HOPPER_SCHEDULE) || !defined(HF_INT4_HOPPER_ZEROS)
+#error "define HF_INT4_HOPPER_DTYPE, _SCHEDULE and _ZEROS (setup.py writes the translation units that do)"
 #endif
 
 // Launch early wherever CUTLASS allows it: its grid dependency control must be compiled in before any CUTLASS header,
@@ -65,15 +65,29 @@ using Schedules = std::tuple<
 static_assert(std::tuple_size_v<Schedules<cutlass::half_t>> == kHopperSchedules,
               "hopper_gemm.h's kHopperSchedules counts the configurations listed here");
 
+// A configuration's build for asymmetric layers (zero points), which only the schedules in kZeroPointSchedules have.
+template <class Symmetric>
+struct WithZeros;
+template <class Act, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
+          class TileScheduler, class Out>
+struct WithZeros<Config<Act, TileShape, ClusterShape, KernelSchedule, EpilogueSchedule, TileScheduler, Out, false>> {
+  using type = Config<Act, TileShape, ClusterShape, KernelSchedule, EpilogueSchedule, TileScheduler, Out, true>;
+};
+
+template <int Dtype>
+using ActOf = std::conditional_t<Dtype == kFloat16, cutlass::half_t, cutlass::bfloat16_t>;
 template <int Dtype, int Schedule>
-using ScheduleConfig = std::tuple_element_t<
-    Schedule, Schedules<std::conditional_t<Dtype == kFloat16, cutlass::half_t, cutlass::bfloat16_t>>>;
+using SymmetricConfig = std::tuple_element_t<Schedule, Schedules<ActOf<Dtype>>>;
+template <int Dtype, int Schedule, bool Zeros>
+using ScheduleConfig = std::conditional_t<Zeros, typename WithZeros<SymmetricConfig<Dtype, Schedule>>::type,
+                                          SymmetricConfig<Dtype, Schedule>>;
 
 }  // namespace hopper
 
-template <int Dtype, int Schedule>
-const char* HopperGemm<Dtype, Schedule>::run(const HopperGemmArgs& args) {
-  using Gemm = hopper::ScheduleConfig<Dtype, Schedule>;
+template <int Dtype, int Schedule, bool Zeros>
+const char* HopperGemm<Dtype, Schedule, Zeros>::run(const HopperGemmArgs& args) {
+  using Gemm = hopper::ScheduleConfig<Dtype, Schedule, Zeros>;
+  static_assert(!Zeros || ((kZeroPointSchedules >> Schedule) & 1u), "kZeroPointSchedules lists the zero-point builds");
   static_assert(Gemm::kPartials == bool((kPartialSchedules >> Schedule) & 1u),
                 "kPartialSchedules must list exactly the configurations that write fp32 partials");
   static_assert(Gemm::kStreamK == bool((kStreamKSchedules >> Schedule) & 1u),
@@ -81,11 +95,11 @@ const char* HopperGemm<Dtype, Schedule>::run(const HopperGemmArgs& args) {
   return Gemm::run(args);
 }
 
-template <int Dtype, int Schedule>
-size_t HopperGemm<Dtype, Schedule>::workspace(const HopperGemmArgs& args) {
-  return hopper::ScheduleConfig<Dtype, Schedule>::workspace(args);
+template <int Dtype, int Schedule, bool Zeros>
+size_t HopperGemm<Dtype, Schedule, Zeros>::workspace(const HopperGemmArgs& args) {
+  return hopper::ScheduleConfig<Dtype, Schedule, Zeros>::workspace(args);
 }
 
-template struct HopperGemm<HF_INT4_HOPPER_DTYPE, HF_INT4_HOPPER_SCHEDULE>;
+template struct HopperGemm<HF_INT4_HOPPER_DTYPE, HF_INT4_HOPPER_SCHEDULE, bool(HF_INT4_HOPPER_ZEROS)>;
 
 }  // namespace hf_int4

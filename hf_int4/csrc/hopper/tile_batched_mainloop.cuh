@@ -5,8 +5,14 @@
 // Why: CUTLASS converts one k16 block at a time and fences (wgmma.fence) before each block's wgmma; its
 // all-shared-memory mainloop fences once per k-tile. On the H200 (docs/kernel_notes.md step 29) this makes tiles of
 // 16..64 tokens 3-5% faster and leaves wider ones within 1%: the fences were a small part of what a k-tile costs.
+//
+// Zero points (asymmetric layers) are applied as GPTQ defines them, w = (q - z) s, from the zeros every kernel reads
+// (magic + z, kernels.h); CUTLASS's zero mode computes q s + z' and would need a second, pre-scaled copy of them.
 #pragma once
 
+#include <type_traits>
+
+#include "../gemm_common.cuh"  // gemm::Act: the zeros' magic numbers
 #include "cutlass/gemm/collective/collective_builder.hpp"
 
 namespace hf_int4 {
@@ -25,6 +31,36 @@ struct TileBatchedMainloop : Base {
   using typename Base::SwappedStrideA;
   using typename Base::RealSwappedElementA;
   using Utils = cutlass::gemm::collective::detail::MixedInputUtils<Base>;  // Base befriends MixedInputUtils
+  static constexpr bool kZeros = Base::KernelConversionMode == cutlass::detail::ConversionMode::ConvertAndScaleWithZero;
+
+  // k-block k_block of the copied int4 weights `load` into `a`, in the activation dtype. With zeros: the converter
+  // gives q - 8 and a zero is magic + z, so q - z = (q - 8) - (zero - (magic + 8)), exact in fp16 and bf16 (|q - z| <=
+  // 15); times the scale it is rounded once, as in the decode kernels.
+  template <class Load, class Converted, class ExtraInfo>
+  CUTLASS_DEVICE static void dequantize_k_block(Load const& load, Converted& a, ExtraInfo& extra_info, int k_block) {
+    using namespace cute;
+    if constexpr (kZeros) {
+      using Act = typename Base::ElementScale;
+      using Native = std::conditional_t<std::is_same_v<Act, cutlass::half_t>, __half, __nv_bfloat16>;
+      const Act magic_plus_8 = Act::bitcast(static_cast<uint16_t>(gemm::Act<Native>::kSymZero2));  // low half
+      Tensor src = load(_, _, k_block);
+      Tensor dst = a(_, _, k_block);
+      constexpr int kPerRegister = cute::min(decltype(size(src(_, 0)))::value, 8);  // int4 values in 32 bits
+      Tensor src_vm = group_modes<1, -1>(zipped_divide(src, Int<kPerRegister>{}));
+      Tensor dst_vm = group_modes<1, -1>(zipped_divide(dst, Int<kPerRegister>{}));
+      Tensor scales_vm = group_modes<1, -1>(zipped_divide(get<1>(extra_info)(_, _, k_block), Int<kPerRegister>{}));
+      Tensor zeros_vm = group_modes<1, -1>(zipped_divide(get<3>(extra_info)(_, _, k_block), Int<kPerRegister>{}));
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size<1>(dst_vm); ++i) {
+        cutlass::LayoutAwareConvert(src_vm(_, i), dst_vm(_, i));
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<0>(dst_vm); ++j)
+          dst_vm(j, i) = (dst_vm(j, i) - (zeros_vm(j, i) - magic_plus_8)) * scales_vm(j, i);
+      }
+    } else {
+      Utils::dequantize_A_kblock(load, a, extra_info, k_block);
+    }
+  }
 
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
@@ -74,7 +110,7 @@ struct TileBatchedMainloop : Base {
                                copy_partitions_extra_info, k_block, stage);
       CUTLASS_PRAGMA_UNROLL
       for (int k_block = 0; k_block < K_BLOCK_MAX; ++k_block)
-        Utils::dequantize_A_kblock(tCrA_load, a, partitioned_extra_info, k_block);
+        dequantize_k_block(tCrA_load, a, partitioned_extra_info, k_block);
       return stage;
     };
     auto mma_k_tile = [&](auto const& a, int stage) {
