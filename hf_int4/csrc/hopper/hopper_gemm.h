@@ -39,6 +39,8 @@ constexpr unsigned kStreamKSchedules = HF_INT4_HOPPER_STREAM_K_SCHEDULES;
 // of M (256 x 32 partials up to 64 rows, 128 x 128 partials and data-parallel tiles, 128 x 256 tiles at the largest M),
 // not all fifteen, to bound the build.
 constexpr unsigned kZeroPointSchedules = 1u << 0 | 1u << 2 | 1u << 4 | 1u << 9;
+// Whether a schedule mask above holds `schedule`.
+constexpr bool in_mask(unsigned mask, int schedule) { return (mask >> schedule) & 1u; }
 
 enum HopperDtype { kFloat16 = 0, kBfloat16 = 1 };
 

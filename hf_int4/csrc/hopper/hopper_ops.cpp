@@ -27,7 +27,7 @@ struct HopperKernel {
 };
 template <int Dtype, bool Zeros, int Schedule>
 constexpr HopperKernel kernel_of() {
-  if constexpr (Zeros && !((kZeroPointSchedules >> Schedule) & 1u)) return {};
+  if constexpr (Zeros && !in_mask(kZeroPointSchedules, Schedule)) return {};
   else return {&HopperGemm<Dtype, Schedule, Zeros>::run, &HopperGemm<Dtype, Schedule, Zeros>::workspace};
 }
 template <int Dtype, bool Zeros, int... Schedule>
@@ -55,15 +55,15 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   const at::Tensor bias_c = checked_bias(op, bias, a_in, size_n);
   TORCH_CHECK(schedule >= 0 && schedule < kHopperSchedules, op, ": schedule must be 0..", kHopperSchedules - 1,
               " (the configurations of hf_int4/csrc/hopper/hopper_schedules.cuh), got ", schedule);
-  if (zeros.has_value() && !((kZeroPointSchedules >> schedule) & 1u)) {
+  if (zeros.has_value() && !in_mask(kZeroPointSchedules, schedule)) {
     std::string built;
     for (int s = 0; s < kHopperSchedules; ++s)
-      if ((kZeroPointSchedules >> s) & 1u) built += (built.empty() ? "" : ", ") + std::to_string(s);
+      if (in_mask(kZeroPointSchedules, s)) built += (built.empty() ? "" : ", ") + std::to_string(s);
     TORCH_CHECK(false, op, ": schedule ", schedule, " has no build with zero points (asymmetric layers run schedules ",
                 built, ")");
   }
-  const bool stream_k = (kStreamKSchedules >> schedule) & 1u;
-  const bool partials = (kPartialSchedules >> schedule) & 1u;  // dispatch.PARTIAL_SUM_SCHEDULES
+  const bool stream_k = in_mask(kStreamKSchedules, schedule);
+  const bool partials = in_mask(kPartialSchedules, schedule);  // dispatch.PARTIAL_SUM_SCHEDULES
   TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
               ": splits (0 CUTLASS's heuristic, 1 data-parallel, 2..64 split-K) apply to the stream-K configurations "
               "(schedule 1 or 3), got splits=", splits, " with schedule ", schedule);

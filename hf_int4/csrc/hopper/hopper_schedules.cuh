@@ -87,10 +87,10 @@ using ScheduleConfig = std::conditional_t<Zeros, typename WithZeros<SymmetricCon
 template <int Dtype, int Schedule, bool Zeros>
 const char* HopperGemm<Dtype, Schedule, Zeros>::run(const HopperGemmArgs& args) {
   using Gemm = hopper::ScheduleConfig<Dtype, Schedule, Zeros>;
-  static_assert(!Zeros || ((kZeroPointSchedules >> Schedule) & 1u), "kZeroPointSchedules lists the zero-point builds");
-  static_assert(Gemm::kPartials == bool((kPartialSchedules >> Schedule) & 1u),
+  static_assert(!Zeros || in_mask(kZeroPointSchedules, Schedule), "kZeroPointSchedules lists the zero-point builds");
+  static_assert(Gemm::kPartials == in_mask(kPartialSchedules, Schedule),
                 "kPartialSchedules must list exactly the configurations that write fp32 partials");
-  static_assert(Gemm::kStreamK == bool((kStreamKSchedules >> Schedule) & 1u),
+  static_assert(Gemm::kStreamK == in_mask(kStreamKSchedules, Schedule),
                 "HF_INT4_HOPPER_STREAM_K_SCHEDULES must list exactly the stream-K configurations");
   return Gemm::run(args);
 }
