@@ -8,7 +8,13 @@ from tqdm.auto import tqdm
 
 from hf_int4 import _extension
 from hf_int4.formats.files import ShardWriter, atomic_output_dir
-from hf_int4.formats.gptq import iter_checkpoint, load_gptq_config, safetensors_files, tensor_shapes
+from hf_int4.formats.gptq import (
+    ModuleRules,
+    iter_checkpoint,
+    load_quantization_config,
+    safetensors_files,
+    tensor_shapes,
+)
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
 from hf_int4.modules import PACKED_PREFIX, pack_for_module, packed_state_dict
 
@@ -24,14 +30,15 @@ def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=F
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     if dst == src or dst.startswith(src + os.sep):
         raise ValueError(f"the output {dst} must not be (inside) the input checkpoint {src}")
-    gptq = load_gptq_config(src)
+    quantization_config = load_quantization_config(src)
+    rules = ModuleRules.from_dict(quantization_config)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and _extension.extension_available() else "cpu"
     total = sum(key.endswith(".qweight") for key in tensor_shapes(safetensors_files(src)))
     with atomic_output_dir(dst, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         bar = tqdm(total=total, desc="hf-int4 repack", unit="layer", disable=not progress)
-        for kind, name, obj in iter_checkpoint(src, device, gptq):
+        for kind, name, obj in iter_checkpoint(src, device, rules):
             if kind == "tensor":
                 writer.add(name, obj)
                 continue
@@ -43,7 +50,7 @@ def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=F
         writer.finish()
         with open(os.path.join(src, "config.json")) as f:
             model_config = json.load(f)
-        packed = HfInt4Config.from_gptq_dict(gptq.to_dict())
+        packed = HfInt4Config.from_gptq_dict(quantization_config)
         packed.mark_packed(dtype)
         model_config["quantization_config"] = packed.to_dict()
         model_config["dtype"] = str(dtype).removeprefix("torch.")

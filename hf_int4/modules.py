@@ -9,11 +9,13 @@ A layer holds its weight in one of two forms, named apart in its buffers and sta
 "gptq" layer (freeing the GPTQ tensors) and plans its GPU paths (hf_int4.dispatch). Each call then runs
 the path its plan names for the call's number of rows, or on CPU the exact reference.
 """
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
 from hf_int4 import _extension, dispatch
-from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, is_excluded_module
+from hf_int4.formats.gptq import GPTQConfig, GPTQLayer
 from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, pack_gptq_layer, zeros_for_dtype
 from hf_int4.reference import dequantize_packed, gptq_matmul_reference, matmul_reference
 
@@ -208,12 +210,14 @@ class HfInt4Linear(nn.Module):
 
 
 def replace_linear_layers(
-    model: nn.Module, config: GPTQConfig, modules_to_not_convert=(), dtype=torch.float16, packed: bool = False
+    model: nn.Module, settings: Callable[[str], Optional[GPTQConfig]], dtype=torch.float16, packed: bool = False
 ) -> list:
-    """Swap every nn.Linear not named in `modules_to_not_convert` for an HfInt4Linear; returns the names swapped."""
+    """Swap every nn.Linear for an HfInt4Linear of `settings(name)`, except where that is None; returns the names
+    swapped."""
     swapped = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or is_excluded_module(name, modules_to_not_convert):
+        config = settings(name) if isinstance(module, nn.Linear) else None
+        if config is None:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -197,7 +197,7 @@ def test_one_pass_without_decoder_blocks():
     batches = [torch.randint(0, 50, (16,)) for _ in range(3)]
     cfg = GPTQConfig(group_size=16, sym=False, checkpoint_format="gptq_v2")
     hessians = collect_hessians(model, batches, ["a", "b"])
-    got = dict(gptq_quantize_model(model, batches, ["a", "b"], cfg))
+    got = dict(gptq_quantize_model(model, batches, {"a": cfg, "b": cfg}))
     for name, module in (("a", model.a), ("b", model.b)):
         for x, y in zip(got[name], gptq_quantize(module.weight, hessians[name], cfg)):
             assert torch.equal(x, y)

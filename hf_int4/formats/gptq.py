@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -108,22 +109,91 @@ class GPTQConfig:
         return torch.zeros_like(k) if self.group_size == -1 else k // self.group_size
 
 
-def load_gptq_config(checkpoint_dir) -> GPTQConfig:
+# The settings a `dynamic` rule may change per module that decide how its tensors read; the others it may hold
+# (damp_percent, ...) only steered the quantization.
+DYNAMIC_SETTINGS = ("bits", "group_size", "sym", "desc_act")
+
+
+class ModuleRules:
+    """Which linear modules of a GPTQ checkpoint are quantized, and with which settings.
+
+    The checkpoint's settings (`base`) hold for every module unless GPTQModel's `dynamic` rules say otherwise:
+    {pattern: settings}, tried in order; the first whose regular expression matches the start of the module's
+    name decides. "-:pattern": the module is not quantized; "+:pattern" or "pattern": its settings are `base`
+    with the rule's bits / group_size / sym / desc_act. `lm_head` (GPTQModel): the output head is quantized
+    too. Where a checkpoint's tensor names are known they say which modules hold GPTQ tensors (optimum's
+    `modules_in_block_to_quantize` leaves the others in float); these rules say with which settings."""
+
+    def __init__(self, base: GPTQConfig, dynamic: Optional[dict] = None, lm_head: bool = False):
+        self.base, self.lm_head = base, bool(lm_head)
+        if dynamic is not None and not isinstance(dynamic, dict):
+            raise GPTQFormatError(f"quantization_config dynamic={dynamic!r} must map module patterns to settings")
+        self._rules = []  # (pattern as written, compiled, settings or None for "-:")
+        for pattern, settings in (dynamic or {}).items():
+            negative = pattern.startswith("-:")
+            if not isinstance(settings, dict):
+                raise GPTQFormatError(f"quantization_config dynamic rule {pattern!r} maps to {settings!r}, not to settings")
+            try:
+                regex = re.compile(pattern[2:] if negative or pattern.startswith("+:") else pattern)
+            except re.error as exc:
+                raise GPTQFormatError(f"quantization_config dynamic rule {pattern!r} is not a regular expression: {exc}") from None
+            self._rules.append((pattern, regex, None if negative else settings))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModuleRules":
+        """From config.json["quantization_config"] or quantize_config.json."""
+        return cls(GPTQConfig.from_dict(d), d.get("dynamic"), d.get("lm_head") or False)
+
+    def config_for(self, name: str) -> Optional[GPTQConfig]:
+        """Module `name`'s settings; None where a "-:" rule leaves it unquantized. A rule's unsupported settings
+        (e.g. bits=8) are refused here, naming the module."""
+        for pattern, regex, settings in self._rules:
+            if regex.match(name):
+                if settings is None:
+                    return None
+                changed = {key: settings[key] for key in DYNAMIC_SETTINGS if key in settings}
+                try:
+                    return GPTQConfig.from_dict({**self.base.to_dict(), **changed})
+                except GPTQFormatError as exc:
+                    raise GPTQFormatError(f"layer {name} (quantization_config dynamic rule {pattern!r}): {exc}") from None
+        return self.base
+
+    def stored_config(self, name: str) -> GPTQConfig:
+        """The settings of a module the checkpoint holds GPTQ tensors for; a rule that says otherwise is an error."""
+        config = self.config_for(name)
+        if config is None:
+            pattern = next(p for p, regex, _ in self._rules if regex.match(name))
+            _fail(name, f"the checkpoint holds it quantized, but quantization_config's dynamic rule {pattern!r} "
+                        "says it is not quantized")
+        return config
+
+
+def load_quantization_config(checkpoint_dir) -> dict:
     """config.json's quantization_config, else quantize_config.json (older AutoGPTQ checkpoints)."""
     cfg_path = os.path.join(checkpoint_dir, "config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             qc = json.load(f).get("quantization_config")
         if qc is not None:
-            return GPTQConfig.from_dict(qc)
+            return qc
     qc_path = os.path.join(checkpoint_dir, "quantize_config.json")
     if os.path.isfile(qc_path):
         with open(qc_path) as f:
-            return GPTQConfig.from_dict(json.load(f))
+            return json.load(f)
     raise GPTQFormatError(
         f"{checkpoint_dir} is not a GPTQ checkpoint: neither config.json has a quantization_config "
         "nor does quantize_config.json exist"
     )
+
+
+def load_gptq_config(checkpoint_dir) -> GPTQConfig:
+    """The checkpoint's GPTQ settings (those of every module without a `dynamic` rule of its own)."""
+    return GPTQConfig.from_dict(load_quantization_config(checkpoint_dir))
+
+
+def load_module_rules(checkpoint_dir) -> ModuleRules:
+    """The checkpoint's GPTQ settings per module."""
+    return ModuleRules.from_dict(load_quantization_config(checkpoint_dir))
 
 
 # ---------------------------------------------------------------------------------------------- unpacking
@@ -306,8 +376,9 @@ def _split(key: str) -> Tuple[str, str]:
     return prefix, suffix
 
 
-def iter_checkpoint(checkpoint_dir, device, config, with_tensors=True) -> Iterator[Tuple[str, str, object]]:
-    """Yield ("layer", name, GPTQLayer) and ("tensor", name, Tensor) reading one shard at a time.
+def iter_checkpoint(checkpoint_dir, device, rules: ModuleRules, with_tensors=True) -> Iterator[Tuple[str, str, object]]:
+    """Yield ("layer", name, GPTQLayer) and ("tensor", name, Tensor) reading one shard at a time; each layer
+    with its own settings (`rules`).
 
     Headers are read first so that we know every tensor of every layer; a layer is yielded as soon as
     the shard holding its last tensor has been read, so memory stays bounded by about one shard."""
@@ -333,10 +404,12 @@ def iter_checkpoint(checkpoint_dir, device, config, with_tensors=True) -> Iterat
             layer_keys[prefix].add(suffix)
         elif suffix == "g_idx":
             raise GPTQFormatError(f"layer {prefix}: the checkpoint has {key} but no {prefix}.qweight")
+    configs = {}
     for prefix, suffixes in layer_keys.items():  # fail before reading any data
         missing = [s for s in QUANT_SUFFIXES if s not in suffixes]
         if missing:
             _fail(prefix, f"the checkpoint has {', '.join(sorted(suffixes))} but no {prefix}.{missing[0]}")
+        configs[prefix] = rules.stored_config(prefix)
 
     pending: Dict[str, dict] = {}
     for path in files:
@@ -348,20 +421,20 @@ def iter_checkpoint(checkpoint_dir, device, config, with_tensors=True) -> Iterat
                 elif with_tensors:
                     yield "tensor", key, f.get_tensor(key)
         for prefix in [p for p, t in pending.items() if len(t) == len(layer_keys[p])]:
-            yield "layer", prefix, GPTQLayer.from_tensors(prefix, pending.pop(prefix), config)
+            yield "layer", prefix, GPTQLayer.from_tensors(prefix, pending.pop(prefix), configs[prefix])
 
 
 def read_gptq_checkpoint(checkpoint_dir, device="cpu"):
-    """-> (GPTQConfig, {layer name: GPTQLayer}, {name: Tensor} of every non-quantized tensor)."""
-    config = load_gptq_config(checkpoint_dir)
+    """-> (GPTQConfig, {layer name: GPTQLayer}, {name: Tensor} of every non-quantized tensor); the config is the
+    checkpoint's, each layer carries its own (`dynamic` rules)."""
+    rules = load_module_rules(checkpoint_dir)
     layers, others = {}, {}
-    for kind, name, obj in iter_checkpoint(checkpoint_dir, device, config):
+    for kind, name, obj in iter_checkpoint(checkpoint_dir, device, rules):
         (layers if kind == "layer" else others)[name] = obj
-    return config, layers, others
+    return rules.base, layers, others
 
 
 def iter_gptq_layers(checkpoint_dir, device="cpu") -> Iterator[GPTQLayer]:
     """Yield the validated quantized layers shard by shard (non-quantized tensors are skipped)."""
-    config = load_gptq_config(checkpoint_dir)
-    for _, _, layer in iter_checkpoint(checkpoint_dir, device, config, with_tensors=False):
+    for _, _, layer in iter_checkpoint(checkpoint_dir, device, load_module_rules(checkpoint_dir), with_tensors=False):
         yield layer

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from typing import Dict, Iterable, Iterator, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -89,9 +89,10 @@ def _decoder_blocks(model: nn.Module, linear_names: Sequence[str]):
 
 @torch.no_grad()
 def gptq_quantize_model(
-    model: nn.Module, input_ids_batches: Sequence[torch.Tensor], linear_names: Sequence[str], config: GPTQConfig
+    model: nn.Module, input_ids_batches: Sequence[torch.Tensor], layers: Mapping[str, GPTQConfig]
 ) -> Iterator[Tuple[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Yield (name, gptq_quantize's result) for every nn.Linear in `linear_names`, quantized sequentially.
+    """Yield (name, gptq_quantize's result) for every nn.Linear in `layers` ({name: its settings}), quantized
+    sequentially.
 
     The decoder blocks (the ModuleList holding the linears) are quantized in order, each block's
     Hessians taken on the outputs of the already quantized blocks before it, so that a block also
@@ -103,6 +104,7 @@ def gptq_quantize_model(
     qmodel = copy.deepcopy(model).eval()
     modules = dict(qmodel.named_modules())
     device = next(qmodel.parameters()).device
+    linear_names = list(layers)
     found = _decoder_blocks(qmodel, linear_names)
     done = set()
     if found is not None:
@@ -129,7 +131,7 @@ def gptq_quantize_model(
                     block(*args, **kwargs)
             hessians = hooks.hessians()
             for name in names:
-                quantized = gptq_quantize(modules[name].weight, hessians.pop(name), config, name=name)
+                quantized = gptq_quantize(modules[name].weight, hessians.pop(name), layers[name], name=name)
                 modules[name].weight.copy_(dequantize_ints(*quantized).t())
                 done.add(name)
                 yield name, quantized
@@ -140,7 +142,7 @@ def gptq_quantize_model(
     if rest:
         hessians = collect_hessians(qmodel, input_ids_batches, rest)
         for name in rest:
-            yield name, gptq_quantize(modules[name].weight, hessians.pop(name), config, name=name)
+            yield name, gptq_quantize(modules[name].weight, hessians.pop(name), layers[name], name=name)
 
 
 def output_error_grid(rows: torch.Tensor, input_power: torch.Tensor, config: GPTQConfig, name: str = "") -> Tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hf_int4.formats.files import ShardWriter, atomic_output_dir
-from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, _fail, is_excluded_module
+from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, ModuleRules, _fail, is_excluded_module
 
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)
 MAXQ = 15
@@ -225,36 +225,50 @@ def random_gptq_layer(
 
 
 @torch.no_grad()
+def quantized_linears(model: nn.Module, config: GPTQConfig, modules_to_not_convert=("lm_head",), dynamic=None) -> Dict[str, GPTQConfig]:
+    """{name: settings} of the nn.Linear modules a checkpoint of `model` quantizes: those not excluded, with
+    GPTQModel's `dynamic` rules applied (ModuleRules: "-:" leaves a module in float, others change its settings)."""
+    rules = ModuleRules(config, dynamic)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not is_excluded_module(name, modules_to_not_convert):
+            settings = rules.config_for(name)
+            if settings is not None:
+                layers[name] = settings
+    return layers
+
+
 def quantize_model_state(
     model: nn.Module,
     config: GPTQConfig,
     modules_to_not_convert=("lm_head",),
     *,
+    dynamic: Optional[dict] = None,
     seed: int = 0,
     progress: bool = True,
     calibration: Optional[Sequence[torch.Tensor]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """The checkpoint's tensors: every nn.Linear not excluded as GPTQ tensors, the rest as they are.
+    """The checkpoint's tensors: every nn.Linear of quantized_linears as GPTQ tensors, the rest as they are.
 
     With `calibration` (token-id tensors) the weights are chosen by GPTQ (gptq_solver) from the
     Hessians of those inputs, else rounded to nearest."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_excluded_module(n, modules_to_not_convert)]
+    layers = quantized_linears(model, config, modules_to_not_convert, dynamic)
+    modules = dict(model.named_modules())
     if calibration is None:
-        quantized_layers = ((n, quantize_rtn(m.weight, config, generator=gen, name=n)) for n, m in linears)
+        quantized_layers = ((n, quantize_rtn(modules[n].weight, c, generator=gen, name=n)) for n, c in layers.items())
     else:
         from hf_int4.formats.gptq_solver import gptq_quantize_model  # it imports this module
 
-        quantized_layers = gptq_quantize_model(model, calibration, [n for n, _ in linears], config)
-    modules = dict(linears)
+        quantized_layers = gptq_quantize_model(model, calibration, layers)
     out: Dict[str, torch.Tensor] = {}
     done = set()
     desc = "RTN-quantizing" if calibration is None else "GPTQ-quantizing"
-    for name, quantized in tqdm(quantized_layers, desc=desc, total=len(linears), unit="layer", disable=not progress):
+    for name, quantized in tqdm(quantized_layers, desc=desc, total=len(layers), unit="layer", disable=not progress):
         module = modules[name]
-        packed = pack_gptq_tensors(*quantized, config, name=name)
+        packed = pack_gptq_tensors(*quantized, layers[name], name=name)
         out.update({f"{name}.{k}": v.cpu() for k, v in packed.items()})
         done.add(f"{name}.weight")
         if module.bias is not None:
@@ -280,6 +294,7 @@ def write_gptq_checkpoint(
     config: GPTQConfig,
     *,
     modules_to_not_convert=("lm_head",),
+    dynamic: Optional[dict] = None,
     max_shard_size=None,
     tokenizer=None,
     seed: int = 0,
@@ -288,7 +303,9 @@ def write_gptq_checkpoint(
     calibration: Optional[Sequence[torch.Tensor]] = None,
 ) -> str:
     """Quantize `model` (a transformers PreTrainedModel) into a GPTQ checkpoint directory: round-to-nearest,
-    or GPTQ from the Hessians of `calibration` (a list of token-id tensors) when given.
+    or GPTQ from the Hessians of `calibration` (a list of token-id tensors) when given. `dynamic`: GPTQModel's
+    per-module rules (quantized_linears), written into the quantization config; a quantized output head is
+    marked `lm_head: true` there, as GPTQModel does.
 
     Writes model.safetensors (or shards + index), config.json with quantization_config, quantize_config.json,
     the generation config and the tokenizer when given. Everything goes to a temporary directory next
@@ -296,7 +313,7 @@ def write_gptq_checkpoint(
     out_dir is replaced only with overwrite=True. Returns out_dir."""
     with atomic_output_dir(out_dir, overwrite) as tmp:
         tensors = quantize_model_state(
-            model, config, modules_to_not_convert, seed=seed, progress=progress, calibration=calibration
+            model, config, modules_to_not_convert, dynamic=dynamic, seed=seed, progress=progress, calibration=calibration
         )
         writer = ShardWriter(tmp, max_shard_size)
         for key, tensor in tensors.items():
@@ -305,11 +322,17 @@ def write_gptq_checkpoint(
         cfg = model.config.to_dict()
         if not cfg.get("architectures"):  # e.g. a model loaded from GGUF; tools read the class from here
             cfg["architectures"] = [type(model).__name__]
-        cfg["quantization_config"] = config.to_dict()
+        quantization_config = config.to_dict()
+        if dynamic:
+            quantization_config["dynamic"] = dict(dynamic)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and any(m is head for n, m in model.named_modules() if f"{n}.qweight" in tensors):
+            quantization_config["lm_head"] = True
+        cfg["quantization_config"] = quantization_config
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True, default=str)
         with open(os.path.join(tmp, "quantize_config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+            json.dump(quantization_config, f, indent=2)
         gen_cfg = getattr(model, "generation_config", None)
         if gen_cfg is not None:
             gen_cfg.save_pretrained(tmp)

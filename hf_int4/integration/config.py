@@ -4,7 +4,7 @@ import dataclasses
 from transformers.quantizers.auto import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hf_int4.formats.gptq import GPTQConfig
+from hf_int4.formats.gptq import GPTQConfig, ModuleRules
 
 QUANT_METHOD = "hf_int4"
 PACKED_LAYOUT = "cutlass-reordered-int4-v2"  # bump when hf_int4.packing changes the bytes it writes
@@ -15,7 +15,8 @@ class HfInt4Config(QuantizationConfigMixin):
     """Load 4-bit GPTQ weights with hf_int4's kernels.
 
     Passed to `from_pretrained` on a GPTQ checkpoint, it takes the checkpoint's own GPTQ settings
-    (bits, group_size, sym, desc_act, checkpoint_format); the arguments here only matter for
+    (bits, group_size, sym, desc_act, checkpoint_format, and GPTQModel's per-module `dynamic` rules and
+    quantized `lm_head`: hf_int4.formats.gptq.ModuleRules); the arguments here only matter for
     checkpoints that carry no quantization config of their own. fuse_projections: on a GPU, run sibling
     projections that read the same input (q/k/v, gate/up) as one GEMM over their concatenated weights
     (hf_int4.fusion); False keeps one GEMM per layer.
@@ -33,6 +34,8 @@ class HfInt4Config(QuantizationConfigMixin):
         packed_dtype=None,
         packed_layout=None,
         fuse_projections: bool = True,
+        dynamic=None,
+        lm_head: bool = False,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -48,7 +51,9 @@ class HfInt4Config(QuantizationConfigMixin):
         self.packed_dtype = packed_dtype
         self.packed_layout = packed_layout
         self.fuse_projections = bool(fuse_projections)
-        self.gptq_config()  # validates the settings now, not at the first layer
+        self.dynamic = dict(dynamic) if dynamic else None
+        self.lm_head = bool(lm_head)
+        self.module_rules()  # validates the settings now, not at the first layer
         if weight_format not in ("gptq", "packed"):
             raise ValueError(f"HfInt4Config: weight_format must be 'gptq' or 'packed', got {weight_format!r}")
         if weight_format == "packed" and packed_layout != PACKED_LAYOUT:
@@ -72,9 +77,13 @@ class HfInt4Config(QuantizationConfigMixin):
             checkpoint_format=self.checkpoint_format,
         )
 
+    def module_rules(self) -> ModuleRules:
+        """The settings per module (`dynamic`, `lm_head`)."""
+        return ModuleRules(self.gptq_config(), self.dynamic, self.lm_head)
+
     @classmethod
     def from_gptq_dict(cls, gptq: dict, modules_to_not_convert=None, fuse_projections: bool = True) -> "HfInt4Config":
         """Take over a GPTQ checkpoint's quantization_config (as a dict)."""
         parsed = GPTQConfig.from_dict(gptq)
         return cls(**dataclasses.asdict(parsed), modules_to_not_convert=modules_to_not_convert,
-                   fuse_projections=fuse_projections)
+                   fuse_projections=fuse_projections, dynamic=gptq.get("dynamic"), lm_head=gptq.get("lm_head") or False)

@@ -12,10 +12,10 @@ from transformers.quantizers.auto import AutoHfQuantizer, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 
-from hf_int4.formats.gptq import GPTQFormatError, tensor_shapes
+from hf_int4.formats.gptq import GPTQFormatError, ModuleRules, is_excluded_module, tensor_shapes
 from hf_int4.fusion import HfInt4FusedLinear, fuse_sibling_projections
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
-from hf_int4.modules import HfInt4Linear, replace_linear_layers
+from hf_int4.modules import PACKED_PREFIX, HfInt4Linear, replace_linear_layers
 
 logger = logging.get_logger(__name__)
 
@@ -23,10 +23,6 @@ logger = logging.get_logger(__name__)
 @register_quantizer(QUANT_METHOD)
 class HfInt4Quantizer(HfQuantizer):
     requires_calibration = True  # we load GPTQ checkpoints; we do not quantize float weights
-
-    def __init__(self, quantization_config: HfInt4Config, **kwargs):
-        super().__init__(quantization_config, **kwargs)
-        self.modules_to_not_convert = []
 
     def update_dtype(self, dtype):
         config = self.quantization_config
@@ -41,14 +37,14 @@ class HfInt4Quantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, config.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
-        )
-        replace_linear_layers(
-            model, config.gptq_config(), self.modules_to_not_convert, dtype=model.dtype,
-            packed=config.weight_format == "packed",
-        )
-        check_checkpoint_tensors(model, kwargs.get("checkpoint_files"))
+        files = kwargs.get("checkpoint_files") or ()
+        shapes = tensor_shapes([p for p in files if str(p).endswith(".safetensors")])
+        skipped = self.get_modules_to_not_convert(model, config.modules_to_not_convert or [], keep_in_fp32_modules)
+        default_skips = self.get_modules_to_not_convert(model, [], add_default_skips=True)  # the output head, ...
+        tied = {key.removesuffix(".weight") for key in getattr(model, "all_tied_weights_keys", None) or {}}
+        settings = LayerSettings(config.module_rules(), shapes, skipped, default_skips, tied)
+        replace_linear_layers(model, settings, dtype=model.dtype, packed=config.weight_format == "packed")
+        check_checkpoint_tensors(model, shapes)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         layers = [m for m in model.modules() if isinstance(m, HfInt4Linear)]
@@ -84,14 +80,49 @@ class HfInt4Quantizer(HfQuantizer):
         return True
 
 
-def check_checkpoint_tensors(model, checkpoint_files):
-    """Before loading: every tensor each HfInt4Linear expects is in the checkpoint with its shape.
+class LayerSettings:
+    """The GPTQ settings each linear module loads with, None where it stays an nn.Linear.
+
+    The checkpoint's tensor names decide which modules are quantized where they are known (`shapes`, from the
+    safetensors headers): GPTQ or packed tensors under the module's name, quantized; a `weight`, float (optimum's
+    `modules_in_block_to_quantize` and GPTQModel's "-:" rules leave modules so). Where they are not (no headers,
+    or names that transformers renames on load) the config decides, and transformers' default skips (the output
+    head) stay float unless the config says the head is quantized (GPTQModel's lm_head). `skipped`: the caller's
+    modules_to_not_convert, always float. The settings themselves come from the rules (`dynamic`). A module
+    whose weight the model ties to another's (`tied`: an output head sharing the input embeddings) cannot be
+    quantized: refused, naming it."""
+
+    def __init__(self, rules: ModuleRules, shapes: dict, skipped, default_skips, tied=()):
+        self.rules, self.shapes, self.skipped, self.default_skips, self.tied = rules, shapes, skipped, default_skips, tied
+
+    def stored_quantized(self, name: str):
+        """True / False where the checkpoint holds the module quantized / in float, None where it does not say."""
+        if f"{name}.qweight" in self.shapes or f"{name}.{PACKED_PREFIX}qweight" in self.shapes:
+            return True
+        return False if f"{name}.weight" in self.shapes else None
+
+    def __call__(self, name: str):
+        if is_excluded_module(name, self.skipped):
+            return None
+        stored = self.stored_quantized(name)
+        if stored is False or (stored is None and is_excluded_module(name, self.default_skips) and not self.rules.lm_head):
+            return None
+        if name in self.tied:
+            if stored:
+                raise GPTQFormatError(f"layer {name}: the checkpoint holds it quantized, but the model ties its weight to "
+                                      "another module's (tie_word_embeddings=true); hf_int4 quantizes only an untied head")
+            return None
+        return self.rules.stored_config(name) if stored else self.rules.config_for(name)
+
+
+def check_checkpoint_tensors(model, shapes):
+    """Before loading: every tensor each HfInt4Linear expects is in the checkpoint (`shapes`, from the safetensors
+    headers) with its shape.
 
     transformers would otherwise leave a missing tensor uninitialised (a warning, then garbage output).
-    Reads only the safetensors headers. A layer none of whose tensors appear under its name is left to
-    transformers (its weight-renaming rules may map other names onto it). A missing g_idx is allowed:
-    finalize() derives it as k // group_size, as GPTQ readers do."""
-    shapes = tensor_shapes([p for p in checkpoint_files or () if str(p).endswith(".safetensors")])
+    A layer none of whose tensors appear under its name is left to transformers (its weight-renaming rules
+    may map other names onto it). A missing g_idx is allowed: finalize() derives it as k // group_size, as GPTQ
+    readers do."""
     if not shapes:
         return
     for name, module in model.named_modules():
