@@ -14,6 +14,13 @@ pytestmark = pytest.mark.skipif(
 CONFIGS = {
     "g128-sym-v1": GPTQConfig(group_size=128, sym=True),
     "g32-asym-act-v2": GPTQConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq_v2"),
+    "g64-dynamic-head": GPTQConfig(group_size=64, sym=True),
+}
+# GPTQModel's per-module settings: layer 0's o_proj float, layer 1's MLP at group 128 with zero points, the output
+# head quantized
+WRITER_ARGS = {
+    "g64-dynamic-head": dict(modules_to_not_convert=(), dynamic={
+        r"-:model\.layers\.0\.self_attn\.o_proj": {}, r"model\.layers\.1\.mlp\.": {"group_size": 128, "sym": False}}),
 }
 
 
@@ -23,7 +30,7 @@ def checkpoint(request, tmp_path_factory):
     # hidden 256 / intermediate 352: K = 352 is not a multiple of the kernel's tiles, N = 352 neither.
     model = LlamaForCausalLM(tiny_llama_config(hidden_size=256, intermediate_size=352))
     out = tmp_path_factory.mktemp("ckpt") / request.param
-    write_gptq_checkpoint(model, out, CONFIGS[request.param], progress=False)
+    write_gptq_checkpoint(model, out, CONFIGS[request.param], progress=False, **WRITER_ARGS.get(request.param, {}))
     return out
 
 
@@ -37,6 +44,7 @@ def _load(checkpoint, device, dtype, **config):
 def test_gpu_logits_match_cpu_reference(checkpoint, dtype):
     gpu = _load(checkpoint, "cuda", dtype)
     assert all(m.is_packed for m in gpu.modules() if isinstance(m, HfInt4Linear)), "kernels serve every layer"
+    assert isinstance(gpu.lm_head, HfInt4Linear) == (checkpoint.name in WRITER_ARGS)
     cpu = _load(checkpoint, "cpu", torch.float32)
     ids = torch.randint(0, 256, (3, 37), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
