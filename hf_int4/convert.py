@@ -82,6 +82,7 @@ def describe_checkpoint(checkpoint_dir) -> dict:
         "group_size": qc.get("group_size"),
         "sym": qc.get("sym"),
         "desc_act": qc.get("desc_act"),
+        "dynamic_rules": ", ".join(dict(qc.get("dynamic") or {})) or "none",  # GPTQModel's per-module settings
         "quantized_layers": layers,
         "tensors": tensors,
         "shards": len(files),

@@ -16,10 +16,13 @@ from hf_int4.formats.gptq_writer import tiny_llama_config, write_gptq_checkpoint
 from hf_int4.reference import dequantize_gptq
 
 BASE = GPTQConfig(group_size=64, sym=True, desc_act=False, checkpoint_format="gptq")
-# layer 0's o_proj stays float; layer 1's MLP: group 32, asymmetric, act-order; the rest: BASE
+# layer 0's o_proj stays float; layer 1's MLP: group 32, asymmetric, act-order; the rest of layer 1: group 128; the rest:
+# BASE. The first matching rule decides, and sorting the rules (as json.dump(sort_keys=True) would) puts layer 1's
+# rule before its MLP's.
 DYNAMIC = {
     r"-:model\.layers\.0\.self_attn\.o_proj": {},
     r"+:model\.layers\.1\.mlp\.": {"group_size": 32, "sym": False, "desc_act": True, "damp_percent": 0.05},
+    r"+:model\.layers\.1\.": {"group_size": 128},
 }
 
 
@@ -77,13 +80,15 @@ def test_dynamic_checkpoint_loads_each_module_with_its_settings_cpu(tmp_path):
     oracle, layers = _oracle(checkpoint)
     assert {n: l.config.group_size for n, l in layers.items() if ".1.mlp." in n} == {
         f"model.layers.1.mlp.{p}": 32 for p in ("gate_proj", "up_proj", "down_proj")}
+    assert layers["model.layers.1.self_attn.q_proj"].config.group_size == 128
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
     assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
     settings = _settings(model)
     assert set(settings) == set(layers)
     for name, got in settings.items():
-        want = (32, False, True) if name.startswith("model.layers.1.mlp.") else (64, True, False)
+        want = ((32, False, True) if name.startswith("model.layers.1.mlp.") else
+                (128, True, False) if name.startswith("model.layers.1.") else (64, True, False))
         assert got == want, name
     torch.testing.assert_close(_logits(model), _logits(oracle), rtol=1e-5, atol=1e-5)
 
@@ -142,7 +147,7 @@ def test_packed_checkpoints_keep_the_per_module_settings_cpu(tmp_path):
     assert cli(["repack", checkpoint, str(tmp_path / "repacked"), "--device", "cpu"]) == 0
     for packed in ("saved", "repacked"):
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / packed, dtype=torch.float16)
-        assert reloaded.config.quantization_config.dynamic == DYNAMIC, packed
+        assert reloaded.config.quantization_config.dynamic == [[p, v] for p, v in DYNAMIC.items()], packed
         assert type(reloaded.model.layers[0].self_attn.o_proj) is nn.Linear, packed
         assert isinstance(reloaded.lm_head, HfInt4Linear) and reloaded.lm_head.is_packed, packed
         assert _settings(reloaded) == _settings(model), packed
@@ -154,3 +159,11 @@ def test_quantized_head_of_a_tied_model_is_refused(tmp_path):
     checkpoint = _write(tmp_path, modules_to_not_convert=(), tie=True)
     with pytest.raises(GPTQFormatError, match=r"layer lm_head: the checkpoint holds it quantized, but the model ties"):
         AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())
+
+
+def test_inspect_names_the_rules(tmp_path, capsys):
+    checkpoint = _write(tmp_path, DYNAMIC)
+    assert cli(["inspect", checkpoint]) == 0
+    text = capsys.readouterr().out
+    # 2 layers x 7 linears, less layer 0's o_proj
+    assert "quantized_layers: 13" in text and f"dynamic_rules: {', '.join(DYNAMIC)}" in text

@@ -329,8 +329,8 @@ def write_gptq_checkpoint(
         if head is not None and any(m is head for n, m in model.named_modules() if f"{n}.qweight" in tensors):
             quantization_config["lm_head"] = True
         cfg["quantization_config"] = quantization_config
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True, default=str)
+        with open(os.path.join(tmp, "config.json"), "w") as f:  # unsorted: the dynamic rules' order decides
+            json.dump(cfg, f, indent=2, default=str)
         with open(os.path.join(tmp, "quantize_config.json"), "w") as f:
             json.dump(quantization_config, f, indent=2)
         gen_cfg = getattr(model, "generation_config", None)

@@ -51,7 +51,9 @@ class HfInt4Config(QuantizationConfigMixin):
         self.packed_dtype = packed_dtype
         self.packed_layout = packed_layout
         self.fuse_projections = bool(fuse_projections)
-        self.dynamic = dict(dynamic) if dynamic else None
+        # [pattern, settings] pairs, not a dict: transformers writes config.json with sorted keys, and the rules'
+        # order decides (the first match wins)
+        self.dynamic = [[p, dict(v)] for p, v in (dynamic.items() if isinstance(dynamic, dict) else dynamic)] if dynamic else None
         self.lm_head = bool(lm_head)
         self.module_rules()  # validates the settings now, not at the first layer
         if weight_format not in ("gptq", "packed"):
