@@ -42,6 +42,9 @@ def test_rule_with_unsupported_settings_names_the_layer_and_the_rule():
         rules.config_for("model.layers.0.mlp.down_proj")
     with pytest.raises(GPTQFormatError, match=r"dynamic rule '\(' is not a regular expression"):
         ModuleRules(BASE, {"(": {}})
+    with pytest.raises(GPTQFormatError, match=r"int32 words; quantization_config has pack_dtype='int16'"):
+        ModuleRules.from_dict({**BASE.to_dict(), "pack_dtype": "int16"})
+    assert ModuleRules.from_dict({**BASE.to_dict(), "pack_dtype": "int32"}).base == BASE
 
 
 def _write(tmp_path, dynamic=None, modules_to_not_convert=("lm_head",), tie=False, seed=0):

@@ -78,6 +78,10 @@ class GPTQConfig:
         method = d.get("quant_method", "gptq")
         if str(method).lower() != "gptq":
             raise GPTQFormatError(f"hf_int4 reads GPTQ checkpoints only; quantization_config has quant_method={method!r}")
+        pack_dtype = d.get("pack_dtype")  # GPTQModel: the word qweight / qzeros are packed into
+        if pack_dtype is not None and str(pack_dtype).removeprefix("torch.") != "int32":
+            raise GPTQFormatError(f"hf_int4 reads GPTQ tensors packed into int32 words; quantization_config has "
+                                  f"pack_dtype={pack_dtype!r}")
         fmt = d.get("checkpoint_format")
         alt = d.get("format")  # GPTQModel's name for the same setting
         if fmt is not None and alt is not None and str(fmt).lower() != str(alt).lower():
