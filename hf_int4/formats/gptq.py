@@ -123,26 +123,28 @@ class ModuleRules:
 
     The checkpoint's settings (`base`) hold for every module unless GPTQModel's `dynamic` rules say otherwise:
     {pattern: settings} (or [pattern, settings] pairs), tried in order; the first whose regular expression matches
-    the start of the module's name decides. "-:pattern": the module is not quantized; "+:pattern" or "pattern": its settings are `base`
-    with the rule's bits / group_size / sym / desc_act. `lm_head` (GPTQModel): the output head is quantized
-    too. Where a checkpoint's tensor names are known they say which modules hold GPTQ tensors (optimum's
-    `modules_in_block_to_quantize` leaves the others in float); these rules say with which settings."""
+    the start of the module's name decides. "-:pattern": the module is not quantized; "+:pattern" or "pattern":
+    its settings are `base` with the rule's bits / group_size / sym / desc_act. `lm_head` (GPTQModel): the output
+    head is quantized too. Where a checkpoint's tensor names are known they say which modules hold GPTQ tensors
+    (optimum's `modules_in_block_to_quantize` leaves the others in float); these rules say with which settings."""
 
     def __init__(self, base: GPTQConfig, dynamic: Optional[dict] = None, lm_head: bool = False):
         self.base, self.lm_head = base, bool(lm_head)
-        pairs = dynamic.items() if isinstance(dynamic, dict) else dynamic or ()
-        if not isinstance(pairs, (list, tuple, type({}.items()))) or not all(
+        pairs = list(dynamic.items()) if isinstance(dynamic, dict) else dynamic or []
+        if not isinstance(pairs, (list, tuple)) or not all(
                 isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
             raise GPTQFormatError(f"quantization_config dynamic={dynamic!r} must map module patterns to settings")
-        self._rules = []  # (pattern as written, compiled, settings or None for "-:")
+        self.pairs = []  # the rules as written, in order: [pattern, settings]
+        self._rules = []  # (pattern, compiled, settings or None for "-:")
         for pattern, settings in pairs:
-            negative = pattern.startswith("-:")
             if not isinstance(settings, dict):
                 raise GPTQFormatError(f"quantization_config dynamic rule {pattern!r} maps to {settings!r}, not to settings")
+            negative = pattern.startswith("-:")
             try:
                 regex = re.compile(pattern[2:] if negative or pattern.startswith("+:") else pattern)
             except re.error as exc:
                 raise GPTQFormatError(f"quantization_config dynamic rule {pattern!r} is not a regular expression: {exc}") from None
+            self.pairs.append([pattern, dict(settings)])
             self._rules.append((pattern, regex, None if negative else settings))
 
     @classmethod

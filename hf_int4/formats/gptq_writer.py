@@ -224,7 +224,6 @@ def random_gptq_layer(
 # ---------------------------------------------------------------------------------------------- writing
 
 
-@torch.no_grad()
 def quantized_linears(model: nn.Module, config: GPTQConfig, modules_to_not_convert=("lm_head",), dynamic=None) -> Dict[str, GPTQConfig]:
     """{name: settings} of the nn.Linear modules a checkpoint of `model` quantizes: those not excluded, with
     GPTQModel's `dynamic` rules applied (ModuleRules: "-:" leaves a module in float, others change its settings)."""
@@ -238,6 +237,7 @@ def quantized_linears(model: nn.Module, config: GPTQConfig, modules_to_not_conve
     return layers
 
 
+@torch.no_grad()
 def quantize_model_state(
     model: nn.Module,
     config: GPTQConfig,

@@ -51,11 +51,10 @@ class HfInt4Config(QuantizationConfigMixin):
         self.packed_dtype = packed_dtype
         self.packed_layout = packed_layout
         self.fuse_projections = bool(fuse_projections)
-        # [pattern, settings] pairs, not a dict: transformers writes config.json with sorted keys, and the rules'
-        # order decides (the first match wins)
-        self.dynamic = [[p, dict(v)] for p, v in (dynamic.items() if isinstance(dynamic, dict) else dynamic)] if dynamic else None
+        # The rules as [pattern, settings] pairs, not a dict: transformers writes config.json with sorted keys, and
+        # the rules' order decides (the first match wins). Settings and rules are validated now, not at the first layer.
+        self.dynamic = ModuleRules(self.gptq_config(), dynamic).pairs or None
         self.lm_head = bool(lm_head)
-        self.module_rules()  # validates the settings now, not at the first layer
         if weight_format not in ("gptq", "packed"):
             raise ValueError(f"HfInt4Config: weight_format must be 'gptq' or 'packed', got {weight_format!r}")
         if weight_format == "packed" and packed_layout != PACKED_LAYOUT:
