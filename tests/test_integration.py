@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import hf_int4
 from hf_int4 import GPTQConfig, GPTQFormatError, HfInt4Config, HfInt4Linear
-from hf_int4.formats.gptq import read_gptq_checkpoint
 from hf_int4.formats.gptq_writer import tiny_llama_config, write_gptq_checkpoint
 from hf_int4.reference import dequantize_gptq
+from model_oracle import dequantized_float_model
 
 VARIANTS = [
     GPTQConfig(group_size=128, sym=True, desc_act=False, checkpoint_format="gptq"),
@@ -28,24 +28,13 @@ def _write_tiny(tmp_path, config, seed=0):
     return out
 
 
-def _dequantized_float_model(checkpoint):
-    """The oracle: the same Llama with every quantized layer's fp32 dequantized weight (from the GPTQ tensors)."""
-    _, layers, others = read_gptq_checkpoint(checkpoint)
-    state = dict(others)
-    for name, layer in layers.items():
-        state[name + ".weight"] = dequantize_gptq(layer).t().contiguous()
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.load_state_dict(state, strict=True)
-    return model.eval(), layers
-
-
 @pytest.mark.parametrize("config", VARIANTS, ids=lambda c: f"g{c.group_size}-sym{c.sym}-act{c.desc_act}-{c.checkpoint_format}")
 def test_from_pretrained_matches_dequantized_model_cpu(tmp_path, config):
     checkpoint = _write_tiny(tmp_path, config)
     with pytest.warns(UserWarning, match="reference path"):
         hf_int4._extension.warn_reference_path_once.cache_clear()
         model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
-    oracle, layers = _dequantized_float_model(checkpoint)
+    oracle, layers = dequantized_float_model(checkpoint)
 
     swapped = {n for n, m in model.named_modules() if isinstance(m, HfInt4Linear)}
     assert swapped == set(layers), "every quantized layer (and nothing else) becomes an HfInt4Linear"
@@ -64,7 +53,7 @@ def test_from_pretrained_matches_dequantized_model_cpu(tmp_path, config):
 def test_generate_cpu(tmp_path):
     checkpoint = _write_tiny(tmp_path, VARIANTS[1])
     model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
-    oracle, _ = _dequantized_float_model(checkpoint)
+    oracle, _ = dequantized_float_model(checkpoint)
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, **kwargs), oracle.generate(ids, **kwargs))
@@ -146,7 +135,7 @@ def test_missing_g_idx_is_derived(tmp_path):
     checkpoint = _write_tiny(tmp_path, VARIANTS[0])  # no act-order: g_idx is k // group_size
     _rewrite_checkpoint(checkpoint, lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".g_idx")]])
     model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
-    oracle, _ = _dequantized_float_model(_write_tiny(tmp_path / "again", VARIANTS[0]))
+    oracle, _ = dequantized_float_model(_write_tiny(tmp_path / "again", VARIANTS[0]))
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from hf_int4 import GPTQConfig, GPTQFormatError, HfInt4Config, HfInt4Linear
 from hf_int4.cli import main as cli
 from hf_int4.formats import ModuleRules, read_gptq_checkpoint
 from hf_int4.formats.gptq_writer import tiny_llama_config, write_gptq_checkpoint
-from hf_int4.reference import dequantize_gptq
+from model_oracle import dequantized_float_model
 
 BASE = GPTQConfig(group_size=64, sym=True, desc_act=False, checkpoint_format="gptq")
 # layer 0's o_proj stays float; layer 1's MLP: group 32, asymmetric, act-order; the rest of layer 1: group 128; the rest:
@@ -54,17 +54,6 @@ def _write(tmp_path, dynamic=None, modules_to_not_convert=("lm_head",), tie=Fals
                                  modules_to_not_convert=modules_to_not_convert, progress=False)
 
 
-def _oracle(checkpoint):
-    """The float model whose quantized layers hold their fp32 dequantized weights, from the unpacked GPTQ tensors."""
-    _, layers, others = read_gptq_checkpoint(checkpoint)
-    state = dict(others)
-    for name, layer in layers.items():
-        state[name + ".weight"] = dequantize_gptq(layer).t().contiguous()
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.load_state_dict(state, strict=True)
-    return model.eval(), layers
-
-
 def _logits(model, seed=1):
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -80,7 +69,7 @@ def test_dynamic_checkpoint_loads_each_module_with_its_settings_cpu(tmp_path):
     checkpoint = _write(tmp_path, DYNAMIC)
     qc = json.load(open(os.path.join(checkpoint, "config.json")))["quantization_config"]
     assert qc["dynamic"] == DYNAMIC and "lm_head" not in qc
-    oracle, layers = _oracle(checkpoint)
+    oracle, layers = dequantized_float_model(checkpoint)
     assert {n: l.config.group_size for n, l in layers.items() if ".1.mlp." in n} == {
         f"model.layers.1.mlp.{p}": 32 for p in ("gate_proj", "up_proj", "down_proj")}
     assert layers["model.layers.1.self_attn.q_proj"].config.group_size == 128
@@ -102,7 +91,7 @@ def test_modules_the_checkpoint_left_in_float_stay_float_cpu(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
     assert type(model.model.layers[1].self_attn.k_proj) is nn.Linear
     assert isinstance(model.model.layers[0].self_attn.k_proj, HfInt4Linear)
-    oracle, _ = _oracle(checkpoint)
+    oracle, _ = dequantized_float_model(checkpoint)
     torch.testing.assert_close(_logits(model), _logits(oracle), rtol=1e-5, atol=1e-5)
 
 
@@ -111,7 +100,7 @@ def test_quantized_lm_head_is_loaded_quantized_cpu(tmp_path):
     assert json.load(open(os.path.join(checkpoint, "config.json")))["quantization_config"]["lm_head"] is True
     model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
     assert isinstance(model.lm_head, HfInt4Linear)
-    oracle, layers = _oracle(checkpoint)
+    oracle, layers = dequantized_float_model(checkpoint)
     assert "lm_head" in layers
     torch.testing.assert_close(_logits(model), _logits(oracle), rtol=1e-5, atol=1e-5)
 
