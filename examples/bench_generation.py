@@ -22,6 +22,8 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   int4_pdl; int4_pdl's speedup is against fp16_pdl, fp16_pdl's against fp16.
 - `--unfused`: also the int4 checkpoint loaded with `HfInt4Config(fuse_projections=False)` (one GEMM per
   q/k/v/gate/up layer instead of one per group, hf_int4.fusion), timed beside the others.
+- `--quantized-head`: also a second checkpoint whose output head (128256 x 4096, 1 GiB in fp16) is quantized too,
+  as GPTQModel writes with `lm_head=True`, timed as int4_head.
 """
 import argparse
 import json
@@ -54,15 +56,20 @@ LLAMA3_8B = dict(
 )
 
 
-def make_models(workdir: str, layers: int, unfused: bool):
-    """({name: model} on the GPU: fp16, int4 [, int4_unfused]), seconds to load the int4 checkpoint."""
+def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool):
+    """({name: model} on the GPU: fp16, int4 [, int4_unfused] [, int4_head]), seconds to load the int4 checkpoint."""
     config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
     torch.manual_seed(0)
     with torch.device("cuda"):
         fp16 = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
-    checkpoint = os.path.join(workdir, f"llama3-8b-shaped-{layers}l-random-gptq-g128")
-    # Written every run: the weights are random, so a stale directory would belong to another model.
-    write_gptq_checkpoint(fp16, checkpoint, GPTQConfig(group_size=128), max_shard_size="4GB", overwrite=True)
+
+    def write(suffix, **options):
+        path = os.path.join(workdir, f"llama3-8b-shaped-{layers}l-random-gptq-g128{suffix}")
+        # Written every run: the weights are random, so a stale directory would belong to another model.
+        write_gptq_checkpoint(fp16, path, GPTQConfig(group_size=128), max_shard_size="4GB", overwrite=True, **options)
+        return path
+
+    checkpoint = write("")
     torch.cuda.synchronize()
     start = time.perf_counter()
     models = {"fp16": fp16, "int4": load_int4(checkpoint)}
@@ -70,6 +77,8 @@ def make_models(workdir: str, layers: int, unfused: bool):
     load_seconds = time.perf_counter() - start
     if unfused:
         models["int4_unfused"] = load_int4(checkpoint, fuse_projections=False)
+    if quantized_head:
+        models["int4_head"] = load_int4(write("-head", modules_to_not_convert=()))
     for model in models.values():
         # Random weights emit any token; never stop early, so every run decodes exactly what it asks for.
         model.generation_config.eos_token_id = None
@@ -212,6 +221,8 @@ def main():
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3-8B)")
     parser.add_argument("--workdir", default="out")
     parser.add_argument("--unfused", action="store_true", help="also time int4 without fused projections")
+    parser.add_argument("--quantized-head", action="store_true",
+                        help="also time a checkpoint whose output head is quantized too (GPTQModel's lm_head=True)")
     parser.add_argument("--pdl", action="store_true",
                         help="also time the decode steps compiled with inductor's programmatic dependent launch")
     parser.add_argument("--json")
@@ -219,7 +230,7 @@ def main():
     if not torch.cuda.is_available() or not hf_int4.extension_available():
         sys.exit("bench_generation needs a CUDA GPU and the built hf_int4 extension")
 
-    models, load_seconds = make_models(args.workdir, args.layers, args.unfused)
+    models, load_seconds = make_models(args.workdir, args.layers, args.unfused, args.quantized_head)
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -264,7 +275,8 @@ def main():
     # is divided by its baseline and stored under its speedup key (the keys of earlier result files):
     # name -> (speedup key, baseline).
     steps = {name: (model, compiled_decode_step(model)) for name, model in models.items()}
-    speedup_of = {"int4": ("speedup", "fp16"), "int4_unfused": ("speedup_unfused", "fp16")}
+    speedup_of = {"int4": ("speedup", "fp16"), "int4_unfused": ("speedup_unfused", "fp16"),
+                  "int4_head": ("speedup_head", "fp16")}
     if args.pdl:
         torch._dynamo.config.recompile_limit = 64  # one step function, compiled per model, batch and option set
         steps.update({f"{name}_pdl": (models[name], compiled_decode_step(models[name], pdl=True)) for name in ("fp16", "int4")})
