@@ -103,6 +103,9 @@ def test_quantized_lm_head_is_loaded_quantized_cpu(tmp_path):
     oracle, layers = dequantized_float_model(checkpoint)
     assert "lm_head" in layers
     torch.testing.assert_close(_logits(model), _logits(oracle), rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), oracle.generate(ids, **kwargs))
 
 
 def test_negative_rule_against_quantized_tensors_is_refused(tmp_path):
