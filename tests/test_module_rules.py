@@ -162,3 +162,11 @@ def test_inspect_names_the_rules(tmp_path, capsys):
     text = capsys.readouterr().out
     # 2 layers x 7 linears, less layer 0's o_proj
     assert "quantized_layers: 13" in text and f"dynamic_rules: {', '.join(DYNAMIC)}" in text
+
+
+def test_keeping_a_quantized_module_float_is_refused(tmp_path):
+    """modules_to_not_convert on a module the checkpoint holds quantized would leave it with no weights."""
+    checkpoint = _write(tmp_path)
+    with pytest.raises(GPTQFormatError, match=r"layer model\.layers\.0\.self_attn\.o_proj: the checkpoint holds it "
+                                              r"quantized, but modules_to_not_convert .*keeps it float"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(modules_to_not_convert=["o_proj"]))

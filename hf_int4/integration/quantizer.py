@@ -88,7 +88,7 @@ class LayerSettings:
     `modules_in_block_to_quantize` and GPTQModel's "-:" rules leave modules so). Where they are not (no headers,
     or names that transformers renames on load) the config decides, and transformers' default skips (the output
     head) stay float unless the config says the head is quantized (GPTQModel's lm_head). `skipped`: the caller's
-    modules_to_not_convert, always float. The settings themselves come from the rules (`dynamic`). A module
+    modules_to_not_convert, always float (refused where the checkpoint holds them quantized). The settings themselves come from the rules (`dynamic`). A module
     whose weight the model ties to another's (`tied`: an output head sharing the input embeddings) cannot be
     quantized: refused, naming it."""
 
@@ -102,9 +102,12 @@ class LayerSettings:
         return False if f"{name}.weight" in self.shapes else None
 
     def __call__(self, name: str):
-        if is_excluded_module(name, self.skipped):
-            return None
         stored = self.stored_quantized(name)
+        if is_excluded_module(name, self.skipped):
+            if stored:  # a float module would load nothing of it
+                raise GPTQFormatError(f"layer {name}: the checkpoint holds it quantized, but modules_to_not_convert "
+                                      f"(or the model's keep_in_fp32_modules) keeps it float: {sorted(self.skipped)}")
+            return None
         if stored is False or (stored is None and is_excluded_module(name, self.default_skips) and not self.rules.lm_head):
             return None
         if name in self.tied:
