@@ -45,6 +45,7 @@ class HfInt4Quantizer(HfQuantizer):
         settings = LayerSettings(config.module_rules(), shapes, skipped, default_skips, tied)
         replace_linear_layers(model, settings, dtype=model.dtype, packed=config.weight_format == "packed")
         check_checkpoint_tensors(model, shapes)
+        check_no_quantized_fused_experts(model, shapes)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         layers = [m for m in model.modules() if isinstance(m, HfInt4Linear)]
@@ -147,6 +148,22 @@ def check_checkpoint_tensors(model, shapes):
                     f"in_features={module.in_features}, out_features={module.out_features}, "
                     f"group_size={cfg.group_size}"
                 )
+
+
+def check_no_quantized_fused_experts(model, shapes):
+    """Before loading: no quantized MoE expert layer that no HfInt4Linear takes.
+
+    transformers 5 holds the experts of MoE models (Mixtral, Qwen-MoE, ...) fused, one 3-D parameter per projection
+    instead of an nn.Linear per expert; GPTQ checkpoints hold one quantized linear per expert. transformers would report
+    their tensors unexpected and initialise the fused experts at random (a model that runs and answers garbage)."""
+    taken = {name for name, module in model.named_modules() if isinstance(module, HfInt4Linear)}
+    for key in shapes:
+        prefix, _, suffix = key.rpartition(".")
+        if suffix in ("qweight", PACKED_PREFIX + "qweight") and ".experts." in f".{prefix}." and prefix not in taken:
+            raise GPTQFormatError(
+                f"layer {prefix}: the checkpoint holds quantized MoE experts, one linear layer each, but this model "
+                f"({type(model).__name__}) holds its experts fused; hf_int4 does not load quantized fused experts"
+            )
 
 
 _transformers_merge = AutoHfQuantizer.merge_quantization_configs.__func__
