@@ -16,7 +16,7 @@ from hf_int4.formats.gptq import (
     tensor_shapes,
 )
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
-from hf_int4.modules import PACKED_PREFIX, pack_for_module, packed_state_dict
+from hf_int4.modules import pack_for_module, packed_state_dict, quantized_layer_names
 
 WEIGHT_FILES = ("config.json", "quantize_config.json", "model.safetensors.index.json")
 
@@ -34,7 +34,7 @@ def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=F
     rules = ModuleRules.from_dict(quantization_config)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and _extension.extension_available() else "cpu"
-    total = sum(key.endswith(".qweight") for key in tensor_shapes(safetensors_files(src)))
+    total = len(quantized_layer_names(tensor_shapes(safetensors_files(src))))
     with atomic_output_dir(dst, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         bar = tqdm(total=total, desc="hf-int4 repack", unit="layer", disable=not progress)
@@ -71,7 +71,7 @@ def describe_checkpoint(checkpoint_dir) -> dict:
     files = safetensors_files(checkpoint_dir)
     keys = tensor_shapes(files)
     tensors = len(keys)
-    layers = sum(k.endswith((".qweight", f".{PACKED_PREFIX}qweight")) for k in keys)
+    layers = len(quantized_layer_names(keys))
     method = qc.get("quant_method", "none")
     return {
         "path": os.path.abspath(checkpoint_dir),

@@ -23,6 +23,12 @@ GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 PACKED_PREFIX = "int4_"
 
 
+def quantized_layer_names(keys) -> set:
+    """The layers a checkpoint's (or state dict's) tensor names hold quantized, in the GPTQ or the packed form."""
+    return {prefix for prefix, _, suffix in (key.rpartition(".") for key in keys)
+            if suffix in ("qweight", PACKED_PREFIX + "qweight")}
+
+
 def pack_for_module(layer: GPTQLayer, dtype: torch.dtype) -> PackedInt4Weight:
     """pack_gptq_layer, keeping an (identity) perm for every act-order layer: the buffers a layer has
     then follow from its config alone, which loading a packed checkpoint needs."""

@@ -15,7 +15,7 @@ from transformers.utils import logging
 from hf_int4.formats.gptq import GPTQFormatError, ModuleRules, is_excluded_module, tensor_shapes
 from hf_int4.fusion import HfInt4FusedLinear, fuse_sibling_projections
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
-from hf_int4.modules import PACKED_PREFIX, HfInt4Linear, replace_linear_layers
+from hf_int4.modules import HfInt4Linear, quantized_layer_names, replace_linear_layers
 
 logger = logging.get_logger(__name__)
 
@@ -43,9 +43,9 @@ class HfInt4Quantizer(HfQuantizer):
         default_skips = self.get_modules_to_not_convert(model, [], add_default_skips=True)  # the output head, ...
         tied = {key.removesuffix(".weight") for key in getattr(model, "all_tied_weights_keys", None) or {}}
         settings = LayerSettings(config.module_rules(), shapes, skipped, default_skips, tied)
-        replace_linear_layers(model, settings, dtype=model.dtype, packed=config.weight_format == "packed")
+        swapped = replace_linear_layers(model, settings, dtype=model.dtype, packed=config.weight_format == "packed")
         check_checkpoint_tensors(model, shapes)
-        check_no_quantized_fused_experts(model, shapes)
+        check_no_quantized_fused_experts(model, settings.quantized - set(swapped))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         layers = [m for m in model.modules() if isinstance(m, HfInt4Linear)]
@@ -95,10 +95,11 @@ class LayerSettings:
 
     def __init__(self, rules: ModuleRules, shapes: dict, skipped, default_skips, tied=()):
         self.rules, self.shapes, self.skipped, self.default_skips, self.tied = rules, shapes, skipped, default_skips, tied
+        self.quantized = quantized_layer_names(shapes)  # the layers the checkpoint holds quantized
 
     def stored_quantized(self, name: str):
         """True / False where the checkpoint holds the module quantized / in float, None where it does not say."""
-        if f"{name}.qweight" in self.shapes or f"{name}.{PACKED_PREFIX}qweight" in self.shapes:
+        if name in self.quantized:
             return True
         return False if f"{name}.weight" in self.shapes else None
 
@@ -150,16 +151,15 @@ def check_checkpoint_tensors(model, shapes):
                 )
 
 
-def check_no_quantized_fused_experts(model, shapes):
-    """Before loading: no quantized MoE expert layer that no HfInt4Linear takes.
+def check_no_quantized_fused_experts(model, untaken):
+    """Before loading: no quantized MoE expert layer among the checkpoint's quantized layers that no HfInt4Linear
+    takes (`untaken`).
 
     transformers 5 holds the experts of MoE models (Mixtral, Qwen-MoE, ...) fused, one 3-D parameter per projection
     instead of an nn.Linear per expert; GPTQ checkpoints hold one quantized linear per expert. transformers would report
     their tensors unexpected and initialise the fused experts at random (a model that runs and answers garbage)."""
-    taken = {name for name, module in model.named_modules() if isinstance(module, HfInt4Linear)}
-    for key in shapes:
-        prefix, _, suffix = key.rpartition(".")
-        if suffix in ("qweight", PACKED_PREFIX + "qweight") and ".experts." in f".{prefix}." and prefix not in taken:
+    for prefix in sorted(untaken):
+        if ".experts." in f".{prefix}.":
             raise GPTQFormatError(
                 f"layer {prefix}: the checkpoint holds quantized MoE experts, one linear layer each, but this model "
                 f"({type(model).__name__}) holds its experts fused; hf_int4 does not load quantized fused experts"
