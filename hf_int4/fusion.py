@@ -21,8 +21,9 @@ from hf_int4.dispatch import logger
 from hf_int4.modules import PACKED_PREFIX, HfInt4Linear
 from hf_int4.packing import PackedInt4Weight, padded_sizes
 
-# Children of one module that transformers' models call on the same input, in call order.
-SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Children of one module that transformers' models (and hf_int4.experts) call on the same input, in call order;
+# w1 / w3: Mixtral's expert gate / up.
+SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 FUSED_PREFIX = "int4_fused_"
 
 

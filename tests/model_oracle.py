@@ -17,3 +17,27 @@ def dequantized_float_model(checkpoint, config=None):
     model = LlamaForCausalLM(config or tiny_llama_config())
     model.load_state_dict(state, strict=True)
     return model.eval(), layers
+
+
+def dequantized_float_checkpoint(checkpoint, out_dir):
+    """A float checkpoint of any model (MoE included): the GPTQ checkpoint's quantized layers as the fp32 weights
+    their tensors stand for, under the checkpoint's own names, every other tensor as it holds it, its config without
+    quantization. transformers loads it as it loads the original float checkpoint (merging per-expert weights into
+    its fused experts by its own conversion mapping), so the oracle shares no code with hf_int4's model path."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    _, layers, others = read_gptq_checkpoint(checkpoint)
+    state = dict(others)
+    for name, layer in layers.items():
+        state[name + ".weight"] = dequantize_gptq(layer).t().contiguous()
+    os.makedirs(out_dir)
+    save_file(state, os.path.join(out_dir, "model.safetensors"))
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    return out_dir

@@ -1,5 +1,4 @@
 """transformers integration: a GPTQ checkpoint loaded with HfInt4Config computes the dequantized model."""
-import itertools
 import json
 import os
 
@@ -187,27 +186,3 @@ def test_dtype_conversion_keeps_asymmetric_packed_layers_right():
         layer.float()
     assert layer.int4_zeros.dtype == torch.float16 and torch.equal(layer.int4_zeros, zeros)
 
-
-def test_quantized_moe_experts_that_the_model_holds_fused_are_refused(tmp_path):
-    """transformers 5's Mixtral holds its experts as fused 3-D parameters; a GPTQ checkpoint holds one quantized
-    linear per expert, which would otherwise be dropped as unexpected, leaving the experts random."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    from hf_int4.formats.gptq_writer import random_gptq_layer
-
-    config = MixtralConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=128, num_local_experts=2, num_experts_per_tok=1,
-                           tie_word_embeddings=False)
-    checkpoint = write_gptq_checkpoint(MixtralForCausalLM(config), str(tmp_path / "moe"), VARIANTS[0], progress=False)
-    layer, _ = random_gptq_layer(128, 128, VARIANTS[0], seed=0)
-
-    def quantize_experts(tensors):
-        for key in [k for k in tensors if ".experts." in k]:
-            tensors.pop(key)
-        for e, w, name in itertools.product(range(2), ("w1", "w2", "w3"), ("qweight", "qzeros", "scales", "g_idx")):
-            tensors[f"model.layers.0.block_sparse_moe.experts.{e}.{w}.{name}"] = getattr(layer, name).clone()
-
-    _rewrite_checkpoint(checkpoint, quantize_experts)
-    with pytest.raises(GPTQFormatError, match=r"layer model\.layers\.0\.block_sparse_moe\.experts\.0\.w1: the "
-                                              r"checkpoint holds quantized MoE experts.*MixtralForCausalLM"):
-        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())

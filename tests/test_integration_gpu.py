@@ -118,3 +118,31 @@ def test_device_map_auto_across_two_gpus(checkpoint):
         got = model(ids.to("cuda:0")).logits.float().cpu()
         want = cpu(ids).logits
     assert ((got - want).norm() / want.norm()).item() < 5e-3
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_gpu_moe_matches_cpu_reference(kind, tmp_path):
+    """Quantized MoE experts (hf_int4.experts) on the kernels, each expert's gate and up as one GEMM. Every token is
+    routed to every expert (top-k = E), so fp16 rounding cannot change which experts a token meets."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  tie_word_embeddings=False)
+    if kind == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            intermediate_size=352, num_local_experts=4, num_experts_per_tok=4, **common))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            intermediate_size=352, moe_intermediate_size=192, num_experts=4, num_experts_per_tok=4, **common))
+    checkpoint = write_gptq_checkpoint(model, tmp_path / kind, GPTQConfig(group_size=64, sym=False), progress=False)
+    gpu = _load(checkpoint, "cuda", torch.float16)
+    fused = [m for m in gpu.modules() if isinstance(m, HfInt4FusedLinear)]
+    assert len(fused) == 2 * (1 + 4), "q/k/v and every expert's gate/up, in both layers"
+    cpu = _load(checkpoint, "cpu", torch.float32)
+    for rows in (1, 37):
+        ids = torch.randint(0, 256, (2, rows), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            got = gpu(ids.cuda()).logits.float().cpu()
+            want = cpu(ids).logits
+        assert ((got - want).norm() / want.norm()).item() < 5e-3

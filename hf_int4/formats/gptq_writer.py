@@ -226,12 +226,15 @@ def random_gptq_layer(
 
 def quantized_linears(model: nn.Module, config: GPTQConfig, modules_to_not_convert=("lm_head",), dynamic=None) -> Dict[str, GPTQConfig]:
     """{name: settings} of the nn.Linear modules a checkpoint of `model` quantizes: those not excluded, with
-    GPTQModel's `dynamic` rules applied (ModuleRules: "-:" leaves a module in float, others change its settings)."""
-    rules = ModuleRules(config, dynamic)
+    GPTQModel's `dynamic` rules applied (ModuleRules: "-:" leaves a module in float, others change its settings) to
+    the names the checkpoint gives them."""
+    from hf_int4.formats.names import saved_layer_name
+
+    rules, saved_name = ModuleRules(config, dynamic), saved_layer_name(model)
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not is_excluded_module(name, modules_to_not_convert):
-            settings = rules.config_for(name)
+            settings = rules.config_for(saved_name(name))
             if settings is not None:
                 layers[name] = settings
     return layers
@@ -248,12 +251,18 @@ def quantize_model_state(
     progress: bool = True,
     calibration: Optional[Sequence[torch.Tensor]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """The checkpoint's tensors: every nn.Linear of quantized_linears as GPTQ tensors, the rest as they are.
+    """The checkpoint's tensors: every nn.Linear of quantized_linears as GPTQ tensors, the rest as they are, named
+    as transformers saves them (its conversion mapping reverted, e.g. Mixtral's `mlp` -> `block_sparse_moe`).
 
     With `calibration` (token-id tensors) the weights are chosen by GPTQ (gptq_solver) from the
-    Hessians of those inputs, else rounded to nearest."""
+    Hessians of those inputs, else rounded to nearest. An MoE model's fused experts are split in place into one
+    nn.Linear per expert and projection (hf_int4.experts; the model computes the same), as GPTQ checkpoints hold them."""
     from tqdm.auto import tqdm
+    from transformers.core_model_loading import revert_weight_conversion
 
+    from hf_int4.experts import split_float_experts
+
+    split_float_experts(model)
     gen = torch.Generator().manual_seed(seed)
     layers = quantized_linears(model, config, modules_to_not_convert, dynamic)
     modules = dict(model.named_modules())
@@ -285,7 +294,7 @@ def quantize_model_state(
             continue
         seen.add(ident)
         out[key] = t.detach().cpu().contiguous()
-    return out
+    return revert_weight_conversion(model, out)
 
 
 def write_gptq_checkpoint(

@@ -12,7 +12,9 @@ from transformers.quantizers.auto import AutoHfQuantizer, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 
+from hf_int4.experts import split_quantized_experts
 from hf_int4.formats.gptq import GPTQFormatError, ModuleRules, is_excluded_module, tensor_shapes
+from hf_int4.formats.names import names_as_loaded
 from hf_int4.fusion import HfInt4FusedLinear, fuse_sibling_projections
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
 from hf_int4.modules import HfInt4Linear, quantized_layer_names, replace_linear_layers
@@ -38,16 +40,21 @@ class HfInt4Quantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
         files = kwargs.get("checkpoint_files") or ()
-        shapes = tensor_shapes([p for p in files if str(p).endswith(".safetensors")])
+        stored = tensor_shapes([p for p in files if str(p).endswith(".safetensors")])
+        checkpoint_names = names_as_loaded(model, stored, self)
+        shapes = {loaded: stored[name] for loaded, name in checkpoint_names.items()}
         skipped = self.get_modules_to_not_convert(model, config.modules_to_not_convert or [], keep_in_fp32_modules)
         default_skips = self.get_modules_to_not_convert(model, [], add_default_skips=True)  # the output head, ...
         tied = {key.removesuffix(".weight") for key in getattr(model, "all_tied_weights_keys", None) or {}}
-        settings = LayerSettings(config.module_rules(), shapes, skipped, default_skips, tied)
+        settings = LayerSettings(config.module_rules(), shapes, skipped, default_skips, tied, checkpoint_names)
+        split_quantized_experts(model, settings.quantized, shapes)
         swapped = replace_linear_layers(model, settings, dtype=model.dtype, packed=config.weight_format == "packed")
         check_checkpoint_tensors(model, shapes)
-        check_no_quantized_fused_experts(model, settings.quantized - set(swapped))
+        check_every_quantized_expert_taken(model, settings.quantized - set(swapped))
+        self.renamed = [loaded for loaded, name in checkpoint_names.items() if loaded != name]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        cast_renamed_float_parameters(model, getattr(self, "renamed", ()))
         layers = [m for m in model.modules() if isinstance(m, HfInt4Linear)]
         for module in tqdm(layers, desc="hf_int4: packing layers", disable=len(layers) < 8, leave=False):
             module.finalize()
@@ -93,9 +100,12 @@ class LayerSettings:
     whose weight the model ties to another's (`tied`: an output head sharing the input embeddings) cannot be
     quantized: refused, naming it."""
 
-    def __init__(self, rules: ModuleRules, shapes: dict, skipped, default_skips, tied=()):
+    def __init__(self, rules: ModuleRules, shapes: dict, skipped, default_skips, tied=(), checkpoint_names=None):
         self.rules, self.shapes, self.skipped, self.default_skips, self.tied = rules, shapes, skipped, default_skips, tied
         self.quantized = quantized_layer_names(shapes)  # the layers the checkpoint holds quantized
+        # The rules match the names the checkpoint was written with, which transformers may rename on load.
+        self.original = {loaded.rpartition(".")[0]: name.rpartition(".")[0]
+                         for loaded, name in (checkpoint_names or {}).items() if loaded != name}
 
     def stored_quantized(self, name: str):
         """True / False where the checkpoint holds the module quantized / in float, None where it does not say."""
@@ -117,7 +127,23 @@ class LayerSettings:
                 raise GPTQFormatError(f"layer {name}: the checkpoint holds it quantized, but the model ties its weight to "
                                       "another module's (tie_word_embeddings=true); hf_int4 quantizes only an untied head")
             return None
+        name = self.original.get(name, name)
         return self.rules.stored_config(name) if stored else self.rules.config_for(name)
+
+
+def cast_renamed_float_parameters(model, names):
+    """After loading: the float parameters among `names` (checkpoint tensors transformers renamed on load) in the
+    model's dtype. transformers 5.17 loads a pre-quantized checkpoint's renamed tensors in their stored dtype (taking
+    the renaming for a deserialisation), e.g. Mixtral's router (block_sparse_moe.gate -> mlp.gate): in a float32
+    checkpoint loaded as float16 it stays float32 and the first call fails. 5.25 casts them itself."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    params = dict(model.named_parameters())
+    for name in names:
+        param = params.get(name)
+        if (param is not None and param.is_floating_point() and param.dtype != model.dtype
+                and not any(module in name for module in keep)):
+            param.data = param.data.to(model.dtype)
 
 
 def check_checkpoint_tensors(model, shapes):
@@ -151,18 +177,16 @@ def check_checkpoint_tensors(model, shapes):
                 )
 
 
-def check_no_quantized_fused_experts(model, untaken):
+def check_every_quantized_expert_taken(model, untaken):
     """Before loading: no quantized MoE expert layer among the checkpoint's quantized layers that no HfInt4Linear
-    takes (`untaken`).
-
-    transformers 5 holds the experts of MoE models (Mixtral, Qwen-MoE, ...) fused, one 3-D parameter per projection
-    instead of an nn.Linear per expert; GPTQ checkpoints hold one quantized linear per expert. transformers would report
-    their tensors unexpected and initialise the fused experts at random (a model that runs and answers garbage)."""
+    takes (`untaken`): transformers would report their tensors unexpected and leave the experts at random (a model
+    that runs and answers garbage). split_quantized_experts has made a linear per expert where the model holds its
+    experts fused; what is left has names no module of the model has."""
     for prefix in sorted(untaken):
         if ".experts." in f".{prefix}.":
             raise GPTQFormatError(
-                f"layer {prefix}: the checkpoint holds quantized MoE experts, one linear layer each, but this model "
-                f"({type(model).__name__}) holds its experts fused; hf_int4 does not load quantized fused experts"
+                f"layer {prefix}: the checkpoint holds quantized MoE experts, but no linear layer of this model "
+                f"({type(model).__name__}) has that name"
             )
 
 
