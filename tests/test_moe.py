@@ -91,9 +91,9 @@ def test_moe_checkpoint_matches_dequantized_float_model_cpu(tmp_path, kind, vari
     model = _load(checkpoint)
     experts = [m for m in model.modules() if isinstance(m, SequentialExperts)]
     assert len(experts) == (1 if kind == "qwen2_moe" else 2)
-    assert all(isinstance(linear, HfInt4Linear) for e in experts for linear in e.modules() if linear is not e
-               and isinstance(linear, torch.nn.Linear | HfInt4Linear))
-    assert sum(isinstance(m, HfInt4Linear) for m in experts[0].modules()) == 3 * experts[0].num_experts
+    for block in experts:  # every expert's three linears quantized, none left float
+        assert sum(isinstance(m, HfInt4Linear) for m in block.modules()) == 3 * block.num_experts
+        assert not any(isinstance(m, torch.nn.Linear) for m in block.modules())
     _close(_logits(model), _logits(_oracle(tmp_path, checkpoint)))
 
 
@@ -130,9 +130,17 @@ def test_moe_dynamic_rules_keep_one_block_of_experts_float_cpu(tmp_path, kind):
     model = _load(checkpoint)
     assert not isinstance(model.model.layers[1].mlp.experts, SequentialExperts)
     experts = model.model.layers[0].mlp.experts
-    assert [getattr(experts[e], gate).config.group_size for e in range(experts.num_experts)] == (
-        [32, 64, 32] + [64] * (experts.num_experts - 3))
+    group_sizes = [32, 64, 32] + [64] * (experts.num_experts - 3)
+    assert [getattr(experts[e], gate).config.group_size for e in range(experts.num_experts)] == group_sizes
     _close(_logits(model), _logits(_oracle(tmp_path, checkpoint)))
+
+    half = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float16)
+    half.save_pretrained(tmp_path / "saved")  # the rules travel with the packed checkpoint, in the checkpoint's names
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float16)
+    experts = reloaded.model.layers[0].mlp.experts
+    assert [getattr(experts[e], gate).config.group_size for e in range(experts.num_experts)] == group_sizes
+    assert not isinstance(reloaded.model.layers[1].mlp.experts, SequentialExperts)
+    assert torch.equal(_logits(reloaded), _logits(half))
 
 
 def test_moe_experts_under_unknown_names_are_refused(tmp_path):
