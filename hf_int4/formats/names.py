@@ -8,10 +8,14 @@ from typing import Callable, Iterable
 
 def _renamings(model, quantizer=None, reverse=False) -> list:
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
 
-    transforms = get_model_conversion_mapping(model, None, quantizer, add_legacy=not reverse)
-    if reverse:  # as revert_weight_conversion does: the last transform first, each reversed
+    if not reverse:
+        transforms = get_model_conversion_mapping(model, None, quantizer)
+    else:  # what revert_weight_conversion (save_pretrained) applies: the last transform first, each reversed
+        transforms = getattr(model, "_weight_conversions", None)
+        if transforms is None:  # a model not made by from_pretrained: no legacy renamings, no prefix changes
+            transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
         transforms = [t.reverse_transform() for t in transforms[::-1]]
     return [t for t in transforms if isinstance(t, WeightRenaming)]
 
