@@ -59,7 +59,7 @@ def fused_experts_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     """(name, module) of every fused experts module: one holding 3-D `gate_up_proj` and `down_proj` parameters."""
     for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
-        if all(getattr(params.get(p), "dim", lambda: 0)() == 3 for p in ("gate_up_proj", "down_proj")):
+        if all(p in params and params[p].dim() == 3 for p in ("gate_up_proj", "down_proj")):
             yield name, module
 
 
@@ -126,7 +126,7 @@ def split_experts(model: nn.Module, name: str, names: Sequence[str]):
     model.get_submodule(parent).register_module(child, experts)
 
 
-def split_quantized_experts(model: nn.Module, quantized: set, stored: dict) -> list:
+def split_quantized_experts(model: nn.Module, quantized: set, stored: dict) -> None:
     """Before loading: put SequentialExperts (nn.Linear on the meta device) in the place of every fused experts
     module whose experts the checkpoint holds quantized (`quantized`: layer names; `stored`: every tensor name, as
     transformers loads them); the quantizer then swaps the linears the checkpoint holds quantized. Refused, naming
