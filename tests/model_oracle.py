@@ -8,12 +8,19 @@ from hf_int4.formats.gptq_writer import tiny_llama_config
 from hf_int4.reference import dequantize_gptq
 
 
-def dequantized_float_model(checkpoint, config=None):
-    """(model in eval mode, {name: GPTQLayer}) for a checkpoint of a tiny_llama_config() model (or of `config`)."""
+def dequantized_state(checkpoint):
+    """(state dict, {name: GPTQLayer}): every quantized layer's `weight` as the fp32 [N, K] its GPTQ tensors stand for,
+    every other tensor as the checkpoint holds it, under the checkpoint's names."""
     _, layers, others = read_gptq_checkpoint(checkpoint)
     state = dict(others)
     for name, layer in layers.items():
         state[name + ".weight"] = dequantize_gptq(layer).t().contiguous()
+    return state, layers
+
+
+def dequantized_float_model(checkpoint, config=None):
+    """(model in eval mode, {name: GPTQLayer}) for a checkpoint of a tiny_llama_config() model (or of `config`)."""
+    state, layers = dequantized_state(checkpoint)
     model = LlamaForCausalLM(config or tiny_llama_config())
     model.load_state_dict(state, strict=True)
     return model.eval(), layers
@@ -29,10 +36,7 @@ def dequantized_float_checkpoint(checkpoint, out_dir):
 
     from safetensors.torch import save_file
 
-    _, layers, others = read_gptq_checkpoint(checkpoint)
-    state = dict(others)
-    for name, layer in layers.items():
-        state[name + ".weight"] = dequantize_gptq(layer).t().contiguous()
+    state, _ = dequantized_state(checkpoint)
     os.makedirs(out_dir)
     save_file(state, os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(checkpoint, "config.json")) as f:
