@@ -133,7 +133,7 @@ def split_quantized_experts(model: nn.Module, quantized: set, stored: dict) -> N
     the layer: layouts unsupported_layout refuses, expert linears under names not known."""
     from hf_int4.formats.gptq import GPTQFormatError
 
-    layers = quantized | {key.rpartition(".")[0] for key in stored}
+    layers = {key.rpartition(".")[0] for key in stored}  # every layer the checkpoint holds, quantized or float
     candidates = None
     for name, module in list(fused_experts_modules(model)):
         held = sorted(layer for layer in quantized if layer.startswith(f"{name}."))
@@ -157,9 +157,9 @@ def split_quantized_experts(model: nn.Module, quantized: set, stored: dict) -> N
 def split_float_experts(model: nn.Module) -> list:
     """Split every fused experts module of a float model whose layout allows it into SequentialExperts holding its
     weights (for writing GPTQ checkpoints, which quantize each expert's linears); returns the names split."""
-    split = []
-    for name, module in list(fused_experts_modules(model)):
-        if unsupported_layout(module) is None:
-            split_experts(model, name, projection_names(model)[0])
-            split.append(name)
+    split = [name for name, module in fused_experts_modules(model) if unsupported_layout(module) is None]
+    if split:
+        names = projection_names(model)[0]
+        for name in split:
+            split_experts(model, name, names)
     return split

@@ -91,13 +91,14 @@ class HfInt4Quantizer(HfQuantizer):
 class LayerSettings:
     """The GPTQ settings each linear module loads with, None where it stays an nn.Linear.
 
-    The checkpoint's tensor names decide which modules are quantized where they are known (`shapes`, from the
-    safetensors headers): GPTQ or packed tensors under the module's name, quantized; a `weight`, float (optimum's
-    `modules_in_block_to_quantize` and GPTQModel's "-:" rules leave modules so). Where they are not (no headers,
-    or names that transformers renames on load) the config decides, and transformers' default skips (the output
-    head) stay float unless the config says the head is quantized (GPTQModel's lm_head). `skipped`: the caller's
-    modules_to_not_convert, always float (refused where the checkpoint holds them quantized). The settings themselves come from the rules (`dynamic`). A module
-    whose weight the model ties to another's (`tied`: an output head sharing the input embeddings) cannot be
+    The checkpoint's tensor names, as transformers loads them, decide which modules are quantized where they are
+    known (`shapes`, from the safetensors headers): GPTQ or packed tensors under the module's name, quantized; a
+    `weight`, float (optimum's `modules_in_block_to_quantize` and GPTQModel's "-:" rules leave modules so). Where
+    they are not (no headers) the config decides, and transformers' default skips (the output head) stay float unless
+    the config says the head is quantized (GPTQModel's lm_head). `skipped`: the caller's modules_to_not_convert, always
+    float (refused where the checkpoint holds them quantized). The settings themselves come from the rules
+    (`dynamic`), matched against the checkpoint's own names (`checkpoint_names`: {name as loaded: as stored}). A
+    module whose weight the model ties to another's (`tied`: an output head sharing the input embeddings) cannot be
     quantized: refused, naming it."""
 
     def __init__(self, rules: ModuleRules, shapes: dict, skipped, default_skips, tied=(), checkpoint_names=None):
