@@ -21,6 +21,10 @@ fi
 git ls-files | while read -r f; do
   cmp -s "$f" "$dir/$f" || { mkdir -p "$dir/$(dirname "$f")" && cp "$f" "$dir/$f"; }
 done
+# ...and drop sources no longer here: setup.py compiles every csrc/*.cu and *.cpp it finds.
+(cd "$dir" && find hf_int4/csrc -type f) | while read -r f; do
+  [ -e "$f" ] || rm "$dir/$f"
+done
 (cd "$dir" && CC=/usr/bin/gcc CXX=/usr/bin/g++ TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-2}" \
   "$venv/bin/python" setup.py -q build_ext --inplace)
 staging=$(mktemp -d)
