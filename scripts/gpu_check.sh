@@ -2,12 +2,14 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [stalls] [probe]
+#   scripts/gpu_check.sh [build|prebuilt] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [stalls] [probe]
 #                        [demo] [quality] [generation]
 #   (no argument: build test sanitize tune bench)
 #   keep packs the built extensions into $OUT/extensions.tar.xz (xz: the Hopper .so alone is ~14 MB, near the 16 MiB
 #   a returned file may have); a later call on a fresh machine carries the archive (e.g. as .carry/extensions.tar.xz),
 #   starts with `python3 -m tarfile -e .carry/extensions.tar.xz .` and leaves out build, saving its minutes.
+#   prebuilt does that: unpacks .carry/extensions.tar.xz (from keep, or scripts/build_for_device.sh here) and checks
+#   that both extensions load, else builds.
 #   tune writes this GPU's dispatch table into HF_INT4_CACHE (/tmp/hf_int4_cache for every stage, so the
 #   bench's dispatched column uses it) and $OUT/dispatch_table.json (copy it to hf_int4/tables/ to ship it).
 #   demo and quality need the SmolLM2 wheel: .carry/smol_a/part_00 + .carry/smol_b/part_01 (its two halves;
@@ -71,6 +73,16 @@ for stage in $stages; do
       done
       cat "$OUT/env.txt" >> "$OUT/build.log" && rm -f "$OUT/env.txt"
       ;;
+    prebuilt)
+      python3 -m tarfile -e .carry/extensions.tar.xz . 2>&1 | tail -1
+      # _load() / _load_hopper() return None once loaded, else why not
+      if python3 -c "import sys; from hf_int4 import _extension as e
+why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why != [None, None])"; then
+        echo "=== prebuilt: .carry/extensions.tar.xz loads"
+      else
+        echo "=== prebuilt: .carry/extensions.tar.xz missing or does not load here; building"
+        bash "$0" build || status=1
+      fi ;;
     keep)
       python3 -m tarfile -c "$OUT/extensions.tar.xz" hf_int4/_C*.so hf_int4/_hopper*.so && ls -l "$OUT/extensions.tar.xz" ||
         status=1 ;;
