@@ -100,8 +100,9 @@ class DequantCublasPath(KernelPath):
 
 
 PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12, 14)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
-# also built with zero points, for asymmetric layers (csrc/hopper/hopper_gemm.h: one per regime of M, to bound the build)
-ZERO_POINT_SCHEDULES = (0, 2, 4, 9)
+# also built with zero points, for asymmetric layers (csrc/hopper/hopper_gemm.h: the symmetric layers' paths per
+# regime of M, not all fifteen, to bound the build)
+ZERO_POINT_SCHEDULES = (0, 2, 4, 8, 9, 10)
 
 
 class HopperPath(KernelPath):

@@ -35,10 +35,10 @@ constexpr int kHopperSchedules = 15;
 constexpr unsigned kPartialSchedules = 1u << 4 | 1u << 5 | 1u << 8 | 1u << 9 | 1u << 10 | 1u << 11 | 1u << 12 | 1u << 14;
 #define HF_INT4_HOPPER_STREAM_K_SCHEDULES (1u << 1 | 1u << 3)
 constexpr unsigned kStreamKSchedules = HF_INT4_HOPPER_STREAM_K_SCHEDULES;
-// The schedules also built with zero points, for asymmetric layers (dispatch.ZERO_POINT_SCHEDULES): one per regime
-// of M (256 x 32 partials up to 64 rows, 128 x 128 partials and data-parallel tiles, 128 x 256 tiles at the largest M),
-// not all fifteen, to bound the build.
-constexpr unsigned kZeroPointSchedules = 1u << 0 | 1u << 2 | 1u << 4 | 1u << 9;
+// The schedules also built with zero points, for asymmetric layers (dispatch.ZERO_POINT_SCHEDULES): the ones the
+// symmetric layers run in each regime of M (256 x 16 / 32 / 64 partials up to 64 rows, 128 x 128 partials and
+// data-parallel tiles, 128 x 256 tiles at the largest M), not all fifteen, to bound the build.
+constexpr unsigned kZeroPointSchedules = 1u << 0 | 1u << 2 | 1u << 4 | 1u << 8 | 1u << 9 | 1u << 10;
 // Whether a schedule mask above holds `schedule`.
 constexpr bool in_mask(unsigned mask, int schedule) { return (mask >> schedule) & 1u; }
 
