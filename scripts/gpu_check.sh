@@ -51,28 +51,31 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failure, keep going
   [ "$rc" -eq 0 ] || status=1
 }
 
+build_extensions() {  # the build stage; also prebuilt's fallback
+  # $OUT returns at most 8 files: the environment and the kernels' resource usage go into build.log
+  {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  } | tee "$OUT/env.txt"
+  rm -rf build hf_int4/_C*.so
+  # The GPU image points CC/CXX at /opt/gcc, and an extension built with it segfaults whenever a
+  # TORCH_CHECK message is formatted; the system gcc (the one torch was built with, 13.3) is fine.
+  compilers=()
+  [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ] && compilers=(CC=/usr/bin/gcc CXX=/usr/bin/g++)
+  run build env "${compilers[@]}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    python3 setup.py -q build_ext --inplace
+  for so in hf_int4/_C*.so hf_int4/_hopper*.so; do
+    [ -f "$so" ] || continue
+    cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p >> "$OUT/build.log"
+    echo "$so: $(cuobjdump -sass "$so" 2>/dev/null | grep -c HGMMA) HGMMA instructions" | tee -a "$OUT/build.log"
+  done
+  cat "$OUT/env.txt" >> "$OUT/build.log" && rm -f "$OUT/env.txt"
+}
+
 for stage in $stages; do
   case $stage in
     build)
-      # $OUT returns at most 8 files: the environment and the kernels' resource usage go into build.log
-      {
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-        python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-      } | tee "$OUT/env.txt"
-      rm -rf build hf_int4/_C*.so
-      # The GPU image points CC/CXX at /opt/gcc, and an extension built with it segfaults whenever a
-      # TORCH_CHECK message is formatted; the system gcc (the one torch was built with, 13.3) is fine.
-      compilers=()
-      [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ] && compilers=(CC=/usr/bin/gcc CXX=/usr/bin/g++)
-      run build env "${compilers[@]}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
-        python3 setup.py -q build_ext --inplace
-      for so in hf_int4/_C*.so hf_int4/_hopper*.so; do
-        [ -f "$so" ] || continue
-        cuobjdump --dump-resource-usage "$so" 2>&1 | grep -E "Function|REG" | sed -n 1,80p >> "$OUT/build.log"
-        echo "$so: $(cuobjdump -sass "$so" 2>/dev/null | grep -c HGMMA) HGMMA instructions" | tee -a "$OUT/build.log"
-      done
-      cat "$OUT/env.txt" >> "$OUT/build.log" && rm -f "$OUT/env.txt"
-      ;;
+      build_extensions ;;
     prebuilt)
       python3 -m tarfile -e .carry/extensions.tar.xz . 2>&1 | tail -1
       # _load() / _load_hopper() return None once loaded, else why not
@@ -81,7 +84,7 @@ why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why !=
         echo "=== prebuilt: .carry/extensions.tar.xz loads"
       else
         echo "=== prebuilt: .carry/extensions.tar.xz missing or does not load here; building"
-        bash "$0" build || status=1
+        build_extensions
       fi ;;
     keep)
       python3 -m tarfile -c "$OUT/extensions.tar.xz" hf_int4/_C*.so hf_int4/_hopper*.so && ls -l "$OUT/extensions.tar.xz" ||
