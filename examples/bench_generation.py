@@ -22,6 +22,10 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   int4_pdl; int4_pdl's speedup is against fp16_pdl, fp16_pdl's against fp16.
 - `--unfused`: also the int4 checkpoint loaded with `HfInt4Config(fuse_projections=False)` (one GEMM per
   q/k/v/gate/up layer instead of one per group, hf_int4.fusion), timed beside the others.
+- `--attn sdpa_gqa`: both models with an attention function registered through transformers' `AttentionInterface`:
+  SDPA that reads the 8 key/value heads as they are (`enable_gqa`). Compiled with a static cache, transformers' own
+  sdpa expands them to the 32 query heads (`repeat_kv`: a copy of the whole cache per layer and step) because the
+  static cache passes a mask, a cost that grows with batch x cache length and that both models pay alike.
 - `--quantized-head`: also a second checkpoint whose output head (128256 x 4096, 1 GiB in fp16) is quantized too,
   as GPTQModel writes with `lm_head=True`, timed as int4_head.
 """
@@ -33,7 +37,8 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig, StaticCache
+from transformers import AttentionInterface, AutoModelForCausalLM, CompileConfig, LlamaConfig, StaticCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_int4
 from hf_int4.formats import GPTQConfig
@@ -86,6 +91,19 @@ def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool):
     return models, load_seconds
 
 
+def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention with the key/value heads read as they are (`enable_gqa`), mask or not."""
+    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
+        enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
+AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
+
+
 def load_int4(checkpoint: str, **config):
     return AutoModelForCausalLM.from_pretrained(
         checkpoint, quantization_config=hf_int4.HfInt4Config(**config), device_map="cuda", dtype=torch.float16
@@ -122,6 +140,10 @@ def decode_tokens_per_second(model, batch: int, prompt: int, n1: int, n2: int, r
     return {"tokens_per_s": batch / step, "ms_per_step": step * 1e3, "first_call_s": first}
 
 
+WARMUP_STEPS = 3  # of a compiled decode step on a new cache: compile, record the CUDA graph, replay
+TIMED_STEPS = 64  # per repeat
+
+
 def compiled_decode_step(model, pdl: bool = False):
     """One greedy decode step (forward of one token per sequence + argmax), compiled into CUDA graphs
     (mode "reduce-overhead"), with inductor's programmatic dependent launch if `pdl`."""
@@ -145,30 +167,32 @@ def prefilled(model, batch: int, prompt: int, decode_steps: int):
 
 
 @torch.no_grad()
-def decode_step_tokens_per_second(model, step, batch: int, prompt: int, steps: int, repeats: int) -> dict:
-    warmup = 3  # compile, record the CUDA graph, replay
-    cache, token, pos = prefilled(model, batch, prompt, warmup + steps * repeats)
+def decode_step_tokens_per_second(model, step, batch: int, prompt: int, repeats: int) -> dict:
+    cache, token, pos = prefilled(model, batch, prompt, WARMUP_STEPS + TIMED_STEPS * repeats)
     start = time.perf_counter()
-    for _ in range(warmup):
+    for _ in range(WARMUP_STEPS):
         token, pos = step(token, pos, cache).clone(), pos + 1
     torch.cuda.synchronize()
     first = time.perf_counter() - start
     per_token = []
     for _ in range(repeats):
         begin = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(TIMED_STEPS):
             token, pos = step(token, pos, cache).clone(), pos + 1
         torch.cuda.synchronize()
-        per_token.append((time.perf_counter() - begin) / steps)
+        per_token.append((time.perf_counter() - begin) / TIMED_STEPS)
     ms = statistics.median(per_token)
     return {"tokens_per_s": batch / ms, "ms_per_step": ms * 1e3, "first_call_s": first}
 
 
 @torch.no_grad()
-def profile_decode_step(model, step, batch: int, prompt: int) -> str:
-    """Where a compiled decode step's GPU time goes: the kernels by total CUDA time over 8 steps."""
-    decode_step_tokens_per_second(model, step, batch, prompt, 8, 1)  # compile and warm up this batch size
-    cache, token, pos = prefilled(model, batch, prompt, 8)
+def profile_decode_step(model, step, batch: int, prompt: int, repeats: int) -> str:
+    """Where a compiled decode step's GPU time goes: the kernels by total CUDA time over 8 steps, on a cache of
+    the measurement's size (attention's cost grows with it), warmed up as the measurement is."""
+    cache, token, pos = prefilled(model, batch, prompt, WARMUP_STEPS + TIMED_STEPS * repeats)
+    for _ in range(WARMUP_STEPS):
+        token, pos = step(token, pos, cache).clone(), pos + 1
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(8):
             token, pos = step(token, pos, cache).clone(), pos + 1
@@ -225,17 +249,22 @@ def main():
                         help="also time a checkpoint whose output head is quantized too (GPTQModel's lm_head=True)")
     parser.add_argument("--pdl", action="store_true",
                         help="also time the decode steps compiled with inductor's programmatic dependent launch")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "sdpa_gqa"],
+                        help="attention implementation of every model")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not hf_int4.extension_available():
         sys.exit("bench_generation needs a CUDA GPU and the built hf_int4 extension")
 
     models, load_seconds = make_models(args.workdir, args.layers, args.unfused, args.quantized_head)
+    for model in models.values():
+        model.set_attn_implementation(args.attn)
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "model": f"Llama-3-8B config, {args.layers} layers, random weights; int4 = RTN GPTQ g128 sym",
+        "attention": args.attn,
         "int4_checkpoint_load_s": load_seconds,
         "weights_gib": {name: sum(t.numel() * t.element_size() for t in m.state_dict().values()) / 2**30
                         for name, m in models.items()},
@@ -285,7 +314,7 @@ def main():
     if args.profile:
         for batch in args.batches:
             for name, (model, step) in steps.items():
-                print(f"--- decode step profile: {name}, batch {batch}\n{profile_decode_step(model, step, batch, args.prompt)}", flush=True)
+                print(f"--- decode step profile: {name}, batch {batch}\n{profile_decode_step(model, step, batch, args.prompt, args.repeats)}", flush=True)
     for mode in args.decode:
         names = list(steps) if mode == "step" else list(models)
         print(f"decode ({mode}) {'batch':>6} {'fp16 tok/s':>11}"
@@ -295,7 +324,7 @@ def main():
             for name in names:
                 if mode == "step":
                     model, step = steps[name]
-                    row[name] = decode_step_tokens_per_second(model, step, batch, args.prompt, 64, args.repeats)
+                    row[name] = decode_step_tokens_per_second(model, step, batch, args.prompt, args.repeats)
                 else:
                     row[name] = decode_tokens_per_second(models[name], batch, args.prompt, *args.new_tokens, args.repeats)
             for name in names[1:]:
