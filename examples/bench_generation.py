@@ -93,7 +93,8 @@ def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool):
 
 def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' sdpa attention with the key/value heads read as they are (`enable_gqa`), mask or not."""
-    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = query.shape[2] > 1 and attention_mask is None and is_causal  # as transformers' sdpa decides
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
         enable_gqa=True)
