@@ -167,20 +167,30 @@ def prefilled(model, batch: int, prompt: int, decode_steps: int):
     return cache, logits[:, -1].argmax(-1, keepdim=True), torch.tensor([prompt], device="cuda")
 
 
-@torch.no_grad()
-def decode_step_tokens_per_second(model, step, batch: int, prompt: int, repeats: int) -> dict:
-    cache, token, pos = prefilled(model, batch, prompt, WARMUP_STEPS + TIMED_STEPS * repeats)
-    start = time.perf_counter()
-    for _ in range(WARMUP_STEPS):
+def run_steps(step, cache, token, pos, n: int):
+    """`n` decode steps from `token` at `pos`, then a synchronise: (the last token, the next position)."""
+    for _ in range(n):
         token, pos = step(token, pos, cache).clone(), pos + 1
     torch.cuda.synchronize()
-    first = time.perf_counter() - start
+    return token, pos
+
+
+def warmed_up(model, step, batch: int, prompt: int, repeats: int):
+    """(cache, token, position, seconds): a prefilled cache with room for `repeats` timed rounds, after its warm-up
+    steps (compile, record the CUDA graph, replay), which took `seconds`."""
+    cache, token, pos = prefilled(model, batch, prompt, WARMUP_STEPS + TIMED_STEPS * repeats)
+    start = time.perf_counter()
+    token, pos = run_steps(step, cache, token, pos, WARMUP_STEPS)
+    return cache, token, pos, time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode_step_tokens_per_second(model, step, batch: int, prompt: int, repeats: int) -> dict:
+    cache, token, pos, first = warmed_up(model, step, batch, prompt, repeats)
     per_token = []
     for _ in range(repeats):
         begin = time.perf_counter()
-        for _ in range(TIMED_STEPS):
-            token, pos = step(token, pos, cache).clone(), pos + 1
-        torch.cuda.synchronize()
+        token, pos = run_steps(step, cache, token, pos, TIMED_STEPS)
         per_token.append((time.perf_counter() - begin) / TIMED_STEPS)
     ms = statistics.median(per_token)
     return {"tokens_per_s": batch / ms, "ms_per_step": ms * 1e3, "first_call_s": first}
@@ -190,14 +200,9 @@ def decode_step_tokens_per_second(model, step, batch: int, prompt: int, repeats:
 def profile_decode_step(model, step, batch: int, prompt: int, repeats: int) -> str:
     """Where a compiled decode step's GPU time goes: the kernels by total CUDA time over 8 steps, on a cache of
     the measurement's size (attention's cost grows with it), warmed up as the measurement is."""
-    cache, token, pos = prefilled(model, batch, prompt, WARMUP_STEPS + TIMED_STEPS * repeats)
-    for _ in range(WARMUP_STEPS):
-        token, pos = step(token, pos, cache).clone(), pos + 1
-    torch.cuda.synchronize()
+    cache, token, pos, _ = warmed_up(model, step, batch, prompt, repeats)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(8):
-            token, pos = step(token, pos, cache).clone(), pos + 1
-        torch.cuda.synchronize()
+        run_steps(step, cache, token, pos, 8)
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
 
 

@@ -4,11 +4,7 @@ a masked SDPA) against SDPA reading the 8 key/value heads as they are (enable_gq
 CUDA-graph replays. Run on a GPU machine: python3 scripts/attn_probe.py (docs/results/attn_probe_s42_h200.txt)."""
 import torch
 import torch.nn.functional as F
-
-
-def repeat_kv(x, n):  # transformers' repeat_kv
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+from transformers.integrations.sdpa_attention import repeat_kv
 
 
 def us_per_call(fn, calls=200):
