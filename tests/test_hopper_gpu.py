@@ -180,17 +180,19 @@ def test_weights_rewritten_by_the_kernel_before_are_read_rewritten(sym):
     target = PackedInt4Weight.from_tensors(
         {k: v.clone() for k, v in sources[0].tensors().items()}, in_features=K, out_features=N, group_size=128)
     spec = dispatch.LinearSpec.of(target)
-    paths = [p for p in HOPPER_PATHS if p.unsupported(spec) is None] + [dispatch.PATHS["decode"]]
     x = torch.randn(M, K, device="cuda", dtype=F16)
+    # (path, rows): the decode path on 5 rows runs the streaming kernel, on 64 the tiled one
+    calls = [(p, x) for p in HOPPER_PATHS if p.unsupported(spec) is None] + [(dispatch.PATHS["decode"], x[:5]),
+                                                                             (dispatch.PATHS["decode"], x)]
     outs = []
-    for i, path in enumerate(paths * 2):
+    for i, (path, rows) in enumerate(calls * 2):
         src = sources[(i + 1) % 2]
         torch.cuda._sleep(2_000_000)  # ~1 ms
         for name, t in target.tensors().items():  # elementwise kernels, not copies: a copy engine is no kernel
             torch.add(src.tensors()[name], 0, out=t)
-        outs.append((path.name, (i + 1) % 2, path.run(x, target, None)))
-    for name, which, out in outs:
-        check(out, oracle(layers[which], x), F16, f"{name} after its weights were rewritten to layer {which}")
+        outs.append((f"{path.name} M={rows.shape[0]}", (i + 1) % 2, rows, path.run(rows, target, None)))
+    for where, which, rows, out in outs:
+        check(out, oracle(layers[which], rows), F16, f"{where} after its weights were rewritten to layer {which}")
 
 
 def test_hopper_takes_any_leading_dimensions():
