@@ -75,15 +75,21 @@ build_extensions() {  # the build stage; also prebuilt's fallback
   cat "$OUT/env.txt" >> "$OUT/build.log" && rm -f "$OUT/env.txt"
 }
 
+extensions_load() {  # whether both unpacked extensions load here (_load() / _load_hopper() return None, else why not)
+  python3 -c "import sys; from hf_int4 import _extension as e
+why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why != [None, None])"
+}
+
+# the ncu stages' cases: scripts/kernel_case.py arguments, one call per line
+stall_cases="${STALL_CASES:-$'8192 8192 16 --hopper 10 --splits 4\n8192 8192 64 --hopper 8 --splits 4'}"
+
 for stage in $stages; do
   case $stage in
     build)
       build_extensions ;;
     prebuilt)
       python3 -m tarfile -e .carry/extensions.tar.xz . 2>&1 | tail -1
-      # _load() / _load_hopper() return None once loaded, else why not
-      if python3 -c "import sys; from hf_int4 import _extension as e
-why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why != [None, None])"; then
+      if extensions_load; then
         echo "=== prebuilt: .carry/extensions.tar.xz loads"
       else
         echo "=== prebuilt: .carry/extensions.tar.xz missing or does not load here; building"
@@ -91,8 +97,7 @@ why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why !=
       fi ;;
     base)
       python3 -m tarfile -e .carry/base_extensions.tar.xz . 2>&1 | tail -1
-      python3 -c "from hf_int4 import _extension as e; print('base build load errors:', [e._load(), e._load_hopper()])" ||
-        status=1 ;;
+      extensions_load || status=1 ;;
     keep)
       python3 -m tarfile -c "$OUT/extensions.tar.xz" hf_int4/_C*.so hf_int4/_hopper*.so && ls -l "$OUT/extensions.tar.xz" ||
         status=1 ;;
@@ -124,7 +129,7 @@ why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why !=
         ncu -i "/tmp/stalls/case_$i.ncu-rep" --print-details all >> "/tmp/stalls/case_$i.txt" 2>&1
         ncu -i "/tmp/stalls/case_$i.ncu-rep" --page source --csv --print-source sass > "/tmp/stalls/case_${i}_sass.csv" 2>&1
         rm -f "/tmp/stalls/case_$i.ncu-rep" "$OUT/stalls_$i.log"
-      done <<< "${STALL_CASES:-$'8192 8192 16 --hopper 10 --splits 4\n8192 8192 64 --hopper 8 --splits 4'}"
+      done <<< "$stall_cases"
       tar -czf "$OUT/stalls.tar.gz" -C /tmp/stalls . && ls -l "$OUT/stalls.tar.gz" || status=1 ;;
     durations)  # ncu: each kernel of single calls timed alone (caches flushed before each), per STALL_CASES line
       while IFS= read -r case; do
@@ -133,7 +138,7 @@ why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why !=
         ncu -k "regex:device_kernel|reduce_partials" --launch-skip 4 --launch-count 4 --csv \
           --metrics gpu__time_duration.sum,sm__cycles_active.avg python3 scripts/kernel_case.py $case --repeat 6 \
           >> "$OUT/durations.log" 2>&1 || status=1
-      done <<< "${STALL_CASES:-$'8192 8192 16 --hopper 10 --splits 4\n8192 8192 64 --hopper 8 --splits 4'}"
+      done <<< "$stall_cases"
       grep -v "^==PROF==" "$OUT/durations.log" | tail -40 ;;
     probe)
       run probe bash scripts/probe_sweep.sh ;;

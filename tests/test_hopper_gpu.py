@@ -186,11 +186,11 @@ def test_weights_rewritten_by_the_kernel_before_are_read_rewritten(sym):
                                                                              (dispatch.PATHS["decode"], x)]
     outs = []
     for i, (path, rows) in enumerate(calls * 2):
-        src = sources[(i + 1) % 2]
+        which = (i + 1) % 2  # the layer written now: never the one the previous call read
         torch.cuda._sleep(2_000_000)  # ~1 ms
         for name, t in target.tensors().items():  # elementwise kernels, not copies: a copy engine is no kernel
-            torch.add(src.tensors()[name], 0, out=t)
-        outs.append((f"{path.name} M={rows.shape[0]}", (i + 1) % 2, rows, path.run(rows, target, None)))
+            torch.add(sources[which].tensors()[name], 0, out=t)
+        outs.append((f"{path.name} M={rows.shape[0]}", which, rows, path.run(rows, target, None)))
     for where, which, rows, out in outs:
         check(out, oracle(layers[which], rows), F16, f"{where} after its weights were rewritten to layer {which}")
 
