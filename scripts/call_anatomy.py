@@ -51,7 +51,7 @@ def anatomy(K: int, N: int, M: int, name: str, replays: int = 5) -> None:
         if kind == "Hopper GEMM" or kind.endswith("decode"):
             starts.append(e.time_range.start)
     gaps = [b - a for a, b in zip(starts, starts[1:]) if b - a < 10 * per_call]  # not across replays
-    parts = ", ".join(f"{kind} {statistics.mean(d):.2f} us (x{len(d) / (replays * calls):.0f})"
+    parts = ", ".join(f"{kind} {statistics.mean(d):.2f} us (x{len(d) / (replays * calls):.2g} per call)"
                       for kind, d in durations.items())
     print(f"{K}x{N} M={M} {name}: {per_call:.2f} us per call (graph); start to start "
           f"{statistics.median(gaps):.2f} us; {parts}", flush=True)
