@@ -55,6 +55,18 @@ def time_rotating(fn, copies: int, calls: int = 0, replays: int = 7) -> float:
     return time_interleaved({"": (fn, copies)}, calls, replays)[""]
 
 
+def capture_rotating(fn, copies: int, calls: int = 0):
+    """(graph, calls): a CUDA graph of `calls` (default max(2 copies, 20)) calls fn(i), i rotating over copies,
+    replayed once."""
+    calls = calls or max(copies * 2, 20)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % copies)
+    graph.replay()
+    return graph, calls
+
+
 def time_interleaved(fns: dict, calls: int = 0, replays: int = 7) -> dict:
     """{name: median us per call} for {name: (fn, copies)}: each fn as a CUDA graph of many calls fn(i), i rotating
     over its copies; the graphs replay in turn (A B C A B C ...), so that every one meets the same clocks: at large
@@ -70,15 +82,7 @@ def time_interleaved(fns: dict, calls: int = 0, replays: int = 7) -> dict:
                 fn(i)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    graphs = {}
-    for name, (fn, copies) in fns.items():
-        n = calls or max(copies * 2, 20)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(n):
-                fn(i % copies)
-        graph.replay()
-        graphs[name] = (graph, n)
+    graphs = {name: capture_rotating(fn, copies, calls) for name, (fn, copies) in fns.items()}
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = {name: [] for name in fns}

@@ -13,7 +13,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from hf_int4 import dispatch
-from hf_int4.bench import Shape, time_rotating
+from hf_int4.bench import Shape, capture_rotating, time_rotating
 
 
 def kernel_kind(name: str) -> str:
@@ -30,13 +30,8 @@ def anatomy(K: int, N: int, M: int, name: str, replays: int = 5) -> None:
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     copies = len(shape.packed)
     fn = lambda i: path.run(x, shape.packed[i], None)  # noqa: E731
-    per_call = time_rotating(fn, copies)
-    calls = 2 * copies
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % copies)
-    graph.replay()
+    per_call = time_rotating(fn, copies)  # also the warm-up
+    graph, calls = capture_rotating(fn, copies)  # as time_rotating timed it
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
