@@ -6,12 +6,8 @@ decode kernel); then per M, the geometric means over the shapes.
     python scripts/bench_ab.py NEW.json BASE.json
 """
 import json
-import math
 import sys
-
-
-def geomean(xs):
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+from statistics import geometric_mean as geomean
 
 
 def main(argv):

@@ -10,7 +10,6 @@ kept only for this comparison. `best` is the fastest forced path of the run. A p
 """
 import argparse
 import json
-import math
 import statistics
 import sys
 
@@ -59,7 +58,7 @@ def main(argv):
         print(line)
     print()
     for column, xs in ratios.items():
-        mean = math.exp(statistics.fmean(math.log(x) for x in xs))
+        mean = statistics.geometric_mean(xs)
         print(f"{column:>6}: geometric mean {mean:.3f}x, min {min(xs):.2f}x, "
               f"{sum(x < 0.97 for x in xs)} of {len(xs)} points below 0.97x")
 
