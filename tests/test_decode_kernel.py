@@ -264,11 +264,12 @@ def test_stream_kernel_16_warp_grids(gs, sym, dtype):
     warp, groups >= 64), then 32-column tiles (2 atoms), then tiles of two and of four groups of warps side by side
     in N (128 and 256 columns, where the 64-column tiles outnumber the SMs) fall in that range, and last 48-column tiles
     (3 atoms, groups >= 64: 8 (sms // 8) of them, where 64-column tiles fill the SMs too but are fewer, as 4096x6144 on
-    132 SMs); N - 40 leaves padded columns in the last tile, K = 2000 / 1000 a partial last chunk."""
+    132 SMs); N - 40 leaves padded columns in the last tile, K = 2000 / 1000 a partial last chunk. K = 4608 gives the
+    32-column tiles more than two chunks per warp, which only M = 1 runs on them (M = 3, 8: 8-warp CTAs, k-splits)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tiles = 3 * sms // 4
     cfg = _cfg("gptq" if sym else "gptq_v2", sym, False, gs)
-    for K, n in ((2000, 64 * tiles), (1000, 32 * tiles), (2000, 128 * tiles), (1000, 256 * tiles),
+    for K, n in ((2000, 64 * tiles), (1000, 32 * tiles), (4608, 32 * tiles), (2000, 128 * tiles), (1000, 256 * tiles),
                  (2000, 384 * (sms // 8))):
         N = n - 40
         layer, raw = get_layer(K, N, cfg, bias=True, seed=93)

@@ -298,11 +298,13 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
 
 // ------------------------------------------------------------------------------------ host side
 
-// The grid, measured on H200 (decode probe, scripts/probe_sweep.sh; docs/kernel_notes.md steps 12 and 23):
+// The grid, measured on H200 and H100 (decode probe, scripts/probe_sweep.sh; docs/kernel_notes.md steps 12 and 23):
 // - When a layer has between half and all as many column tiles of 4 atoms as SMs: one 16-warp CTA per column tile
 //   over the whole of K, one per SM, no k-split (M = 1: 4096x6144 7.37 -> 6.15 us, 8192^2 12.47 -> 11.08). Where
 //   only 2-atom tiles fall in that range, the same with those if each warp has at most two chunks (4096^2: 5.07 ->
-//   4.51 us; on 14336x4096, seven chunks per warp, the narrower tiles were up to 17% slower at M = 8).
+//   4.51 us; on 14336x4096, seven chunks per warp, the narrower tiles were up to 17% slower at M = 8), or at any
+//   number of chunks if M = 1, where a warp's activation loads carry one row (H100, kernel notes step 44: 14336x4096
+//   13.28 -> 12.51 us, 11008x4096 -2%, 8192x4096 -9%, 10240x2560 -10%, 18944x3584 +2%; at M = 2 mixed, +-3%).
 // - Otherwise two 8-warp CTAs per SM with k-splits: one wave of about two CTAs per SM is fastest (more, smaller CTAs
 //   were 10-30% slower), and splits that give the warps unequal numbers of chunks are slow (3 splits of 64 chunks:
 //   1.2x, of 32: 1.8x). So: a power of two, at most two CTAs per SM, at least half a chunk per warp (small layers).
@@ -311,17 +313,19 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
 //   22.75 -> 21.35 at M = 8, against 8-warp CTAs in 1.7 waves; 4096x14336 (2 groups) unchanged (10.76 us).
 // - Where both 64- and 48-column tiles fall in (sms / 2, sms]: the 48-column ones (3 atoms), more CTAs over all of K:
 //   4096x6144 gets 128 instead of 96, 6.14 -> 5.67 us at M = 1, 6.79 -> 6.65 at M = 8.
-// forced_splits > 0 (tests) forces the second kind with that many splits.
+// m: the rows of the call. forced_splits > 0 (tests) forces the second kind with that many splits.
 constexpr int kMaxGroups = 4;
 struct Grid {
   int warps, atoms, splits, wn;  // wn: groups of warps along N (16-warp CTAs, no split)
 };
-inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int forced_splits, int64_t partial_floats) {
+inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int forced_splits, int64_t partial_floats,
+                        int m) {
   auto fills = [&](int cols) { return n_pad % cols == 0 && 2 * (n_pad / cols) > sms && n_pad / cols <= sms; };
   if (forced_splits <= 0) {
     if (max_atoms == 4 && fills(64) && fills(48)) return {kWideWarps, 3, 1, 1};  // more tiles, more SMs busy
     for (int atoms = max_atoms; atoms >= 2; atoms /= 2)
-      if (fills(16 * atoms) && (atoms == max_atoms || chunks <= 2 * kWideWarps)) return {kWideWarps, atoms, 1, 1};
+      if (fills(16 * atoms) && (atoms == max_atoms || chunks <= 2 * kWideWarps || m == 1))
+        return {kWideWarps, atoms, 1, 1};
     for (int wn = 2; wn <= kMaxGroups; wn *= 2)
       if (n_pad / (16 * max_atoms) > sms && fills(16 * max_atoms * wn) && chunks >= kWideWarps / wn)
         return {kWideWarps, max_atoms, 1, wn};
@@ -348,7 +352,7 @@ template <typename T, int CKB>
 const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
   constexpr int kAtoms = atoms_for(CKB);
   p.chunks = ceil_div(p.kb_total, CKB);
-  const Grid g = choose_grid(a.n_pad, p.chunks, kAtoms, sms, a.sms, a.workspace_size - kCounterInts);
+  const Grid g = choose_grid(a.n_pad, p.chunks, kAtoms, sms, a.sms, a.workspace_size - kCounterInts, p.m);
   p.splits = g.splits;
   if (g.warps == kNarrowWarps) return launch_grid<T, CKB, kNarrowWarps, kAtoms>(p, a.n_pad, a.stream, early);
   if (g.wn == 2) return launch_grid<T, CKB, kWideWarps, kAtoms, 2>(p, a.n_pad, a.stream, early);
