@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
 //   only 2-atom tiles fall in that range, the same with those if each warp has at most two chunks (4096^2: 5.07 ->
 //   4.51 us; on 14336x4096, seven chunks per warp, the narrower tiles were up to 17% slower at M = 8), or at any
 //   number of chunks if M = 1, where a warp's activation loads carry one row (H100, kernel notes step 44: 14336x4096
-//   13.28 -> 12.51 us, 11008x4096 -2%, 8192x4096 -9%, 10240x2560 -10%, 18944x3584 +2%; at M = 2 mixed, +-3%).
+//   13.28 -> 12.51 us, 11008x4096 -2%, 8192x4096 -9%, 10240x2560 -10%, 18944x3584 +2%; at M = 2 mixed, -4% to +3%).
 // - Otherwise two 8-warp CTAs per SM with k-splits: one wave of about two CTAs per SM is fastest (more, smaller CTAs
 //   were 10-30% slower), and splits that give the warps unequal numbers of chunks are slow (3 splits of 64 chunks:
 //   1.2x, of 32: 1.8x). So: a power of two, at most two CTAs per SM, at least half a chunk per warp (small layers).
