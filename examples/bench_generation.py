@@ -16,10 +16,10 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   mode "reduce-overhead"): the GPU time per token that the kernels set.
 - Prefill: one forward of batch 1 x T tokens computing only the last position's logits (what
   `generate()` needs from the prompt), CUDA events, median of repeats.
-- `--pdl`: every model's decode step compiled with inductor's programmatic dependent launch
+- `--pdl`: also every model's decode step compiled with inductor's programmatic dependent launch
   (`triton.enable_pdl`: its Triton kernels let the next kernel start while they finish, so our GEMMs, which
-  launch early too (hf_int4/csrc/early_launch.h), can fetch weights during the norms); the speedups are then
-  against fp16 with PDL. (Before 2026-12-06 the flag added fp16_pdl and int4_pdl beside the plain steps.)
+  launch early too (hf_int4/csrc/early_launch.h), can fetch weights during the norms), as fp16_pdl, int4_pdl
+  (and int4_head_pdl, int4_unfused_pdl); each int4 *_pdl speedup is against fp16_pdl, fp16_pdl's against fp16.
 - `--unfused`: also the int4 checkpoint loaded with `HfInt4Config(fuse_projections=False)` (one GEMM per
   q/k/v/gate/up layer instead of one per group, hf_int4.fusion), timed beside the others.
 - `--attn sdpa_gqa`: both models with an attention function registered through transformers' `AttentionInterface`:
@@ -254,7 +254,7 @@ def main():
     parser.add_argument("--quantized-head", action="store_true",
                         help="also time a checkpoint whose output head is quantized too (GPTQModel's lm_head=True)")
     parser.add_argument("--pdl", action="store_true",
-                        help="compile every decode step with inductor's programmatic dependent launch")
+                        help="also time every decode step compiled with inductor's programmatic dependent launch")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "sdpa_gqa"],
                         help="attention implementation of every model")
     parser.add_argument("--json")
@@ -271,7 +271,6 @@ def main():
         "transformers": __import__("transformers").__version__,
         "model": f"Llama-3-8B config, {args.layers} layers, random weights; int4 = RTN GPTQ g128 sym",
         "attention": args.attn,
-        "decode_step_pdl": args.pdl,
         "int4_checkpoint_load_s": load_seconds,
         "weights_gib": {name: sum(t.numel() * t.element_size() for t in m.state_dict().values()) / 2**30
                         for name, m in models.items()},
@@ -307,13 +306,17 @@ def main():
                       f"of the {row[f'{name}_ms']:.1f} ms measured above\n{table}", flush=True)
         save()
 
-    # Decode steps by name: one per model, with PDL if --pdl. Each row but fp16
+    # Decode steps by name: one per model, and with --pdl each model again compiled with PDL. Each row but fp16
     # is divided by its baseline and stored under its speedup key (the keys of earlier result files):
     # name -> (speedup key, baseline).
-    torch._dynamo.config.recompile_limit = 64  # one step function, compiled per model and batch
-    steps = {name: (model, compiled_decode_step(model, pdl=args.pdl)) for name, model in models.items()}
+    torch._dynamo.config.recompile_limit = 64  # one step function, compiled per model, batch and option set
+    steps = {name: (model, compiled_decode_step(model)) for name, model in models.items()}
     speedup_of = {"int4": ("speedup", "fp16"), "int4_unfused": ("speedup_unfused", "fp16"),
                   "int4_head": ("speedup_head", "fp16")}
+    if args.pdl:
+        steps.update({f"{name}_pdl": (model, compiled_decode_step(model, pdl=True)) for name, model in models.items()})
+        speedup_of.update({"fp16_pdl": ("speedup_fp16_pdl", "fp16")} |
+                          {f"{name}_pdl": (f"{key}_pdl", "fp16_pdl") for name, (key, _) in speedup_of.items()})
 
     if args.profile:
         for batch in args.batches:
