@@ -203,7 +203,7 @@ def profile_decode_step(model, step, batch: int, prompt: int, repeats: int) -> s
     cache, token, pos, _ = warmed_up(model, step, batch, prompt, repeats)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         run_steps(step, cache, token, pos, 8)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=110)
 
 
 @torch.no_grad()
@@ -234,7 +234,7 @@ def prefill_gpu_profile(model, tokens: int):
     events = prof.key_averages()
     # kernels only: an operator's self device time repeats its kernels' (the table's "Self CUDA time total")
     gpu_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
-    return gpu_ms, events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+    return gpu_ms, events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=110)
 
 
 def main():
