@@ -61,8 +61,9 @@ LLAMA3_8B = dict(
 )
 
 
-def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool):
-    """({name: model} on the GPU: fp16, int4 [, int4_unfused] [, int4_head]), seconds to load the int4 checkpoint."""
+def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool, ungated: bool):
+    """({name: model} on the GPU: fp16, int4 [, int4_unfused] [, int4_head] [, int4_ungated, int4_head_ungated]), seconds
+    to load the int4 checkpoint."""
     config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -83,12 +84,26 @@ def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool):
     if unfused:
         models["int4_unfused"] = load_int4(checkpoint, fuse_projections=False)
     if quantized_head:
-        models["int4_head"] = load_int4(write("-head", modules_to_not_convert=()))
+        head_checkpoint = write("-head", modules_to_not_convert=())
+        models["int4_head"] = load_int4(head_checkpoint)
+    if ungated:
+        models["int4_ungated"] = without_gated_mlps(load_int4(checkpoint))
+        if quantized_head:
+            models["int4_head_ungated"] = without_gated_mlps(load_int4(head_checkpoint))
     for model in models.values():
         # Random weights emit any token; never stop early, so every run decodes exactly what it asks for.
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
     return models, load_seconds
+
+
+def without_gated_mlps(model):
+    """The model's MLPs back on their own forward, silu(gate) * up a kernel of its own between the two GEMMs (the A/B of
+    hf_int4.fusion's gated MLPs)."""
+    for module in model.modules():
+        if hasattr(module, "_hf_int4_gated"):
+            del module.forward, module._hf_int4_gated
+    return model
 
 
 def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -253,6 +268,8 @@ def main():
     parser.add_argument("--unfused", action="store_true", help="also time int4 without fused projections")
     parser.add_argument("--quantized-head", action="store_true",
                         help="also time a checkpoint whose output head is quantized too (GPTQModel's lm_head=True)")
+    parser.add_argument("--ungated", action="store_true",
+                        help="also time the int4 models with their MLPs' silu(gate) * up as a kernel of its own")
     parser.add_argument("--pdl", action="store_true",
                         help="also time every decode step compiled with inductor's programmatic dependent launch")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "sdpa_gqa"],
@@ -262,7 +279,7 @@ def main():
     if not torch.cuda.is_available() or not hf_int4.extension_available():
         sys.exit("bench_generation needs a CUDA GPU and the built hf_int4 extension")
 
-    models, load_seconds = make_models(args.workdir, args.layers, args.unfused, args.quantized_head)
+    models, load_seconds = make_models(args.workdir, args.layers, args.unfused, args.quantized_head, args.ungated)
     for model in models.values():
         model.set_attn_implementation(args.attn)
     result = {
@@ -312,7 +329,8 @@ def main():
     torch._dynamo.config.recompile_limit = 64  # one step function, compiled per model, batch and option set
     steps = {name: (model, compiled_decode_step(model)) for name, model in models.items()}
     speedup_of = {"int4": ("speedup", "fp16"), "int4_unfused": ("speedup_unfused", "fp16"),
-                  "int4_head": ("speedup_head", "fp16")}
+                  "int4_head": ("speedup_head", "fp16"), "int4_ungated": ("speedup_ungated", "fp16"),
+                  "int4_head_ungated": ("speedup_head_ungated", "fp16")}
     if args.pdl:
         steps.update({f"{name}_pdl": (model, compiled_decode_step(model, pdl=True)) for name, model in models.items()})
         speedup_of.update({"fp16_pdl": ("speedup_fp16_pdl", "fp16")} |

@@ -75,6 +75,14 @@ class KernelPath:
     def run(self, x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def run_gated(self, h: torch.Tensor, up_offset: int, packed: PackedInt4Weight,
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """A gated MLP's down projection on its gate and up projections side by side: the input is
+        hf_int4.ops.silu_mul(h, K, up_offset), formed here first."""
+        from hf_int4.ops import silu_mul
+
+        return self.run(silu_mul(h, packed.in_features, up_offset), packed, bias)
+
 
 class DecodePath(KernelPath):
     """The decode kernels (one op): up to 8 rows a streaming kernel, more a Marlin-class tiled one; both read the
@@ -86,6 +94,11 @@ class DecodePath(KernelPath):
         from hf_int4.ops import int4_gemm
 
         return int4_gemm(x, packed, bias)
+
+    def run_gated(self, h, up_offset, packed, bias):  # the streaming kernel forms silu(gate) * up as it reads h
+        from hf_int4.ops import int4_gemm
+
+        return int4_gemm(h, packed, bias, up_offset=up_offset)
 
 
 class DequantCublasPath(KernelPath):

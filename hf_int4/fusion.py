@@ -12,7 +12,14 @@ The first member called computes the fused GEMM and keeps it with its input; a m
 same input tensor (not modified in place since) takes its columns from it, and the last member to do so
 drops it. Any other input recomputes, so an unusual call order costs time, never a wrong answer. Under
 torch.compile the whole exchange is traced into one GEMM and three views.
+
+A gated MLP, down(silu(gate(x)) * up(x)), then runs as two GEMMs and nothing between: its forward hands the fused
+gate/up output to the down projection as it is (HfInt4Linear.forward_gated), whose decode kernel forms
+silu(gate) * up as it reads its input (other paths form it first). In a batch-1 decode step that saves a kernel
+and its launch gap per layer. It replaces the MLP module's forward only where the MLP is the known pattern: its
+act_fn is SiLU and, on a probe input at load time, the replaced forward gives what the model's own forward gives.
 """
+import functools
 from typing import List, Optional, Sequence
 
 import torch
@@ -24,6 +31,8 @@ from hf_int4.packing import PackedInt4Weight, padded_sizes
 # Children of one module that transformers' models (and hf_int4.experts) call on the same input, in call order;
 # w1 / w3: Mixtral's expert gate / up.
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+# A gated MLP's (gate, up) sibling group and its down projection
+GATED_MLP_DOWN = {("gate_proj", "up_proj"): "down_proj", ("w1", "w3"): "w2"}
 FUSED_PREFIX = "int4_fused_"
 
 
@@ -125,8 +134,60 @@ def fuse_group(parent: torch.nn.Module, names: Sequence[str]) -> Optional[HfInt4
     return fused
 
 
+def gated_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a gated MLP whose gate / up projections are fused (set by fuse_gated_mlp)."""
+    fused, down, up_offset = mlp._hf_int4_gated
+    return down.forward_gated(fused(x), up_offset)
+
+
+def _silu_modules() -> tuple:
+    """torch's SiLU module and transformers' own (ACT2FN["silu"] in transformers 5)."""
+    from transformers import activations
+
+    return (torch.nn.SiLU,) + ((activations.SiLUActivation,) if hasattr(activations, "SiLUActivation") else ())
+
+
+def why_not_gated(mlp: torch.nn.Module, names: Sequence[str]) -> Optional[str]:
+    """None when fuse_gated_mlp can replace the forward of `mlp`, whose `names` (gate, up) are fused, else why not."""
+    fused = getattr(mlp, FUSED_PREFIX + "_".join(names))
+    down = getattr(mlp, GATED_MLP_DOWN.get(tuple(names), ""), None)
+    if not isinstance(down, HfInt4Linear) or not down.is_packed or down._fused_into is not None:
+        return f"{fused.name}: no packed HfInt4Linear down projection"
+    if not isinstance(getattr(mlp, "act_fn", None), _silu_modules()):
+        return f"{fused.name}: the activation is {type(getattr(mlp, 'act_fn', None)).__name__}, not SiLU"
+    widths = {width for _, width, _ in fused.member_columns}
+    if widths != {down.in_features} or down.dtype != fused.dtype or down.int4_qweight.device != fused.int4_qweight.device:
+        return f"{fused.name} and {down.name} differ in width ({widths}, {down.in_features}), dtype or device"
+    if "forward" in vars(mlp) or hasattr(mlp, "_hf_hook"):
+        return f"{fused.name}: the MLP's forward is already replaced (e.g. by accelerate's hooks)"
+    return None
+
+
+@torch.no_grad()
+def fuse_gated_mlp(mlp: torch.nn.Module, names: Sequence[str]) -> bool:
+    """Replace the forward of `mlp`, whose gate / up projections `names` are fused, by gated_mlp_forward, where
+    why_not_gated finds nothing and a probe input gives its own forward's output (else nothing changes, the reason
+    logged at debug level). True when replaced."""
+    why = why_not_gated(mlp, names)
+    fused = getattr(mlp, FUSED_PREFIX + "_".join(names))
+    if why is None:
+        mlp._hf_int4_gated = (fused, getattr(mlp, GATED_MLP_DOWN[tuple(names)]), fused.member_columns[1][0])
+        probe = torch.randn(2, fused.in_features, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=fused.int4_qweight.device, dtype=fused.dtype)
+        want, got = type(mlp).forward(mlp, probe).float(), gated_mlp_forward(mlp, probe).float()
+        if not bool((got - want).abs().max() <= 1e-2 * want.abs().max()):
+            why = f"{fused.name}: the MLP's forward is not down(silu(gate(x)) * up(x)) on a probe input"
+            del mlp._hf_int4_gated
+    if why is not None:
+        logger.debug("gated MLP not fused: %s", why)
+        return False
+    mlp.forward = functools.partial(gated_mlp_forward, mlp)  # as accelerate's hooks replace a module's forward
+    return True
+
+
 def fuse_sibling_projections(model: torch.nn.Module) -> List[HfInt4FusedLinear]:
-    """Fuse every SIBLING_GROUPS group of packed HfInt4Linear layers on a GPU; returns the fused modules."""
+    """Fuse every SIBLING_GROUPS group of packed HfInt4Linear layers on a GPU, and the gated MLPs among them
+    (fuse_gated_mlp); returns the fused modules."""
     fused = []
     for parent in list(model.modules()):
         for names in SIBLING_GROUPS:
@@ -138,5 +199,7 @@ def fuse_sibling_projections(model: torch.nn.Module) -> List[HfInt4FusedLinear]:
             if group is not None:
                 group.dispatch_plan()
                 fused.append(group)
+                if tuple(names) in GATED_MLP_DOWN:
+                    fuse_gated_mlp(parent, names)
     return fused
 

@@ -206,6 +206,17 @@ class HfInt4Linear(nn.Module):
             return self.dispatch_plan(x.device).path(rows).run(x, packed, self.bias)
         return matmul_reference(x, dequantize_packed(packed), self.bias)
 
+    def forward_gated(self, h: torch.Tensor, up_offset: int) -> torch.Tensor:
+        """self(silu(h[..., :K]) * h[..., up_offset:up_offset + K]): a gated MLP's down projection called on its gate
+        and up projections' fused output (hf_int4.fusion), which the decode kernel takes as it is."""
+        if self.is_packed and self._fused_into is None and h.is_cuda and _extension.extension_available() \
+                and h.dtype in SUPPORTED_DTYPES:
+            rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+            return self.dispatch_plan(h.device).path(rows).run_gated(h, up_offset, self.packed_weight(), self.bias)
+        from hf_int4.ops import silu_mul  # (as hf_int4.dispatch: the ops module loads the extension)
+
+        return self(silu_mul(h, self.in_features, up_offset))
+
     def extra_repr(self) -> str:
         cfg = self.config
         return (

@@ -29,8 +29,9 @@ def _packed_shape(size_k: int, size_n: int):
     return PackedInt4Weight.shapes(size_k, size_n, -1)["qweight"]
 
 
-def _check_call(op: str, x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor]):
-    """The checks every linear path makes on its inputs, with errors naming the offending setting."""
+def _check_call(op: str, x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor], up_offset: int = 0):
+    """The checks every linear path makes on its inputs, with errors naming the offending setting (up_offset > 0: x is
+    a gated input, see silu_mul)."""
     def fail(msg):
         raise ValueError(f"hf_int4.{op}: {msg}")
 
@@ -47,7 +48,11 @@ def _check_call(op: str, x: torch.Tensor, packed: PackedInt4Weight, bias: Option
         fail(f"x must be float16 or bfloat16, got {x.dtype}")
     if x.dtype != packed.dtype:
         fail(f"x is {x.dtype} but the weight was packed for {packed.dtype} activations (scales dtype)")
-    if x.dim() < 1 or x.shape[-1] != K:
+    if up_offset > 0:
+        if x.dim() < 1 or up_offset < K or x.shape[-1] < up_offset + K:
+            fail(f"a gated input holds the gate in columns [0, {K}) and the up projection in [up_offset, up_offset + "
+                 f"{K}), up_offset >= {K}; got up_offset={up_offset} and x of shape {tuple(x.shape)}")
+    elif x.dim() < 1 or x.shape[-1] != K:
         fail(f"expected x of shape [..., {K}] (in_features), got {tuple(x.shape)}")
     if bias is not None:
         if bias.device != x.device or bias.dtype != x.dtype or tuple(bias.shape) != (N,):
@@ -61,6 +66,16 @@ def _in_packed_order(x: torch.Tensor, packed: PackedInt4Weight) -> torch.Tensor:
     return x if packed.perm is None else x.index_select(-1, packed.perm)
 
 
+GATED_MAX_ROWS = 8  # the streaming kernel's rows (csrc/kernels.h kStreamMaxRows): it takes a gated input
+
+
+def silu_mul(h: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
+    """A gated MLP's input to its down projection: silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k], in
+    fp32 and rounded once to h's dtype (as the streaming kernel forms it, and inductor's fused kernel)."""
+    gate, up = h[..., :size_k].float(), h[..., up_offset:up_offset + size_k].float()
+    return (F.silu(gate) * up).to(h.dtype)
+
+
 def int4_gemm(
     x: torch.Tensor,
     packed: PackedInt4Weight,
@@ -69,17 +84,23 @@ def int4_gemm(
     thread_n: int = -1,
     thread_k: int = -1,
     sms: int = -1,
+    up_offset: int = 0,
 ) -> torch.Tensor:
     """The decode kernel: x [..., K] @ dequant(packed) [K, N] (+ bias) -> [..., N] in x's dtype.
 
     Up to 8 rows run the streaming kernel, more rows the tiled kernel. thread_n / thread_k (the tiled kernel's
     tile: 128x128, 256x64 or 128x64) and sms (its number of thread blocks; for up to 8 rows, the streaming
-    kernel's number of k-splits) override the heuristics; they are for tuning and tests."""
-    _check_call("int4_gemm", x, packed, bias)
+    kernel's number of k-splits) override the heuristics; they are for tuning and tests.
+    up_offset > 0: x is a gated MLP's gate and up projections side by side, and the GEMM's input is
+    silu_mul(x, K, up_offset), which the streaming kernel (up to GATED_MAX_ROWS rows) forms as it reads x, with no
+    kernel in between; more rows and act-order layers form it first."""
+    _check_call("int4_gemm", x, packed, bias, up_offset)
     K, N = packed.in_features, packed.out_features
+    if up_offset > 0 and (packed.perm is not None or x.numel() > GATED_MAX_ROWS * x.shape[-1]):
+        x, up_offset = silu_mul(x, K, up_offset), 0
     return torch.ops.hf_int4.int4_gemm(
         _in_packed_order(x, packed), packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size,
-        bias, thread_n, thread_k, sms,
+        bias, thread_n, thread_k, sms, up_offset,
     )
 
 
@@ -151,10 +172,16 @@ if _HAS_EXTENSION:
 
     @torch.library.register_fake("hf_int4::int4_gemm")
     def _int4_gemm_fake(a, b_packed, scales, zeros, workspace, size_n, size_k, group_size, bias,
-                        thread_n=-1, thread_k=-1, sms=-1):
+                        thread_n=-1, thread_k=-1, sms=-1, up_offset=0):
         torch._check(a.dim() >= 1, lambda: "hf_int4::int4_gemm: the activation must be [..., K]")
         torch._check(a.dtype in SUPPORTED_DTYPES, lambda: f"hf_int4::int4_gemm: bad activation dtype {a.dtype}")
-        torch._check(a.shape[-1] == size_k, lambda: f"hf_int4::int4_gemm: activation K={a.shape[-1]} != size_k={size_k}")
+        if up_offset > 0:
+            torch._check(up_offset >= size_k and a.shape[-1] >= up_offset + size_k,
+                         lambda: f"hf_int4::int4_gemm: a gated input of {a.shape[-1]} columns, up_offset={up_offset}")
+            torch._check(a.numel() <= GATED_MAX_ROWS * a.shape[-1],
+                         lambda: f"hf_int4::int4_gemm: a gated input takes at most {GATED_MAX_ROWS} rows")
+        else:
+            torch._check(a.shape[-1] == size_k, lambda: f"hf_int4::int4_gemm: activation K={a.shape[-1]} != size_k={size_k}")
         torch._check(scales.dtype == a.dtype, lambda: "hf_int4::int4_gemm: scales dtype != activation dtype")
         torch._check(
             tuple(b_packed.shape) == _packed_shape(size_k, size_n),

@@ -13,7 +13,7 @@ from hf_int4 import dispatch
 from hf_int4._extension import hopper_available
 from hf_int4.formats import GPTQConfig
 from hf_int4.formats.gptq_writer import random_gptq_layer
-from hf_int4.ops import READ_FLOOR_THREADS, dequantize, int4_gemm, read_floor
+from hf_int4.ops import READ_FLOOR_THREADS, dequantize, int4_gemm, read_floor, silu_mul
 from hf_int4.packing import pack_gptq_layer
 from hf_int4.reference import dequantize_gptq, gptq_matmul_reference
 
@@ -58,6 +58,13 @@ def main():
                     h_err = ((path.run(x, packed, bias).float() - ref).norm() / ref.norm()).item()
                     worst = max(worst, h_err)
                     print(f"  {path.name}: rel err {h_err:.2e}")
+        if M <= 8:  # the streaming kernel on a gated MLP's gate and up (8 columns apart), rows of odd length
+            up_offset = K + 8
+            h = torch.randn(M, up_offset + K + 8, device="cuda", dtype=dtype)
+            g_ref = gptq_matmul_reference(silu_mul(h, K, up_offset).float(), layer)
+            g_err = ((int4_gemm(h, packed, bias, up_offset=up_offset).float() - g_ref).norm() / g_ref.norm()).item()
+            worst = max(worst, g_err)
+            print(f"  gated: rel err {g_err:.2e}")
         print(f"K={K} N={N} M={M} {config} {dtype}: int4_gemm rel err {err:.2e}, dequantize rel err {w_err:.2e}")
     # back-to-back M = 1 calls, each output the next one's input: launched early behind one another
     # (programmatic dependent launch, decode_gemm.cuh), they share the workspace

@@ -487,8 +487,73 @@ def test_fake_impl_opcheck():
     x = torch.randn(3, K, dtype=F16, device="cuda")
     args = (x, packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size, None)
     torch.library.opcheck(torch.ops.hf_int4.int4_gemm.default, args, test_utils=("test_schema", "test_faketensor"))
+    h = torch.randn(3, 2 * K, dtype=F16, device="cuda")
+    torch.library.opcheck(torch.ops.hf_int4.int4_gemm.default, (h,) + args[1:], {"up_offset": K},
+                          test_utils=("test_schema", "test_faketensor"))
     layer, _ = get_layer(K, N, cfg)
     torch.library.opcheck(torch.ops.hf_int4.repack_gptq.default, (layer.qweight, None, K, N), test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------------ gated input
+
+
+def gated_input(M, K, up_offset, width, dtype, seed):
+    """A gated MLP's gate and up projections side by side in rows of `width` (other columns NaN: read, they would show),
+    and the input they stand for, silu(gate) * up, in float64 rounded once to dtype."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.full((M, width), float("nan"), dtype=dtype, device="cuda")
+    h[:, :K] = 3 * torch.randn(M, K, generator=gen, device="cuda")
+    h[:, up_offset:up_offset + K] = torch.randn(M, K, generator=gen, device="cuda")
+    gate, up = h[:, :K].double(), h[:, up_offset:up_offset + K].double()
+    return h, (gate * torch.sigmoid(gate) * up).to(dtype)
+
+
+# (K, N, up_offset, width): up right after the gate (Llama's 14336), after padding columns, with columns past it
+GATED_SHAPES = [(14336, 4096, 14336, 28672), (576, 1536, 640, 1280), (352, 264, 384, 744), (4096, 4096, 4096, 8192)]
+
+
+# (VARIANTS index, GATED_SHAPES index): sym / asym at every group size, act-order (formed by the wrapper)
+GATED_CASES = [(2, 0), (10, 3), (1, 1), (8, 2), (3, 2), (11, 1), (6, 1), (28, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vi,si", GATED_CASES, ids=["{}-{}-{}-g{}-K{}".format(
+    VARIANTS[vi][0], "sym" if VARIANTS[vi][1] else "asym", "act" if VARIANTS[vi][2] else "noact", VARIANTS[vi][3],
+    GATED_SHAPES[si][0]) for vi, si in GATED_CASES])
+def test_gated_input_matches_the_oracle(vi, si, dtype):
+    """up_offset > 0: the op's input is silu(gate) * up, which the streaming kernel forms as it reads (M <= 8) and the
+    wrapper forms first for more rows and for act-order; against the oracle of that input, every row count, k-split."""
+    fmt, sym, desc_act, gs = VARIANTS[vi]
+    cfg = _cfg(fmt, sym, desc_act, gs)
+    K, N, up_offset, width = GATED_SHAPES[si]
+    layer, raw = get_layer(K, N, cfg, bias=True, seed=100 + vi)
+    packed = get_packed(K, N, cfg, dtype, bias=True, seed=100 + vi)
+    bias = raw["bias"].to(dtype)
+    for M in (1, 2, 3, 5, 8, 9, 17):
+        for sms in ((-1, 3) if M <= 8 else (-1,)):
+            h, x = gated_input(M, K, up_offset, width, dtype, seed=M)
+            out = run(h, packed, bias, up_offset=up_offset, sms=sms)
+            check(out, oracle(raw, x, bias), dtype, f"{VARIANTS[vi]} K={K} N={N} up_offset={up_offset} M={M} sms={sms}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_input_takes_leading_dimensions_and_cuda_graphs(dtype):
+    K, N, up_offset, width = GATED_SHAPES[1]
+    cfg = _cfg("gptq", True, False, 64)
+    layer, raw = get_layer(K, N, cfg, seed=7)
+    packed = get_packed(K, N, cfg, dtype, seed=7)
+    h, x = gated_input(6, K, up_offset, width, dtype, seed=8)
+    out = run(h.view(2, 3, width), packed, up_offset=up_offset)
+    check(out, oracle(raw, x).view(2, 3, N), dtype, "gated [2, 3, width]")
+    static_h = h.clone()
+    ops.int4_gemm(static_h, packed, up_offset=up_offset)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ops.int4_gemm(static_h, packed, up_offset=up_offset)
+    h2, x2 = gated_input(6, K, up_offset, width, dtype, seed=9)
+    static_h.copy_(h2)
+    graph.replay()
+    check(static_out, oracle(raw, x2), dtype, "gated, CUDA graph replay")
 
 
 # -------------------------------------------------------------------------------------------- errors
@@ -520,6 +585,16 @@ def test_bad_inputs_raise_clear_errors():
         op(x, packed.qweight[:4], packed.scales, None, None, N, K, 128, None)
     with pytest.raises(RuntimeError, match="CUDA tensors only"):
         op(x.cpu(), packed.qweight.cpu(), packed.scales.cpu(), None, None, N, K, 128, None)
+    with pytest.raises(ValueError, match="up_offset >= 576"):
+        ops.int4_gemm(torch.randn(2, 1152, dtype=F16, device="cuda"), packed, up_offset=512)
+    with pytest.raises(ValueError, match="gated input"):
+        ops.int4_gemm(torch.randn(2, 1100, dtype=F16, device="cuda"), packed, up_offset=576)
+    gated = torch.randn(2, 1160, dtype=F16, device="cuda")
+    with pytest.raises(RuntimeError, match="a multiple of 8"):
+        op(gated, packed.qweight, packed.scales, None, None, N, K, 128, None, -1, -1, -1, 580)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        op(torch.randn(9, 1152, dtype=F16, device="cuda"), packed.qweight, packed.scales, None, None, N, K, 128, None,
+           -1, -1, -1, 576)
     x32 = torch.randn(32, K, dtype=F16, device="cuda")  # tiles are the tiled kernel's: rows past 16
     with pytest.raises(RuntimeError, match="thread_n/thread_k tile is not available"):
         op(x32, packed.qweight, packed.scales, None, None, N, K, 128, None, 128, 128, -1)  # 576 % 128 != 0

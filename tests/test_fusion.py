@@ -9,7 +9,7 @@ from torch import nn
 
 from hf_int4 import GPTQConfig, HfInt4Linear, dispatch
 from hf_int4.formats.gptq_writer import make_gptq_layer, random_gptq_layer
-from hf_int4.fusion import FUSED_PREFIX, HfInt4FusedLinear, fuse_group
+from hf_int4.fusion import FUSED_PREFIX, HfInt4FusedLinear, fuse_gated_mlp, fuse_group
 from hf_int4.modules import pack_for_module, packed_state_dict
 from hf_int4.reference import dequantize_gptq
 
@@ -144,6 +144,68 @@ def test_compiled_forward_runs_one_gemm_per_group():
     assert attn.int4_fused_q_proj_k_proj_v_proj._pending is None
 
 
+H, I = 256, 328  # hidden and intermediate sizes of the gated MLP tests: the gate is padded to 384 columns when fused
+
+
+def _gated_mlp(hidden_act="silu", cls=None, seed=0):
+    """transformers' LlamaMLP (or `cls`, a subclass) with HfInt4Linear projections, and the oracle of each."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    cfg = CONFIGS["g128-sym"]
+    mlp = (cls or LlamaMLP)(LlamaConfig(hidden_size=H, intermediate_size=I, hidden_act=hidden_act))
+    oracles = {}
+    for i, (name, k, n) in enumerate((("gate_proj", H, I), ("up_proj", H, I), ("down_proj", I, H))):
+        layer, _ = random_gptq_layer(k, n, cfg, seed=seed + i)
+        module = HfInt4Linear(k, n, False, cfg, dtype=F16, name=f"mlp.{name}", packed=True)
+        module.load_state_dict(packed_state_dict(pack_for_module(layer, F16), None))
+        setattr(mlp, name, module)
+        oracles[name] = (dequantize_gptq(layer).double(), None)
+    return mlp, oracles
+
+
+def _mlp_oracle(oracles, x):
+    """down(silu(gate(x)) * up(x)) in float64, each projection's output rounded to float16 as the model's are."""
+    gate, up = (_oracle(oracles[n], x).to(F16).double() for n in ("gate_proj", "up_proj"))
+    return _oracle(oracles["down_proj"], (gate * torch.sigmoid(gate) * up).to(F16))
+
+
+def test_a_gated_mlp_runs_its_down_projection_on_the_fused_output():
+    mlp, oracles = _gated_mlp()
+    x = torch.randn(3, 4, H, generator=torch.Generator().manual_seed(1)).to(F16)
+    want = _mlp_oracle(oracles, x)
+    fuse_group(mlp, ("gate_proj", "up_proj"))
+    assert fuse_gated_mlp(mlp, ("gate_proj", "up_proj"))
+    fused = mlp.int4_fused_gate_proj_up_proj
+    assert mlp._hf_int4_gated == (fused, mlp.down_proj, 384) and "forward" in vars(mlp)
+    calls = []
+    real = HfInt4Linear.forward_gated
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HfInt4Linear, "forward_gated", lambda self, h, off: calls.append((self, h.shape, off)) or real(self, h, off))
+        got = mlp(x)
+    assert calls == [(mlp.down_proj, (3, 4, 384 + I), 384)], "the down projection takes the fused output as it is"
+    assert fused._pending is None, "gate_proj / up_proj are not called as members"
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
+    assert not fuse_gated_mlp(mlp, ("gate_proj", "up_proj")), "a replaced forward is not replaced again"
+
+
+def test_mlps_of_another_activation_or_forward_keep_their_own():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class Reversed(LlamaMLP):  # silu(up) * gate: the same modules, another function
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(2)).to(F16)
+    for hidden_act, cls in (("gelu", None), ("silu", Reversed)):
+        mlp, oracles = _gated_mlp(hidden_act, cls)
+        want = mlp(x)
+        fuse_group(mlp, ("gate_proj", "up_proj"))
+        assert not fuse_gated_mlp(mlp, ("gate_proj", "up_proj")), hidden_act
+        assert "forward" not in vars(mlp) and not hasattr(mlp, "_hf_int4_gated")
+        torch.testing.assert_close(mlp(x), want, rtol=1e-2, atol=1e-2)
+
+
 @pytest.fixture(scope="module")
 def packed_llama(tmp_path_factory):
     """A tiny Llama GPTQ checkpoint saved in the packed layout: loaded on the CPU, its layers are packed."""
@@ -169,9 +231,11 @@ def _load_and_fuse(packed_llama):
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         apart = model(ids).logits
-    groups = [fuse_group(parent, names) for parent in list(model.modules()) for names in SIBLING_GROUPS
+    groups = [(parent, names, fuse_group(parent, names)) for parent in list(model.modules()) for names in SIBLING_GROUPS
               if all(isinstance(getattr(parent, n, None), HfInt4Linear) for n in names)]
-    assert len(groups) == 2 * model.config.num_hidden_layers and all(groups)
+    assert len(groups) == 2 * model.config.num_hidden_layers and all(g for _, _, g in groups)
+    gated = [fuse_gated_mlp(parent, names) for parent, names, _ in groups if names == ("gate_proj", "up_proj")]
+    assert len(gated) == model.config.num_hidden_layers and all(gated)
     return model, ids, apart
 
 

@@ -68,9 +68,11 @@ def test_sibling_projections_run_as_one_gemm(checkpoint):
     fused = _load(checkpoint, "cuda", torch.float16)
     apart = _load(checkpoint, "cuda", torch.float16, fuse_projections=False)
     groups = [m for m in fused.modules() if isinstance(m, HfInt4FusedLinear)]
+    gated = [m for m in fused.modules() if hasattr(m, "_hf_int4_gated")]  # MLPs whose down projection takes gate/up
     if not CONFIGS[checkpoint.name].desc_act:  # the test writer gives act-order layers their own g_idx each
         assert len(groups) == 2 * fused.config.num_hidden_layers, "q/k/v and gate/up of every layer"
-    assert not any(isinstance(m, HfInt4FusedLinear) for m in apart.modules())
+        assert len(gated) == fused.config.num_hidden_layers, "every layer's MLP"
+    assert not any(isinstance(m, HfInt4FusedLinear) or hasattr(m, "_hf_int4_gated") for m in apart.modules())
     ids = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(5)).cuda()
     with torch.no_grad():
         got, want = fused(ids).logits.float(), apart(ids).logits.float()
@@ -91,7 +93,10 @@ def test_generate_static_cache_and_compile(checkpoint):
     with torch.no_grad():
         eager = model(ids).logits
         graph = compiled(ids).logits
+        # decode-sized (2 rows): the gated MLPs' down projections form silu(gate) * up in the streaming kernel
+        eager_step, graph_step = model(ids[:, :1]).logits, compiled(ids[:, :1]).logits
     torch.testing.assert_close(graph, eager, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(graph_step, eager_step, rtol=2e-3, atol=2e-3)
 
 
 def test_packed_checkpoint_roundtrip_on_gpu(checkpoint, tmp_path):
@@ -139,6 +144,7 @@ def test_gpu_moe_matches_cpu_reference(kind, tmp_path):
     gpu = _load(checkpoint, "cuda", torch.float16)
     fused = [m for m in gpu.modules() if isinstance(m, HfInt4FusedLinear)]
     assert len(fused) == 2 * (1 + 4), "q/k/v and every expert's gate/up, in both layers"
+    assert sum(hasattr(m, "_hf_int4_gated") for m in gpu.modules()) == 2 * 4, "every expert's MLP is a gated one"
     cpu = _load(checkpoint, "cpu", torch.float32)
     for rows in (1, 37):
         ids = torch.randint(0, 256, (2, rows), generator=torch.Generator().manual_seed(rows))

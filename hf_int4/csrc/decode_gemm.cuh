@@ -654,12 +654,14 @@ const char* run_int4_gemm(const Int4GemmArgs& a) {
     }
   const auto* A = static_cast<const uint16_t*>(a.a);
   auto* C = static_cast<uint16_t*>(a.c);
+  if (a.up_offset > 0 && a.m > stream::kMaxRows) return "hf_int4: internal error (gated input of more than 8 rows)";
+  const int lda = a.up_offset > 0 ? a.lda : a.size_k;
   if (a.workspace_size < kCounterInts) return "hf_int4: the workspace is smaller than its counter block";
   int rows_done = 0;
   while (rows_done < a.m) {
     const int rem = a.m - rows_done;
     if (rem <= stream::kMaxRows) {  // decode-sized block (or the last few rows): the streaming kernel
-      return stream::run_stream_gemm<T>(a, A + static_cast<int64_t>(rows_done) * a.size_k,
+      return stream::run_stream_gemm<T>(a, A + static_cast<int64_t>(rows_done) * lda, lda,
                                         C + static_cast<int64_t>(rows_done) * a.size_n, rem, group_shift, info.sms,
                                         info.early);
     }

@@ -34,6 +34,9 @@ struct Int4GemmArgs {
   int group_size = 0;            // effective group size in rows (k_pad for per-channel)
   int thread_n = -1, thread_k = -1;  // tile override (-1: heuristic)
   int sms = -1;                  // tiled kernel: thread blocks (-1: one per SM); streaming kernel (M <= 8): k-splits
+  // up_offset > 0 (m <= kStreamMaxRows): a gated MLP's down projection. a is [m, lda] and holds the gate in columns
+  // [0, size_k) and the up projection from column up_offset; the GEMM's input is silu(gate) * up.
+  int up_offset = 0, lda = 0;
   int device = 0;
   cudaStream_t stream = nullptr;
 };
@@ -60,6 +63,7 @@ const char* dequantize_int4_bf16(const void* b, const void* scales, const void* 
 constexpr int kCounterInts = 1 << 16;
 constexpr int64_t int4_gemm_workspace_ints(int sms) { return kCounterInts + int64_t(2) * sms * 64 * 256; }
 constexpr int kPadK = 64;
+constexpr int kStreamMaxRows = 8;  // rows the streaming kernel takes (stream_gemm.cuh)
 constexpr int kPadN = 128;
 
 constexpr int kReadFloorThreads = 512;  // hf_int4.ops.READ_FLOOR_THREADS

@@ -78,12 +78,19 @@ at::Tensor cached_workspace(const at::Device& device, cudaStream_t stream) {
 at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, const at::Tensor& scales,
                           const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& workspace,
                           int64_t size_n, int64_t size_k, int64_t group_size, const std::optional<at::Tensor>& bias,
-                          int64_t thread_n, int64_t thread_k, int64_t sms) {
+                          int64_t thread_n, int64_t thread_k, int64_t sms, int64_t up_offset) {
   const char* op = "hf_int4::int4_gemm";
   TORCH_CHECK(a_in.is_cuda(), op, ": the activation must be a CUDA tensor, got device ", a_in.device());
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16, op,
               ": the activation must be float16 or bfloat16, got ", a_in.scalar_type());
-  ActivationRows rows = activation_rows(op, a_in, size_k, size_n);
+  TORCH_CHECK(up_offset >= 0, op, ": up_offset must be >= 0, got ", up_offset);
+  const int64_t width = up_offset > 0 && a_in.dim() >= 1 ? a_in.size(-1) : size_k;
+  if (up_offset > 0)
+    TORCH_CHECK(up_offset >= size_k && up_offset % 8 == 0 && width >= up_offset + size_k && width % 8 == 0, op,
+                ": a gated input holds the gate in columns [0, ", size_k, ") and the up projection from column "
+                "up_offset (a multiple of 8, >= ", size_k, "), rows of a multiple of 8 columns; got up_offset=",
+                up_offset, " and shape ", shape_str(a_in));
+  ActivationRows rows = activation_rows(op, a_in, width, size_n);
   const PackedSizes sizes =
       check_packed_weight(op, a_in, "the activation", b_packed, scales, zeros, size_n, size_k, group_size);
   const int64_t k_pad = sizes.k_pad, n_pad = sizes.n_pad;
@@ -93,6 +100,9 @@ at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, co
   TORCH_CHECK(thread_k == -1 || thread_k == 64 || thread_k == 128, op, ": thread_k must be -1, 64 or 128");
 
   at::Tensor a = std::move(rows.a);
+  // only the streaming kernel forms silu(gate) * up itself (hf_int4.ops.int4_gemm forms it first for more rows)
+  TORCH_CHECK(up_offset == 0 || a.size(0) <= kStreamMaxRows, op, ": a gated input takes at most ", kStreamMaxRows,
+              " rows, got ", a.size(0));
   if (!aligned16(a)) a = a.clone();  // rows are 16-byte multiples; only the base can be misaligned
 
   const c10::cuda::CUDAGuard device_guard(a.device());
@@ -132,6 +142,8 @@ at::Tensor int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_packed, co
   args.thread_n = static_cast<int>(thread_n);
   args.thread_k = static_cast<int>(thread_k);
   args.sms = static_cast<int>(sms);
+  args.up_offset = static_cast<int>(up_offset);
+  args.lda = static_cast<int>(a.size(1));
   args.device = a.device().index();
   args.stream = stream;
   const char* err = a.scalar_type() == at::kHalf ? int4_gemm_fp16(args) : int4_gemm_bf16(args);
@@ -224,7 +236,7 @@ void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink, int64_t key
 
 at::Tensor int4_gemm_cpu(const at::Tensor& a, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                          const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, const std::optional<at::Tensor>&,
-                         int64_t, int64_t, int64_t) {
+                         int64_t, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "hf_int4::int4_gemm runs on CUDA tensors only, got a tensor on ", a.device(),
               "; use hf_int4.reference for CPU");
 }
@@ -247,7 +259,7 @@ TORCH_LIBRARY(hf_int4, m) {
   m.set_python_module("hf_int4.ops");
   m.def(
       "int4_gemm(Tensor a, Tensor b_packed, Tensor scales, Tensor? zeros, Tensor? workspace, int size_n, "
-      "int size_k, int group_size, Tensor? bias, int thread_n=-1, int thread_k=-1, int sms=-1) -> Tensor",
+      "int size_k, int group_size, Tensor? bias, int thread_n=-1, int thread_k=-1, int sms=-1, int up_offset=0) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def("dequantize_int4(Tensor b_packed, Tensor scales, Tensor? zeros, int size_n, int size_k, int group_size) -> Tensor",
         {at::Tag::pt2_compliant_tag});

@@ -19,6 +19,10 @@
 //
 // Early launch (sm_90, programmatic dependent launch): the prologue requests the first DEPTH k-blocks of
 // weights and scales, then waits for the previous kernel before it reads activations or the workspace.
+//
+// Gated input (GATED, a gated MLP's down projection): A holds the gate and up projections side by side and the
+// GEMM's input is silu(gate) * up, formed as each step consumes its activations, so that the MLP needs no kernel
+// between its two GEMMs (in a batch-1 decode step that kernel and its launch gap cost ~2 us a layer).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,7 +37,7 @@ namespace hf_int4 {
 namespace gemm {
 namespace stream {
 
-constexpr int kMaxRows = 8;        // one n8 block of the mma
+constexpr int kMaxRows = kStreamMaxRows;  // one n8 block of the mma
 // Warps per CTA: 16 (one CTA per SM: 16 warps of at most 128 registers fill the register file) or 8 (two per SM)
 constexpr int kWideWarps = 16, kNarrowWarps = 8;
 // 16 x 16 atoms per warp per k-block, at most: 4 (one 512-byte run per warp and k-block; 2 is slower unless it
@@ -50,7 +54,9 @@ constexpr int kPartFloats = kMaxRows * 16 * 4;  // a CTA's partial slot in the w
 static __device__ uint32_t g_zero_acts[80];
 
 struct Params {
-  const uint16_t* a;       // [m, size_k], 16-byte aligned rows
+  const uint16_t* a;       // [m, lda]: the activations in columns [0, size_k) (gated: the gate), 4-byte aligned rows
+  int lda;                 // row stride of a, in elements (even)
+  int up_offset;           // gated: the up projection's first column in a (even); else 0
   const uint32_t* b;       // packed weight [kb_total, n_pad * 2]
   const uint16_t* scales;  // [G_pad, n_pad]
   const uint16_t* zeros;   // [G_pad, n_pad] (magic + z); nullptr: symmetric
@@ -95,8 +101,23 @@ struct RawFrag<__nv_bfloat16> {
   }
 };
 
+// silu(gate) * up of the two 16-bit values in each word, in fp32 and rounded once, as inductor's fused
+// silu-and-multiply computes it.
+template <typename T>
+__device__ __forceinline__ uint32_t silu_mul(uint32_t gate, uint32_t up) {
+  using D = Act<T>;
+  uint32_t r = 0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float g = D::to_float(static_cast<uint16_t>(gate >> 16 * h));
+    const float u = D::to_float(static_cast<uint16_t>(up >> 16 * h));
+    r |= uint32_t(D::from_float(__fdividef(g, 1.f + __expf(-g)) * u)) << 16 * h;
+  }
+  return r;
+}
+
 // WN > 1: splits == 1 only (a CTA's partial slot holds kPartFloats).
-template <typename T, int CKB, int WARPS, int WA, int WN>
+template <typename T, int CKB, int WARPS, int WA, int WN, bool GATED>
 __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_kernel(const Params p) {
   using D = Act<T>;
   using R = RawFrag<T>;
@@ -125,7 +146,9 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
   const uint16_t* s_lane = p.scales + wcol0 + g;
   const uint16_t* z_lane = has_zp ? p.zeros + wcol0 + g : nullptr;
   // x[g][k + 2t]; rows past M read zeros (g_zero_acts)
-  const uint16_t* x_row = g < p.m ? p.a + static_cast<int64_t>(g) * p.size_k + 2 * t : nullptr;
+  const uint16_t* x_row = g < p.m ? p.a + static_cast<int64_t>(g) * p.lda + 2 * t : nullptr;
+  // gated: the up projection's word lies this many words after the gate's (rows past M: 0, the zeros again)
+  const int up_words = GATED && x_row != nullptr ? p.up_offset / 2 : 0;
 
   // The load stream runs kDepth steps ahead of the compute. Step j of this warp is k-block j % CKB of its chunk
   // j / CKB, which is chunk c_begin + warp_k + WK (j / CKB) of K. Addresses are set up once per chunk.
@@ -136,7 +159,8 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
 
   // Rings, by step: weights and activations step % kDepth; scales and zeros step % U, at chunk starts only.
   uint32_t wr[kDepth][WA];  // the lane's packed word of each atom
-  uint32_t xr[kDepth][2];   // B fragments: x[g][k0 + 2t, +1] and [k0 + 2t + 8, +9]
+  uint32_t xr[kDepth][2];   // B fragments: x[g][k0 + 2t, +1] and [k0 + 2t + 8, +9] (gated: of the gate)
+  uint32_t ur[GATED ? kDepth : 1][2];  // gated: the same words of the up projection
   uint32_t sr[U][WA];       // scales of columns 16 a + g (low half) and 16 a + 8 + g (high)
   uint32_t zr[U][WA];       // zeros likewise (asymmetric only)
 
@@ -176,6 +200,10 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
     const uint32_t* x = reinterpret_cast<const uint32_t*>(x_chunk + 16 * i);
     xr[q % kDepth][0] = 16 * i < k_valid ? x[0] : 0u;
     xr[q % kDepth][1] = 16 * i + 8 < k_valid ? x[4] : 0u;
+    if constexpr (GATED) {
+      ur[q % kDepth][0] = 16 * i < k_valid ? x[up_words] : 0u;
+      ur[q % kDepth][1] = 16 * i + 8 < k_valid ? x[up_words + 4] : 0u;
+    }
   };
 
 #pragma unroll
@@ -210,6 +238,11 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
 #pragma unroll
     for (int q = 0; q < U; ++q) {
       const int u = q % kDepth, i = q % CKB;  // ring slot, position in the chunk (constants after unrolling)
+      uint32_t b0 = xr[u][0], b1 = xr[u][1];  // the step's B fragments
+      if constexpr (GATED) {  // formed here, not at load time, so that the loads stay kDepth steps ahead
+        b0 = silu_mul<T>(b0, ur[u][0]);
+        b1 = silu_mul<T>(b1, ur[u][1]);
+      }
       if (i == 0) {
 #pragma unroll
         for (int a = 0; a < WA; ++a) {
@@ -220,8 +253,7 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
       }
       // sum(x) by fp32 adds and four shuffles per chunk rather than an mma with A = 1 per step (1-2% faster, kernel
       // notes step 22)
-      xl += (D::to_float(xr[u][0] & 0xffff) + D::to_float(xr[u][0] >> 16)) +
-            (D::to_float(xr[u][1] & 0xffff) + D::to_float(xr[u][1] >> 16));
+      xl += (D::to_float(b0 & 0xffff) + D::to_float(b0 >> 16)) + (D::to_float(b1 & 0xffff) + D::to_float(b1 >> 16));
       if (i == CKB - 1) {
         xl += __shfl_xor_sync(0xffffffffu, xl, 1);
         xl += __shfl_xor_sync(0xffffffffu, xl, 2);  // row g's sum, in lanes 4g .. 4g + 3
@@ -235,7 +267,7 @@ __global__ void __launch_bounds__(32 * WARPS, kWideWarps / WARPS) stream_gemm_ke
         if (i == 0)
 #pragma unroll
           for (int e = 0; e < 4; ++e) part[a][e] = 0.f;
-        D::mma(frag, xr[u][0], xr[u][1], part[a]);
+        D::mma(frag, b0, b1, part[a]);
       }
       if (i == CKB - 1) {  // chunk end: acc += s / unit * (part - (magic + unit z) * sum(x))
 #pragma unroll
@@ -342,7 +374,9 @@ inline Grid choose_grid(int n_pad, int chunks, int max_atoms, int sms, int force
 
 template <typename T, int CKB, int WARPS, int WA, int WN = 1>
 const char* launch_grid(const Params& p, int n_pad, cudaStream_t stream, bool early) {
-  if (launch_maybe_early(stream_gemm_kernel<T, CKB, WARPS, WA, WN>, dim3(n_pad / (16 * WA * WN) * p.splits),
+  const auto kernel = p.up_offset > 0 ? stream_gemm_kernel<T, CKB, WARPS, WA, WN, true>
+                                      : stream_gemm_kernel<T, CKB, WARPS, WA, WN, false>;
+  if (launch_maybe_early(kernel, dim3(n_pad / (16 * WA * WN) * p.splits),
                          dim3(32 * WARPS), 0, stream, early, p) != cudaSuccess)
     return "hf_int4: launching the small-M int4 GEMM kernel failed";
   return nullptr;
@@ -363,13 +397,16 @@ const char* launch(Params p, const Int4GemmArgs& a, int sms, bool early) {
   return launch_grid<T, CKB, kWideWarps, 2>(p, a.n_pad, a.stream, early);
 }
 
-// m (<= kMaxRows) rows of A -> C. group_shift as in the tiled kernel; sms: the GPU's SM count; early: may launch early behind the
-// previous kernel (sm_90+). a.sms > 0 forces 8-warp CTAs with that many k-splits (tests).
+// m (<= kMaxRows) rows of A (row stride lda; a.up_offset > 0: gated) -> C. group_shift as in the tiled kernel; sms:
+// the GPU's SM count; early: may launch early behind the previous kernel (sm_90+). a.sms > 0 forces 8-warp CTAs with
+// that many k-splits (tests).
 template <typename T>
-const char* run_stream_gemm(const Int4GemmArgs& a, const uint16_t* A, uint16_t* C, int m, int group_shift, int sms,
-                            bool early) {
+const char* run_stream_gemm(const Int4GemmArgs& a, const uint16_t* A, int lda, uint16_t* C, int m, int group_shift,
+                            int sms, bool early) {
   Params p;
   p.a = A;
+  p.lda = lda;
+  p.up_offset = a.up_offset;
   p.b = static_cast<const uint32_t*>(a.b);
   p.scales = static_cast<const uint16_t*>(a.scales);
   p.zeros = static_cast<const uint16_t*>(a.zeros);

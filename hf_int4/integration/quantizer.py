@@ -60,7 +60,9 @@ class HfInt4Quantizer(HfQuantizer):
             module.finalize()
         if self.quantization_config.fuse_projections:
             fused = fuse_sibling_projections(model)
-            logger.info(f"hf_int4: fused {len(fused)} groups of sibling projections (q/k/v, gate/up) into one GEMM each")
+            gated = sum(hasattr(m, "_hf_int4_gated") for m in model.modules())
+            logger.info(f"hf_int4: fused {len(fused)} groups of sibling projections (q/k/v, gate/up) into one GEMM each; "
+                        f"{gated} gated MLPs pass their gate/up output to the down projection as it is")
         return model
 
     def is_serializable(self, **kwargs):
