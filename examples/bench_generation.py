@@ -270,6 +270,8 @@ def main():
                         help="also time a checkpoint whose output head is quantized too (GPTQModel's lm_head=True)")
     parser.add_argument("--ungated", action="store_true",
                         help="also time the int4 models with their MLPs' silu(gate) * up as a kernel of its own")
+    parser.add_argument("--head-only", action="store_true",
+                        help="with --quantized-head: time the head-quantized int4 models only (besides fp16)")
     parser.add_argument("--pdl", action="store_true",
                         help="also time every decode step compiled with inductor's programmatic dependent launch")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "sdpa_gqa"],
@@ -280,6 +282,8 @@ def main():
         sys.exit("bench_generation needs a CUDA GPU and the built hf_int4 extension")
 
     models, load_seconds = make_models(args.workdir, args.layers, args.unfused, args.quantized_head, args.ungated)
+    if args.head_only and args.quantized_head:
+        models = {name: model for name, model in models.items() if name == "fp16" or name.startswith("int4_head")}
     for model in models.values():
         model.set_attn_implementation(args.attn)
     result = {
@@ -309,7 +313,8 @@ def main():
         row = {"tokens": tokens}
         for name, model in models.items():
             row[f"{name}_ms"] = prefill_ms(model, tokens, args.repeats + 2)
-        row["time_ratio"] = row["int4_ms"] / row["fp16_ms"]
+        if "int4" in models:
+            row["time_ratio"] = row["int4_ms"] / row["fp16_ms"]
         result["prefill"].append(row)
         save()
         print(f"{tokens:>14} {row['fp16_ms']:>9.1f}"
