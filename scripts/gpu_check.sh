@@ -2,7 +2,8 @@
 # On a GPU machine, in one call: build the extension, run the GPU test suite, compute-sanitizer,
 # and the kernel benchmark; logs, JSON and tables land under $OUT (default out/gpu_check).
 #
-#   scripts/gpu_check.sh [build|prebuilt] [base] [keep] [test] [sanitize] [tune] [bench] [bench_asym] [bench_noearly] [durations] [stalls] [probe]
+#   scripts/gpu_check.sh [build|prebuilt] [base] [keep] [test] [sanitize] [tune] [bench] [bench_gated] [bench_asym]
+#                        [bench_noearly] [durations] [stalls] [probe]
 #                        [demo] [quality] [generation]
 #   (no argument: build test sanitize tune bench)
 #   keep packs the built extensions into $OUT/extensions.tar.xz (xz: the Hopper .so alone is ~14 MB, near the 16 MiB
@@ -113,6 +114,8 @@ for stage in $stages; do
       cp "$HF_INT4_CACHE"/tables/*.json "$OUT/dispatch_table.json" ;;
     bench)
       run bench python3 -m hf_int4.bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
+    bench_gated)  # a gated MLP's down projection: silu(gate) * up formed by the GEMM vs a kernel of its own before it
+      run bench_gated python3 scripts/bench_gated.py --json "$OUT/bench_gated.json" ;;
     bench_asym)  # the same on asymmetric weights (zero points)
       run bench_asym python3 -m hf_int4.bench --asym --json "$OUT/bench_asym.json" ${BENCH_ARGS:-} ;;
     bench_noearly)  # the same with early launch off, for an A/B against bench (early_launch.h)
