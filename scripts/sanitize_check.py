@@ -58,7 +58,7 @@ def main():
                     h_err = ((path.run(x, packed, bias).float() - ref).norm() / ref.norm()).item()
                     worst = max(worst, h_err)
                     print(f"  {path.name}: rel err {h_err:.2e}")
-        if M <= 8:  # the streaming kernel on a gated MLP's gate and up (8 columns apart), rows of odd length
+        if M <= 8:  # the streaming kernel on a gated MLP's gate and up, 8 columns apart, in rows 8 columns longer than both
             up_offset = K + 8
             h = torch.randn(M, up_offset + K + 8, device="cuda", dtype=dtype)
             g_ref = gptq_matmul_reference(silu_mul(h, K, up_offset).float(), layer)
