@@ -200,22 +200,28 @@ class HfInt4Linear(nn.Module):
             return holder.member_output(slot, x)
         if not self.is_packed:
             return gptq_matmul_reference(x, self.gptq_layer())
-        packed = self.packed_weight()
-        if x.is_cuda and _extension.extension_available() and x.dtype in SUPPORTED_DTYPES:
-            rows = x.numel() // self.in_features if self.in_features else 0
-            return self.dispatch_plan(x.device).path(rows).run(x, packed, self.bias)
-        return matmul_reference(x, dequantize_packed(packed), self.bias)
+        path = self._kernel_path(x, self.in_features)
+        if path is not None:
+            return path.run(x, self.packed_weight(), self.bias)
+        return matmul_reference(x, dequantize_packed(self.packed_weight()), self.bias)
 
     def forward_gated(self, h: torch.Tensor, up_offset: int) -> torch.Tensor:
         """self(silu(h[..., :K]) * h[..., up_offset:up_offset + K]): a gated MLP's down projection called on its gate
         and up projections' fused output (hf_int4.fusion), which the decode kernel takes as it is."""
-        if self.is_packed and self._fused_into is None and h.is_cuda and _extension.extension_available() \
-                and h.dtype in SUPPORTED_DTYPES:
-            rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
-            return self.dispatch_plan(h.device).path(rows).run_gated(h, up_offset, self.packed_weight(), self.bias)
+        path = self._kernel_path(h, h.shape[-1]) if self._fused_into is None else None
+        if path is not None:
+            return path.run_gated(h, up_offset, self.packed_weight(), self.bias)
         from hf_int4.ops import silu_mul  # (as hf_int4.dispatch: the ops module loads the extension)
 
         return self(silu_mul(h, self.in_features, up_offset))
+
+    def _kernel_path(self, x: torch.Tensor, width: int):
+        """The dispatched kernel path for an input whose rows are `width` wide, or None where it takes the reference
+        path (CPU, no extension, another dtype, weights still in GPTQ form)."""
+        if not (self.is_packed and x.is_cuda and _extension.extension_available() and x.dtype in SUPPORTED_DTYPES):
+            return None
+        rows = x.numel() // width if width else 0
+        return self.dispatch_plan(x.device).path(rows)
 
     def extra_repr(self) -> str:
         cfg = self.config
