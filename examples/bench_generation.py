@@ -20,6 +20,7 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   (`triton.enable_pdl`: its Triton kernels let the next kernel start while they finish, so our GEMMs, which
   launch early too (hf_int4/csrc/early_launch.h), can fetch weights during the norms), as fp16_pdl, int4_pdl
   (and int4_head_pdl, int4_unfused_pdl); each int4 *_pdl speedup is against fp16_pdl, fp16_pdl's against fp16.
+  `--pdl only`: those steps alone (a shorter run).
 - `--unfused`: also the int4 checkpoint loaded with `HfInt4Config(fuse_projections=False)` (one GEMM per
   q/k/v/gate/up layer instead of one per group, hf_int4.fusion), timed beside the others.
 - `--attn sdpa_gqa`: both models with an attention function registered through transformers' `AttentionInterface`:
@@ -272,8 +273,9 @@ def main():
                         help="also time the int4 models with their MLPs' silu(gate) * up as a kernel of its own")
     parser.add_argument("--head-only", action="store_true",
                         help="with --quantized-head: time the head-quantized int4 models only (besides fp16)")
-    parser.add_argument("--pdl", action="store_true",
-                        help="also time every decode step compiled with inductor's programmatic dependent launch")
+    parser.add_argument("--pdl", nargs="?", const="also", choices=["also", "only"],
+                        help="also (`--pdl only`: only) time every decode step compiled with inductor's programmatic "
+                        "dependent launch")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "sdpa_gqa"],
                         help="attention implementation of every model")
     parser.add_argument("--json")
@@ -337,17 +339,22 @@ def main():
                   "int4_head": ("speedup_head", "fp16"), "int4_ungated": ("speedup_ungated", "fp16"),
                   "int4_head_ungated": ("speedup_head_ungated", "fp16")}
     if args.pdl:
-        steps.update({f"{name}_pdl": (model, compiled_decode_step(model, pdl=True)) for name, model in models.items()})
-        speedup_of.update({"fp16_pdl": ("speedup_fp16_pdl", "fp16")} |
-                          {f"{name}_pdl": (f"{key}_pdl", "fp16_pdl") for name, (key, _) in speedup_of.items()})
+        pdl_steps = {f"{name}_pdl": (model, compiled_decode_step(model, pdl=True)) for name, model in models.items()}
+        pdl_speedups = {f"{name}_pdl": (f"{key}_pdl", "fp16_pdl") for name, (key, _) in speedup_of.items()}
+        speedup_of.update(pdl_speedups)
+        if args.pdl == "only":  # fp16_pdl is then the first step: the baseline
+            steps = pdl_steps
+        else:
+            steps.update(pdl_steps)
+            speedup_of["fp16_pdl"] = ("speedup_fp16_pdl", "fp16")
 
     if args.profile:
         for batch in args.batches:
             for name, (model, step) in steps.items():
                 print(f"--- decode step profile: {name}, batch {batch}\n{profile_decode_step(model, step, batch, args.prompt, args.repeats)}", flush=True)
     for mode in args.decode:
-        names = list(steps) if mode == "step" else list(models)
-        print(f"decode ({mode}) {'batch':>6} {'fp16 tok/s':>11}"
+        names = list(steps) if mode == "step" else list(models)  # the first, fp16 or fp16_pdl, is the baseline
+        print(f"decode ({mode}) {'batch':>6} {names[0] + ' tok/s':>11}"
               + "".join(f" {name + ' tok/s':>18} {'/' + speedup_of[name][1]:>9}" for name in names[1:]) + "   first call s")
         for batch in args.batches:
             row = {"mode": mode, "batch": batch}
@@ -362,7 +369,7 @@ def main():
                 row[key] = row[name]["tokens_per_s"] / row[base]["tokens_per_s"]
             result["decode"].append(row)
             save()
-            print(f"{'':>15}{batch:>6} {row['fp16']['tokens_per_s']:>11.1f}"
+            print(f"{'':>15}{batch:>6} {row[names[0]]['tokens_per_s']:>11.1f}"
                   + "".join(f" {row[name]['tokens_per_s']:>18.1f} {row[speedup_of[name][0]]:>8.2f}x" for name in names[1:])
                   + "   " + " / ".join(f"{row[name]['first_call_s']:.1f}" for name in names), flush=True)
 
