@@ -22,7 +22,8 @@
 //
 // Gated input (GATED, a gated MLP's down projection): A holds the gate and up projections side by side and the
 // GEMM's input is silu(gate) * up, formed as each step consumes its activations, so that the MLP needs no kernel
-// between its two GEMMs (in a batch-1 decode step that kernel and its launch gap cost ~2 us a layer).
+// between its two GEMMs (H100, 14336 x 4096: 0.5-2 us less a call than that kernel plus the GEMM; with PDL, which
+// overlaps that kernel with its neighbours, ~0.5 us a layer of a batch-1 decode step).
 #pragma once
 
 #include <cuda_runtime.h>
