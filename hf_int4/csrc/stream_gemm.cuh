@@ -118,11 +118,12 @@ __device__ __forceinline__ uint32_t silu_mul(uint32_t gate, uint32_t up) {
     asm("fma.rn.f16x2 %0, %1, %2, %1;" : "=r"(s) : "r"(h), "r"(t));
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(s), "r"(up));
   } else {  // bf16 -> fp32 is a shift; fp32 tanh keeps bf16's range; one conversion back per word
+    using D = Act<T>;
     float v[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const float h = 0.5f * __uint_as_float(i ? gate & 0xffff0000u : gate << 16);
-      const float u = __uint_as_float(i ? up & 0xffff0000u : up << 16);
+      const float h = 0.5f * D::to_float(static_cast<uint16_t>(gate >> 16 * i));
+      const float u = D::to_float(static_cast<uint16_t>(up >> 16 * i));
       float t;
       asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(h));
       v[i] = fmaf(h, t, h) * u;
