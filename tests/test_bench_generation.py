@@ -1,5 +1,6 @@
-"""The generation benchmark's `--attn sdpa_gqa` attention computes what transformers' eager attention does, in the
-benchmark's own setting: a compiled (fullgraph) decode step on a static cache, grouped key/value heads, a batch."""
+"""The generation benchmark's attentions (`--attn sdpa_gqa`, `--attn flex_decode`) compute what transformers' eager
+attention does, in the benchmark's own setting: a compiled (fullgraph) decode step on a static cache, grouped key/value
+heads, a batch; its two-stage greedy argmax picks what `argmax` picks."""
 import importlib.util
 import pathlib
 import sys
@@ -22,32 +23,52 @@ def bench_generation():
 
 
 @torch.no_grad()
-def logits_of_decode(model, attn: str, prompt, tokens) -> torch.Tensor:
-    """Last-position logits of an eager prefill, then of each compiled decode step fed `tokens[:, i]`."""
+def logits_of_decode(model, attn: str, prompt, tokens, compiled: bool = True) -> torch.Tensor:
+    """Last-position logits of an eager prefill, then of each decode step (compiled or not) fed `tokens[:, i]`."""
     model.set_attn_implementation(attn)
     torch._dynamo.reset()
 
     def step(token, cache_position, cache):
         return model(token, cache_position=cache_position, past_key_values=cache, use_cache=True).logits[:, -1]
 
-    compiled = torch.compile(step, fullgraph=True)
+    step = torch.compile(step, fullgraph=True) if compiled else step
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + tokens.shape[1] + 5)
     n = prompt.shape[1]
-    out = [model(prompt, cache_position=torch.arange(n), past_key_values=cache, use_cache=True).logits[:, -1]]
+    positions = torch.arange(n, device=prompt.device)
+    out = [model(prompt, cache_position=positions, past_key_values=cache, use_cache=True).logits[:, -1]]
     for i in range(tokens.shape[1]):
-        out.append(compiled(tokens[:, i : i + 1], torch.tensor([n + i]), cache))
+        out.append(step(tokens[:, i : i + 1], positions[-1:] + 1 + i, cache))
     return torch.stack(out)
 
 
-def test_sdpa_gqa_matches_eager_attention(bench_generation):
+# flex attention compiles for CUDA only (inductor's CPU lowering refuses the mask the score function reads).
+CASES = [("sdpa_gqa", "cpu", True), ("flex_decode", "cpu", False),
+         pytest.param("flex_decode", "cuda", True,
+                      marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("attn,device,compiled", CASES)
+def test_attention_matches_eager_attention(bench_generation, attn, device, compiled):
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=500)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(device)
     generator = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 500, (3, 7), generator=generator)
-    tokens = torch.randint(0, 500, (3, 4), generator=generator)
-    expected = logits_of_decode(model, "eager", prompt, tokens)
-    got = logits_of_decode(model, "sdpa_gqa", prompt, tokens)
+    prompt = torch.randint(0, 500, (3, 7), generator=generator).to(device)
+    tokens = torch.randint(0, 500, (3, 4), generator=generator).to(device)
+    expected = logits_of_decode(model, "eager", prompt, tokens, compiled=False)
+    got = logits_of_decode(model, attn, prompt, tokens, compiled)
     assert got.shape == expected.shape == (5, 3, 500)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 if device == "cpu" else 1e-3)
+
+
+@pytest.mark.parametrize("vocab", [500, 512, 128256])
+def test_greedy_token_is_argmax(bench_generation, vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    spread = torch.randn(4, vocab, generator=generator).half()
+    spread[0, [vocab // 3, vocab - 1]] = 100  # a tie across chunks: the first wins
+    ties = torch.randint(-2, 2, (4, vocab), generator=generator).half()  # many ties inside chunks
+    for logits in (spread, ties):
+        expected = logits.argmax(-1, keepdim=True)
+        assert torch.equal(bench_generation.greedy_token(logits), expected)
+        assert torch.equal(torch.compile(bench_generation.greedy_token, fullgraph=True)(logits), expected)

@@ -1,0 +1,94 @@
+"""The decode step's parts that every model pays alike, per implementation: attention of one new token per sequence over
+a static cache, and the greedy argmax over the vocabulary. Llama-3-8B shapes (32 query heads, 8 key/value heads of
+128, vocabulary 128256), float16, each variant compiled (fullgraph) and captured in a CUDA graph of 32 calls (one per
+layer, each on its own cache), median of replays.
+
+    python scripts/bench_decode_step_parts.py [--batches 1 16] [--cache 227] [--json out.json]
+
+The cache length default is what `examples/bench_generation.py --decode step` ends on with its defaults
+(32 prompt tokens + 3 warm-up + 3 x 64 timed steps). Each attention is checked against a float32 reference.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from bench_generation import flex_decode_attention, greedy_token, sdpa_gqa_attention  # noqa: E402
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 32, 32, 8, 128, 128256
+
+
+def attention_layers(attention):
+    def run(queries, keys, values, keep):
+        return [attention(None, q, k, v, keep, scaling=HEAD_DIM**-0.5)[0] for q, k, v in zip(queries, keys, values)]
+    return run
+
+
+def reference(q, k, v, keep):
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(group, 1) for t in (k, v))
+    scores = (q.float() @ k.transpose(-1, -2)) * HEAD_DIM**-0.5
+    return torch.softmax(scores.masked_fill(~keep, -float("inf")), -1) @ v
+
+
+def graph_us(fn, args, calls: int, replays: int = 50) -> float:
+    """Median microseconds per call of `fn(*args)` (which makes `calls` calls), replayed from a CUDA graph."""
+    for _ in range(3):
+        fn(*args)  # compile, warm up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--cache", type=int, default=227, help="static cache length")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cache": args.cache, "rows": []}
+    attentions = {"sdpa_gqa": sdpa_gqa_attention, "flex_decode": flex_decode_attention}
+    print(f"{'part':>22} {'batch':>5} {'us per call':>11} {'max |err|':>10}")
+    for batch in args.batches:
+        filled = args.cache * 3 // 4  # positions past it are empty cache slots, masked
+        keep = (torch.arange(args.cache, device="cuda") < filled).expand(batch, 1, 1, args.cache)
+        queries = [torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.half) for _ in range(LAYERS)]
+        keys, values = ([torch.randn(batch, KV_HEADS, args.cache, HEAD_DIM, device="cuda", dtype=torch.half)
+                         for _ in range(LAYERS)] for _ in range(2))
+        expected = reference(queries[0], keys[0], values[0], keep)
+        for name, attention in attentions.items():
+            run = torch.compile(attention_layers(attention), fullgraph=True)
+            out = run(queries, keys, values, keep)[0].transpose(1, 2)  # back to [B, H, 1, D]
+            err = (out.float() - expected).abs().max().item()
+            us = graph_us(run, (queries, keys, values, keep), LAYERS)
+            result["rows"].append({"part": f"attention {name}", "batch": batch, "us": us, "max_abs_err": err})
+            print(f"{'attention ' + name:>22} {batch:>5} {us:>11.2f} {err:>10.2e}", flush=True)
+        logits = torch.randn(batch, VOCAB, device="cuda", dtype=torch.half)
+        for name, pick in {"argmax": lambda x: x.argmax(-1, keepdim=True), "greedy_token": greedy_token}.items():
+            fn = torch.compile(pick, fullgraph=True)
+            assert torch.equal(fn(logits), logits.argmax(-1, keepdim=True))
+            us = graph_us(lambda x: [fn(x) for _ in range(LAYERS)], (logits,), LAYERS)
+            result["rows"].append({"part": name, "batch": batch, "us": us})
+            print(f"{name:>22} {batch:>5} {us:>11.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
