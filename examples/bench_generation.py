@@ -63,9 +63,9 @@ LLAMA3_8B = dict(
 )
 
 
-def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool, ungated: bool):
-    """({name: model} on the GPU: fp16, int4 [, int4_unfused] [, int4_head] [, int4_ungated, int4_head_ungated]), seconds
-    to load the int4 checkpoint."""
+def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool, ungated: bool, head_only: bool):
+    """({name: model} on the GPU: fp16, int4 [, int4_unfused] [, int4_head] [, int4_ungated, int4_head_ungated]; with
+    `head_only` and `quantized_head` only fp16 and the head-quantized ones), seconds to load the first int4 checkpoint."""
     config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -77,21 +77,21 @@ def make_models(workdir: str, layers: int, unfused: bool, quantized_head: bool, 
         write_gptq_checkpoint(fp16, path, GPTQConfig(group_size=128), max_shard_size="4GB", overwrite=True, **options)
         return path
 
-    checkpoint = write("")
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    models = {"fp16": fp16, "int4": load_int4(checkpoint)}
-    torch.cuda.synchronize()
-    load_seconds = time.perf_counter() - start
-    if unfused:
-        models["int4_unfused"] = load_int4(checkpoint, fuse_projections=False)
+    checkpoints = {} if head_only and quantized_head else {"int4": write("")}
     if quantized_head:
-        head_checkpoint = write("-head", modules_to_not_convert=())
-        models["int4_head"] = load_int4(head_checkpoint)
+        checkpoints["int4_head"] = write("-head", modules_to_not_convert=())
+    models, load_seconds = {"fp16": fp16}, None
+    for name, checkpoint in checkpoints.items():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        models[name] = load_int4(checkpoint)
+        torch.cuda.synchronize()
+        load_seconds = load_seconds or time.perf_counter() - start
+        if unfused and name == "int4":
+            models["int4_unfused"] = load_int4(checkpoint, fuse_projections=False)
     if ungated:
-        models["int4_ungated"] = without_gated_mlps(load_int4(checkpoint))
-        if quantized_head:
-            models["int4_head_ungated"] = without_gated_mlps(load_int4(head_checkpoint))
+        for name, checkpoint in checkpoints.items():
+            models[f"{name}_ungated"] = without_gated_mlps(load_int4(checkpoint))
     for model in models.values():
         # Random weights emit any token; never stop early, so every run decodes exactly what it asks for.
         model.generation_config.eos_token_id = None
@@ -313,9 +313,8 @@ def main():
     if not torch.cuda.is_available() or not hf_int4.extension_available():
         sys.exit("bench_generation needs a CUDA GPU and the built hf_int4 extension")
 
-    models, load_seconds = make_models(args.workdir, args.layers, args.unfused, args.quantized_head, args.ungated)
-    if args.head_only and args.quantized_head:
-        models = {name: model for name, model in models.items() if name == "fp16" or name.startswith("int4_head")}
+    models, load_seconds = make_models(args.workdir, args.layers, args.unfused, args.quantized_head, args.ungated,
+                                       args.head_only)
     for model in models.values():
         model.set_attn_implementation(args.attn)
     result = {
