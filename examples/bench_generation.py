@@ -13,7 +13,8 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   prompt and one-off costs cancel. The first call per batch size (compilation) is timed separately.
 - Decode step: the same decode step without `generate()`'s per-token Python work, as transformers' docs
   show it for static caches (a `StaticCache`, the model's forward + argmax compiled with fullgraph and
-  mode "reduce-overhead"): the GPU time per token that the kernels set.
+  mode "reduce-overhead"): the GPU time per token that the kernels set. Its argmax is two reductions (`greedy_token`;
+  results files before session 52 used one, a one-CTA kernel of ~22 us a step).
 - Prefill: one forward of batch 1 x T tokens computing only the last position's logits (what
   `generate()` needs from the prompt), CUDA events, median of repeats.
 - `--pdl`: also every model's decode step compiled with inductor's programmatic dependent launch
@@ -27,6 +28,9 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   SDPA that reads the 8 key/value heads as they are (`enable_gqa`). Compiled with a static cache, transformers' own
   sdpa expands them to the 32 query heads (`repeat_kv`: a copy of the whole cache per layer and step) because the
   static cache passes a mask, a cost that grows with batch x cache length and that both models pay alike.
+- `--attn flex_decode`: both models' decode steps on flex attention, which inductor compiles into FlexDecoding (the
+  cache split across the SMs); prompts on sdpa_gqa. cuDNN's sdpa spends ~7.8 us a layer on one query token over a
+  227-token cache on an H100 (session 51's batch-1 profile), a cost both models pay alike.
 - `--quantized-head`: also a second checkpoint whose output head (128256 x 4096, 1 GiB in fp16) is quantized too,
   as GPTQModel writes with `lm_head=True`, timed as int4_head.
 """
