@@ -1,7 +1,7 @@
 """The decode step's parts that every model pays alike, per implementation: attention of one new token per sequence over
 a static cache, and the greedy argmax over the vocabulary. Llama-3-8B shapes (32 query heads, 8 key/value heads of
-128, vocabulary 128256), float16, each variant compiled (fullgraph) and captured in a CUDA graph of 32 calls (one per
-layer, each on its own cache), median of replays.
+128, vocabulary 128256), float16, each variant compiled (fullgraph) and timed by hf_int4.bench.time_rotating: CUDA-graph
+replays of calls rotating over 32 layers' caches.
 
     python scripts/bench_decode_step_parts.py [--batches 1 16] [--cache 227] [--json out.json]
 
@@ -11,46 +11,24 @@ The cache length default is what `examples/bench_generation.py --decode step` en
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
+
+from hf_int4.bench import time_rotating
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from bench_generation import flex_decode_attention, greedy_token, sdpa_gqa_attention  # noqa: E402
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 32, 32, 8, 128, 128256
-
-
-def attention_layers(attention):
-    def run(queries, keys, values, keep):
-        return [attention(None, q, k, v, keep, scaling=HEAD_DIM**-0.5)[0] for q, k, v in zip(queries, keys, values)]
-    return run
+SCALE = HEAD_DIM**-0.5
 
 
 def reference(q, k, v, keep):
     group = q.shape[1] // k.shape[1]
     k, v = (t.float().repeat_interleave(group, 1) for t in (k, v))
-    scores = (q.float() @ k.transpose(-1, -2)) * HEAD_DIM**-0.5
+    scores = (q.float() @ k.transpose(-1, -2)) * SCALE
     return torch.softmax(scores.masked_fill(~keep, -float("inf")), -1) @ v
-
-
-def graph_us(fn, args, calls: int, replays: int = 50) -> float:
-    """Median microseconds per call of `fn(*args)` (which makes `calls` calls), replayed from a CUDA graph."""
-    for _ in range(3):
-        fn(*args)  # compile, warm up
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(*args)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -72,17 +50,17 @@ def main():
                          for _ in range(LAYERS)] for _ in range(2))
         expected = reference(queries[0], keys[0], values[0], keep)
         for name, attention in attentions.items():
-            run = torch.compile(attention_layers(attention), fullgraph=True)
-            out = run(queries, keys, values, keep)[0].transpose(1, 2)  # back to [B, H, 1, D]
-            err = (out.float() - expected).abs().max().item()
-            us = graph_us(run, (queries, keys, values, keep), LAYERS)
+            attend = torch.compile(attention, fullgraph=True)
+            layer = lambda i: attend(None, queries[i], keys[i], values[i], keep, scaling=SCALE)[0]  # noqa: E731
+            err = (layer(0).transpose(1, 2).float() - expected).abs().max().item()  # back to [B, H, 1, D]
+            us = time_rotating(layer, LAYERS)
             result["rows"].append({"part": f"attention {name}", "batch": batch, "us": us, "max_abs_err": err})
             print(f"{'attention ' + name:>22} {batch:>5} {us:>11.2f} {err:>10.2e}", flush=True)
         logits = torch.randn(batch, VOCAB, device="cuda", dtype=torch.half)
         for name, pick in {"argmax": lambda x: x.argmax(-1, keepdim=True), "greedy_token": greedy_token}.items():
             fn = torch.compile(pick, fullgraph=True)
             assert torch.equal(fn(logits), logits.argmax(-1, keepdim=True))
-            us = graph_us(lambda x: [fn(x) for _ in range(LAYERS)], (logits,), LAYERS)
+            us = time_rotating(lambda i: fn(logits), 1, LAYERS)
             result["rows"].append({"part": name, "batch": batch, "us": us})
             print(f"{name:>22} {batch:>5} {us:>11.2f}", flush=True)
     if args.json:
