@@ -28,9 +28,6 @@ GPTQ checkpoint (group 128, symmetric, written to --workdir) and loaded the way 
   SDPA that reads the 8 key/value heads as they are (`enable_gqa`). Compiled with a static cache, transformers' own
   sdpa expands them to the 32 query heads (`repeat_kv`: a copy of the whole cache per layer and step) because the
   static cache passes a mask, a cost that grows with batch x cache length and that both models pay alike.
-- `--attn flex_decode`: both models' decode steps on flex attention, which inductor compiles into FlexDecoding (the
-  cache split across the SMs); prompts on sdpa_gqa. cuDNN's sdpa spends ~7.8 us a layer on one query token over a
-  227-token cache on an H100 (session 51's batch-1 profile), a cost both models pay alike.
 - `--quantized-head`: also a second checkpoint whose output head (128256 x 4096, 1 GiB in fp16) is quantized too,
   as GPTQModel writes with `lm_head=True`, timed as int4_head.
 """
@@ -42,7 +39,6 @@ import sys
 import time
 
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface, AutoModelForCausalLM, CompileConfig, LlamaConfig, StaticCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -122,26 +118,8 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return out.transpose(1, 2).contiguous(), None
 
 
-def flex_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                          **kwargs):
-    """Decode steps (one query per sequence) on flex attention, which inductor compiles into FlexDecoding: the cache's
-    length split across the SMs, the 4 query heads of a key/value head in one block. cuDNN's sdpa (what sdpa_gqa gets)
-    gives a single query one CTA per head walking the whole cache. Prompts go to sdpa_gqa."""
-    if query.shape[2] != 1 or attention_mask is None:
-        return sdpa_gqa_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    keep = attention_mask.expand(query.shape[0], 1, 1, key.shape[2])  # sdpa_mask: True = attend
-
-    def masked(score, b, h, q_idx, kv_idx):
-        return torch.where(keep[b, 0, q_idx, kv_idx], score, -float("inf"))
-
-    out = flex_attention(query, key, value, score_mod=masked, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
 AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
 AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
-AttentionInterface.register("flex_decode", flex_decode_attention)
-AttentionMaskInterface.register("flex_decode", sdpa_mask)
 
 
 def load_int4(checkpoint: str, **config):
@@ -310,7 +288,7 @@ def main():
     parser.add_argument("--pdl", nargs="?", const="also", choices=["also", "only"],
                         help="also (`--pdl only`: only) time every decode step compiled with inductor's programmatic "
                         "dependent launch")
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "sdpa_gqa", "flex_decode"],
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "sdpa_gqa"],
                         help="attention implementation of every model")
     parser.add_argument("--json")
     args = parser.parse_args()

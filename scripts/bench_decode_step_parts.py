@@ -1,6 +1,6 @@
 """The decode step's parts that every model pays alike, per implementation: attention of one new token per sequence over
-a static cache (transformers' compiled sdpa, which expands the key/value heads with repeat_kv under a mask; sdpa_gqa;
-flex_decode), and the greedy argmax over the vocabulary. Llama-3-8B shapes (32 query heads, 8 key/value heads of
+a static cache (transformers' compiled sdpa, which expands the key/value heads with repeat_kv under a mask, and
+sdpa_gqa), and the greedy argmax over the vocabulary. Llama-3-8B shapes (32 query heads, 8 key/value heads of
 128, vocabulary 128256), float16, each variant compiled (fullgraph) and timed by hf_int4.bench.time_rotating: CUDA-graph
 replays of calls rotating over 32 layers' caches.
 
@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from hf_int4.bench import time_rotating
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from bench_generation import flex_decode_attention, greedy_token, sdpa_gqa_attention  # noqa: E402
+from bench_generation import greedy_token, sdpa_gqa_attention  # noqa: E402
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 32, 32, 8, 128, 128256
 SCALE = HEAD_DIM**-0.5
@@ -48,8 +48,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    attentions = {"transformers_sdpa": sdpa_attention_forward, "sdpa_gqa": sdpa_gqa_attention,
-                  "flex_decode": flex_decode_attention}
+    attentions = {"transformers_sdpa": sdpa_attention_forward, "sdpa_gqa": sdpa_gqa_attention}
     module = AttentionLayer()
     print(f"{'part':>28} {'batch':>5} {'cache':>5} {'us per call':>11} {'max |err|':>10}")
     for batch in args.batches:
