@@ -1,4 +1,4 @@
-"""The generation benchmark's attentions (`--attn sdpa_gqa`) computes what transformers' eager
+"""The generation benchmark's attention (`--attn sdpa_gqa`) computes what transformers' eager
 attention does, in the benchmark's own setting: a compiled (fullgraph) decode step on a static cache, grouped key/value
 heads, a batch; its two-stage greedy argmax picks what `argmax` picks."""
 import importlib.util
