@@ -70,11 +70,12 @@ GATED_MAX_ROWS = 8  # the streaming kernel's rows (csrc/kernels.h kStreamMaxRows
 
 
 def silu_mul(h: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
-    """A gated MLP's input to its down projection, silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k], as the
-    model's own MLP forms it: in eager two kernels in h's dtype that read the slices where they lie (a prefill's
-    gate/up output is the largest activation of the model: fp32 copies of it cost ~9 ms of a 2048-token prefill on an
-    H100), under inductor one fused kernel (fp32, rounded once). The streaming kernel forms it with the hardware's
-    approximate tanh, within about fp16's rounding of these."""
+    """A gated MLP's input to its down projection, silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k]. On the
+    GPU one kernel reads both slices where they lie and forms it as the streaming kernel forms a gated input (so the
+    bits do not depend on M); torch's silu and multiply would make two passes, and a prefill's gate/up output is the
+    largest activation of the model. Elsewhere (the CPU reference path) as the model's own MLP computes it."""
+    if h.is_cuda and _HAS_EXTENSION:
+        return torch.ops.hf_int4.silu_mul(h, size_k, up_offset)
     return F.silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k]
 
 
@@ -207,6 +208,13 @@ if _HAS_EXTENSION:
             torch._check(a.dim() >= 1 and a.shape[-1] == size_k,
                          lambda: f"hf_int4::hopper_int4_gemm: the activation must be [..., K={size_k}]")
             return a.new_empty((*a.shape[:-1], size_n))
+
+    @torch.library.register_fake("hf_int4::silu_mul")
+    def _silu_mul_fake(h, size_k, up_offset):
+        torch._check(h.dim() >= 1 and 0 < size_k <= up_offset and h.shape[-1] >= up_offset + size_k,
+                     lambda: f"hf_int4::silu_mul: h of shape {tuple(h.shape)} does not hold size_k={size_k} columns "
+                             f"at 0 and at up_offset={up_offset}")
+        return h.new_empty(h.shape[:-1] + (size_k,))
 
     @torch.library.register_fake("hf_int4::read_floor")
     def _read_floor_fake(buffers, sink, key):

@@ -2,7 +2,7 @@
 calls over rotating weight copies, replayed in turn, median per call):
 
 - gemm: the down projection alone, on its input x = silu(gate) * up made beforehand (the floor);
-- silu_mul + gemm: as the model ran it before, a compiled (inductor, one Triton kernel) silu(gate) * up, then the GEMM;
+- silu_mul + gemm: silu(gate) * up by a kernel of its own (hf_int4.ops.silu_mul, what more rows get), then the GEMM;
 - gated: the GEMM on the fused gate/up output, forming silu(gate) * up as it reads it (hf_int4.ops.int4_gemm up_offset).
 
     python scripts/bench_gated.py [--shapes 14336x4096,...] [--ms 1,2,4,8] [--json out.json]
@@ -22,7 +22,6 @@ def main():
     parser.add_argument("--ms", default="1,2,4,8")
     parser.add_argument("--json")
     args = parser.parse_args()
-    fused_silu_mul = torch.compile(silu_mul, fullgraph=True)
     rows = []
     print(f"{torch.cuda.get_device_name()}: us per call")
     print(f"{'K x N':>12} {'M':>3} {'gemm':>8} {'silu_mul+gemm':>14} {'gated':>8} {'saved':>7}")
@@ -34,7 +33,7 @@ def main():
             x = silu_mul(h, K, K)
             times = time_interleaved({
                 "gemm": (lambda i: int4_gemm(x, packed[i]), len(packed)),
-                "silu_mul+gemm": (lambda i: int4_gemm(fused_silu_mul(h, K, K), packed[i]), len(packed)),
+                "silu_mul+gemm": (lambda i: int4_gemm(silu_mul(h, K, K), packed[i]), len(packed)),
                 "gated": (lambda i: int4_gemm(h, packed[i], up_offset=K), len(packed)),
             })
             row = {"k": K, "n": N, "m": m, **{f"{name}_us": t for name, t in times.items()}}

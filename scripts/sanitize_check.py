@@ -1,5 +1,5 @@
 """A few small calls of hf_int4's kernels for compute-sanitizer (memcheck, racecheck): the decode GEMM (odd
-shapes, and a chain of back-to-back calls), the benchmark's read floor and the dequantize kernel of the dequantize-then-cuBLAS path (not
+shapes, and a chain of back-to-back calls), the gated input's silu_mul, the benchmark's read floor and the dequantize kernel of the dequantize-then-cuBLAS path (not
 cuBLAS itself: racecheck flags its Hopper GEMMs, whose mbarrier synchronisation it does not model); with
 --hopper (memcheck only, for the same reason) also the CUTLASS Hopper kernel.
 
@@ -61,7 +61,8 @@ def main():
         if M <= 8:  # the streaming kernel on a gated MLP's gate and up, 8 columns apart, in rows 8 columns longer than both
             up_offset = K + 8
             h = torch.randn(M, up_offset + K + 8, device="cuda", dtype=dtype)
-            g_ref = gptq_matmul_reference(silu_mul(h, K, up_offset).float(), layer)
+            gate, up = h[:, :K].float(), h[:, up_offset:up_offset + K].float()
+            g_ref = gptq_matmul_reference(torch.nn.functional.silu(gate) * up, layer)
             g_err = ((int4_gemm(h, packed, bias, up_offset=up_offset).float() - g_ref).norm() / g_ref.norm()).item()
             worst = max(worst, g_err)
             print(f"  gated: rel err {g_err:.2e}")
@@ -78,6 +79,15 @@ def main():
         err = ((xs[i + 1].float() - ref).norm() / ref.norm()).item()
         worst = max(worst, err)
         print(f"chained call {i}: int4_gemm rel err {err:.2e}")
+    # the gated input for more rows (silu_mul): 16-byte vectors, then values one by one (odd columns, odd row stride)
+    for rows, size_k, up_offset, width in ((37, 352, 384, 744), (9, 101, 103, 205)):
+        h = torch.randn(rows, width + 1, device="cuda", dtype=torch.float16)[:, :width] if size_k % 2 else \
+            torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+        gate, up = h[:, :size_k].float(), h[:, up_offset:up_offset + size_k].float()
+        ref = torch.nn.functional.silu(gate) * up
+        err = ((silu_mul(h, size_k, up_offset).float() - ref).norm() / ref.norm()).item()
+        worst = max(worst, err)
+        print(f"silu_mul {rows} x {size_k} of {width}: rel err {err:.2e}")
     # the benchmark's read floor over a packed layer with zeros (three buffers), fewer blocks than one stride needs
     packed = pack_gptq_layer(random_gptq_layer(1000, 200, GPTQConfig(group_size=32, sym=False), seed=20,
                                                device="cuda")[0], torch.float16)

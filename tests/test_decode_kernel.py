@@ -556,6 +556,78 @@ def test_gated_input_takes_leading_dimensions_and_cuda_graphs(dtype):
     check(static_out, oracle(raw, x2), dtype, "gated, CUDA graph replay")
 
 
+def silu_mul_reference(h, size_k, up_offset, dtype):
+    """float64 silu(gate) * up of h's values, and what the kernel's arithmetic may be off by per value: a few roundings
+    to dtype of the result (fp16 math for fp16, fp32 then one rounding for bf16), tanh.approx's error (~2^-11,
+    absolute on tanh in [-1, 1]) times |gate / 2 * up|, and fp16's absolute rounding where a product falls among its
+    subnormals (below 2^-14, spaced 2^-24 apart): gate / 2 * (1 + tanh) there is off by up to 2^-25, which the
+    multiply by up carries, and the result's own rounding adds as much again."""
+    gate, up = h[..., :size_k].double(), h[..., up_offset:up_offset + size_k].double()
+    ref = gate * torch.sigmoid(gate) * up
+    unit, subnormal = (2.0**-11, 2.0**-24) if dtype == F16 else (2.0**-8, 2.0**-133)
+    return ref, 4 * unit * ref.abs() + 2.0**-9 * (gate / 2 * up).abs() + subnormal * (up.abs() + 1) + 1e-30
+
+
+def poisoned_gated(rows, size_k, up_offset, width, dtype, seed, row_stride=None, shift=0):
+    """h [rows, width] (as a view of rows `row_stride` apart, starting `shift` values into its storage) with the gate at
+    column 0 and the up projection at up_offset, every other column NaN: read, they would show."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    stride = row_stride or width
+    store = torch.full((rows * stride + shift + width,), float("nan"), dtype=dtype, device="cuda")
+    h = store.as_strided((rows, width), (stride, 1), shift)
+    h[:, :size_k] = 3 * torch.randn(rows, size_k, generator=gen, device="cuda")
+    h[:, up_offset:up_offset + size_k] = torch.randn(rows, size_k, generator=gen, device="cuda")
+    return h
+
+
+# (rows, size_k, up_offset, width, row_stride, shift): 16-byte vectors (Llama-3-8B's MLP, the fused gate/up of a padded
+# 352-wide MLP, a row stride past the width), values one by one (odd size_k, up_offset or row stride, or rows that start
+# off a 16-byte boundary), no rows
+SILU_MUL_CASES = [(3, 14336, 14336, 28672, None, 0), (17, 352, 384, 744, None, 0), (1000, 328, 384, 712, 736, 0),
+                  (5, 7, 9, 17, None, 0), (33, 100, 104, 210, None, 0), (9, 352, 384, 744, 745, 0),
+                  (9, 352, 384, 744, None, 1), (64, 352, 384, 744, 752, 8), (0, 352, 384, 744, None, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,size_k,up_offset,width,row_stride,shift", SILU_MUL_CASES)
+def test_silu_mul_matches_float64(rows, size_k, up_offset, width, row_stride, shift, dtype):
+    """The gated input for more rows than the streaming kernel takes (hf_int4.ops.silu_mul), against float64."""
+    h = poisoned_gated(rows, size_k, up_offset, width, dtype, seed=rows + size_k, row_stride=row_stride, shift=shift)
+    out = ops.silu_mul(h, size_k, up_offset)
+    assert out.shape == (rows, size_k) and out.dtype == dtype and out.is_contiguous()
+    ref, bound = silu_mul_reference(h, size_k, up_offset, dtype)
+    err = (out.double() - ref).abs()
+    assert bool(torch.isfinite(out).all()), "a NaN column outside the gate and up slices was read"
+    bad = (err > bound).nonzero()[:4].tolist()
+    assert not bad, "beyond the bound at (row, column): gate, up, ours, float64: " + "; ".join(
+        f"{(r, c)}: {h[r, c].item():.4g}, {h[r, up_offset + c].item():.4g}, {out[r, c].item():.4g}, {ref[r, c].item():.4g}"
+        for r, c in bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_forms_what_the_streaming_kernel_forms(dtype):
+    """Same bits at every M: the streaming kernel's gated input (up to 8 rows) and silu_mul followed by the GEMM give the
+    same output; leading dimensions, torch.compile and a CUDA graph give silu_mul's own bits."""
+    K, N, up_offset, width = GATED_SHAPES[1]
+    packed = get_packed(K, N, _cfg("gptq", True, False, 64), dtype, seed=7)
+    h = poisoned_gated(8, K, up_offset, width, dtype, seed=3)
+    for m in (1, 8):
+        assert torch.equal(ops.int4_gemm(h[:m], packed, up_offset=up_offset),
+                           ops.int4_gemm(ops.silu_mul(h[:m], K, up_offset), packed)), f"M = {m}"
+    want = ops.silu_mul(h, K, up_offset)
+    assert torch.equal(ops.silu_mul(h.reshape(2, 4, width), K, up_offset), want.view(2, 4, K))
+    assert torch.equal(torch.compile(ops.silu_mul, fullgraph=True)(h, K, up_offset), want)
+    static_h = h.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ops.silu_mul(static_h, K, up_offset)
+    h2 = poisoned_gated(8, K, up_offset, width, dtype, seed=4)
+    static_h.copy_(h2)
+    graph.replay()
+    assert torch.equal(static_out, ops.silu_mul(h2, K, up_offset))
+    torch.library.opcheck(torch.ops.hf_int4.silu_mul.default, (h, K, up_offset))
+
+
 # -------------------------------------------------------------------------------------------- errors
 
 
@@ -595,6 +667,10 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         op(torch.randn(9, 1152, dtype=F16, device="cuda"), packed.qweight, packed.scales, None, None, N, K, 128, None,
            -1, -1, -1, 576)
+    with pytest.raises(RuntimeError, match="up_offset >= size_k"):
+        torch.ops.hf_int4.silu_mul(torch.randn(2, 1100, dtype=F16, device="cuda"), 576, 576)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.hf_int4.silu_mul(torch.randn(2, 1152, device="cuda"), 576, 576)
     x32 = torch.randn(32, K, dtype=F16, device="cuda")  # tiles are the tiled kernel's: rows past 16
     with pytest.raises(RuntimeError, match="thread_n/thread_k tile is not available"):
         op(x32, packed.qweight, packed.scales, None, None, N, K, 128, None, 128, 128, -1)  # 576 % 128 != 0

@@ -58,6 +58,14 @@ const char* dequantize_int4_fp16(const void* b, const void* scales, const void* 
 const char* dequantize_int4_bf16(const void* b, const void* scales, const void* zeros, void* w, int size_n,
                                  int size_k, int n_pad, int k_pad, int group_size, cudaStream_t stream);
 
+// A gated MLP's input to its down projection (silu_mul.cu): out [rows, size_k] (contiguous) = silu(h[r, j]) *
+// h[r, up_offset + j], with h [rows, ldh] holding the gate in columns [0, size_k) and the up projection from
+// up_offset, as the streaming kernel forms it from a gated input.
+const char* silu_mul_fp16(const void* h, void* out, int64_t rows, int size_k, int64_t ldh, int up_offset,
+                          cudaStream_t stream);
+const char* silu_mul_bf16(const void* h, void* out, int64_t rows, int size_k, int64_t ldh, int up_offset,
+                          cudaStream_t stream);
+
 // Workspace: kCounterInts int32 arrival counters (zero between launches), then room for fp32 partial tiles,
 // two per thread block of up to 64 x 256 floats. int4_gemm_workspace_ints(sms) covers a launch of `sms` blocks.
 constexpr int kCounterInts = 1 << 16;

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "kernels.h"
 #include "op_checks.h"
@@ -206,6 +207,31 @@ at::Tensor repack_gptq_cuda(const at::Tensor& qweight, const std::optional<at::T
   return out;
 }
 
+at::Tensor silu_mul_cuda(const at::Tensor& h, int64_t size_k, int64_t up_offset) {
+  const char* op = "hf_int4::silu_mul";
+  TORCH_CHECK(h.is_cuda(), op, ": h must be a CUDA tensor, got device ", h.device());
+  TORCH_CHECK(h.scalar_type() == at::kHalf || h.scalar_type() == at::kBFloat16, op,
+              ": h must be float16 or bfloat16, got ", h.scalar_type());
+  TORCH_CHECK(h.dim() >= 1 && size_k > 0 && up_offset >= size_k && h.size(-1) >= up_offset + size_k &&
+                  up_offset + size_k <= INT32_MAX, op, ": h holds the gate in columns [0, size_k) and the up projection in ",
+              "[up_offset, up_offset + size_k), up_offset >= size_k; got size_k=", size_k, ", up_offset=", up_offset,
+              " and h of shape ", shape_str(h));
+  // rows of h as one strided dimension (a view wherever the leading dimensions allow, as a GEMM's output always does)
+  at::Tensor rows = h.dim() == 1 ? h.unsqueeze(0) : h.reshape({-1, h.size(-1)});
+  if (rows.stride(-1) != 1) rows = rows.contiguous();
+  std::vector<int64_t> sizes = h.sizes().vec();
+  sizes.back() = size_k;
+  at::Tensor out = at::empty(sizes, h.options());
+  const c10::cuda::CUDAGuard device_guard(h.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h.device().index()).stream();
+  const int64_t ldh = rows.size(0) > 1 ? rows.stride(0) : rows.size(1);
+  const auto launch = h.scalar_type() == at::kHalf ? silu_mul_fp16 : silu_mul_bf16;
+  const char* err = launch(rows.data_ptr(), out.data_ptr(), rows.size(0), static_cast<int>(size_k), ldh,
+                           static_cast<int>(up_offset), stream);
+  TORCH_CHECK(err == nullptr, err);
+  return out;
+}
+
 void read_floor_cuda(at::TensorList buffers, const at::Tensor& sink, int64_t key) {
   const char* op = "hf_int4::read_floor";
   TORCH_CHECK(sink.is_cuda() && sink.scalar_type() == at::kInt && sink.dim() == 1 && sink.is_contiguous() &&
@@ -264,6 +290,7 @@ TORCH_LIBRARY(hf_int4, m) {
   m.def("dequantize_int4(Tensor b_packed, Tensor scales, Tensor? zeros, int size_n, int size_k, int group_size) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def("repack_gptq(Tensor qweight, Tensor? perm, int size_k, int size_n) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("silu_mul(Tensor h, int size_k, int up_offset) -> Tensor", {at::Tag::pt2_compliant_tag});
   // the benchmark's floor: reads the buffers, nothing else (hf_int4.bench, read_x); key: see read_floor.cuh
   m.def("read_floor(Tensor[] buffers, Tensor(a!) sink, int key) -> ()");
 }
@@ -272,6 +299,7 @@ TORCH_LIBRARY_IMPL(hf_int4, CUDA, m) {
   m.impl("int4_gemm", &hf_int4::int4_gemm_cuda);
   m.impl("dequantize_int4", &hf_int4::dequantize_int4_cuda);
   m.impl("repack_gptq", &hf_int4::repack_gptq_cuda);
+  m.impl("silu_mul", &hf_int4::silu_mul_cuda);
   m.impl("read_floor", &hf_int4::read_floor_cuda);
 }
 
