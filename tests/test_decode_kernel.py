@@ -497,15 +497,35 @@ def test_fake_impl_opcheck():
 # ------------------------------------------------------------------------------------------ gated input
 
 
-def gated_input(M, K, up_offset, width, dtype, seed):
-    """A gated MLP's gate and up projections side by side in rows of `width` (other columns NaN: read, they would show),
-    and the input they stand for, silu(gate) * up, in float64 rounded once to dtype."""
+def silu_mul_reference(h, size_k, up_offset, dtype):
+    """float64 silu(gate) * up of h's values, and what the kernel's arithmetic may be off by per value: a few roundings
+    to dtype of the result (fp16 math for fp16, fp32 then one rounding for bf16), tanh.approx's error (~2^-11,
+    absolute on tanh in [-1, 1]) times |gate / 2 * up|, and fp16's absolute rounding where a product falls among its
+    subnormals (below 2^-14, spaced 2^-24 apart): gate / 2 * (1 + tanh) there is off by up to 2^-25, which the
+    multiply by up carries, and the result's own rounding adds as much again."""
+    gate, up = h[..., :size_k].double(), h[..., up_offset:up_offset + size_k].double()
+    ref = gate * torch.sigmoid(gate) * up
+    unit, subnormal = (2.0**-11, 2.0**-24) if dtype == F16 else (2.0**-8, 2.0**-133)
+    return ref, 4 * unit * ref.abs() + 2.0**-9 * (gate / 2 * up).abs() + subnormal * (up.abs() + 1) + 1e-30
+
+
+def poisoned_gated(rows, size_k, up_offset, width, dtype, seed, row_stride=None, shift=0):
+    """h [rows, width] (as a view of rows `row_stride` apart, starting `shift` values into its storage) with the gate at
+    column 0 and the up projection at up_offset, every other column NaN: read, they would show."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    h = torch.full((M, width), float("nan"), dtype=dtype, device="cuda")
-    h[:, :K] = 3 * torch.randn(M, K, generator=gen, device="cuda")
-    h[:, up_offset:up_offset + K] = torch.randn(M, K, generator=gen, device="cuda")
-    gate, up = h[:, :K].double(), h[:, up_offset:up_offset + K].double()
-    return h, (gate * torch.sigmoid(gate) * up).to(dtype)
+    stride = row_stride or width
+    store = torch.full((rows * stride + shift + width,), float("nan"), dtype=dtype, device="cuda")
+    h = store.as_strided((rows, width), (stride, 1), shift)
+    h[:, :size_k] = 3 * torch.randn(rows, size_k, generator=gen, device="cuda")
+    h[:, up_offset:up_offset + size_k] = torch.randn(rows, size_k, generator=gen, device="cuda")
+    return h
+
+
+def gated_input(M, K, up_offset, width, dtype, seed):
+    """A gated MLP's gate and up projections side by side in rows of `width` (poisoned_gated), and the input they stand
+    for, silu(gate) * up, in float64 rounded once to dtype."""
+    h = poisoned_gated(M, K, up_offset, width, dtype, seed)
+    return h, silu_mul_reference(h, K, up_offset, dtype)[0].to(dtype)
 
 
 # (K, N, up_offset, width): up right after the gate (Llama's 14336), after padding columns, with columns past it
@@ -554,30 +574,6 @@ def test_gated_input_takes_leading_dimensions_and_cuda_graphs(dtype):
     static_h.copy_(h2)
     graph.replay()
     check(static_out, oracle(raw, x2), dtype, "gated, CUDA graph replay")
-
-
-def silu_mul_reference(h, size_k, up_offset, dtype):
-    """float64 silu(gate) * up of h's values, and what the kernel's arithmetic may be off by per value: a few roundings
-    to dtype of the result (fp16 math for fp16, fp32 then one rounding for bf16), tanh.approx's error (~2^-11,
-    absolute on tanh in [-1, 1]) times |gate / 2 * up|, and fp16's absolute rounding where a product falls among its
-    subnormals (below 2^-14, spaced 2^-24 apart): gate / 2 * (1 + tanh) there is off by up to 2^-25, which the
-    multiply by up carries, and the result's own rounding adds as much again."""
-    gate, up = h[..., :size_k].double(), h[..., up_offset:up_offset + size_k].double()
-    ref = gate * torch.sigmoid(gate) * up
-    unit, subnormal = (2.0**-11, 2.0**-24) if dtype == F16 else (2.0**-8, 2.0**-133)
-    return ref, 4 * unit * ref.abs() + 2.0**-9 * (gate / 2 * up).abs() + subnormal * (up.abs() + 1) + 1e-30
-
-
-def poisoned_gated(rows, size_k, up_offset, width, dtype, seed, row_stride=None, shift=0):
-    """h [rows, width] (as a view of rows `row_stride` apart, starting `shift` values into its storage) with the gate at
-    column 0 and the up projection at up_offset, every other column NaN: read, they would show."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    stride = row_stride or width
-    store = torch.full((rows * stride + shift + width,), float("nan"), dtype=dtype, device="cuda")
-    h = store.as_strided((rows, width), (stride, 1), shift)
-    h[:, :size_k] = 3 * torch.randn(rows, size_k, generator=gen, device="cuda")
-    h[:, up_offset:up_offset + size_k] = torch.randn(rows, size_k, generator=gen, device="cuda")
-    return h
 
 
 # (rows, size_k, up_offset, width, row_stride, shift): 16-byte vectors (Llama-3-8B's MLP, the fused gate/up of a padded
