@@ -112,10 +112,10 @@ class DequantCublasPath(KernelPath):
         return dequant_linear(x, packed, bias)
 
 
-PARTIAL_SUM_SCHEDULES = (4, 5, 8, 9, 10, 11, 12, 14)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
+PARTIAL_SUM_SCHEDULES = (2, 3, 6, 7, 8, 9, 10, 12)  # split-K into fp32 partials, summed by a second kernel (hf_int4.ops.hopper_linear)
 # also built with zero points, for asymmetric layers (csrc/hopper/hopper_gemm.h: the symmetric layers' paths per
-# regime of M, not all fifteen, to bound the build)
-ZERO_POINT_SCHEDULES = (0, 2, 4, 8, 9, 10)
+# regime of M, not all thirteen, to bound the build)
+ZERO_POINT_SCHEDULES = (0, 1, 2, 6, 7, 8)
 
 
 class HopperPath(KernelPath):
@@ -161,31 +161,26 @@ class HopperPath(KernelPath):
 
 PATHS: Dict[str, KernelPath] = {
     p.name: p
-    for p in (DecodePath(), DequantCublasPath(), HopperPath("hopper", 0), HopperPath("hopper_sk", 1),
-              HopperPath("hopper_wide", 2),
-              # CTAs take one k-half each: for the M = 96..256 where a layer has fewer 128x128 tiles than SMs
-              HopperPath("hopper_split2", 1, 2),
+    for p in (DecodePath(), DequantCublasPath(), HopperPath("hopper", 0), HopperPath("hopper_wide", 1),
+              # the same tiles split along K, every K-slice at once, then a sum: layers with few tiles
+              HopperPath("hopper_partials2", 2, 2), HopperPath("hopper_partials4", 2, 4),
               # 64-token tiles: half the MMA work of a 128-token tile at M <= 64, and twice the tiles
-              HopperPath("hopper_narrow", 3), HopperPath("hopper_narrow_split2", 3, 2),
-              HopperPath("hopper_narrow_split4", 3, 4),
-              # the same splits with every K-slice at once (no turnstile), then a sum: layers with few tiles
-              HopperPath("hopper_partials2", 4, 2), HopperPath("hopper_partials4", 4, 4),
-              HopperPath("hopper_narrow_partials2", 5, 2), HopperPath("hopper_narrow_partials4", 5, 4),
+              HopperPath("hopper_narrow_partials2", 3, 2), HopperPath("hopper_narrow_partials4", 3, 4),
               # 192-token tiles: no padding rows at M = 192 * j, a wave count between 128- and 256-token tiles'
-              HopperPath("hopper_192", 6),
+              HopperPath("hopper_192", 4),
               # 256-token tiles in clusters of two along the weights: the pair reads each activation tile once
-              HopperPath("hopper_wide_cluster", 7),
+              HopperPath("hopper_wide_cluster", 5),
               # 256 weight rows per tile (128 per warpgroup), 64, 32 or 16 tokens: twice the weights per latency-bound
               # k-block at M <= 64; beyond 128 rows (16-token tiles: 16) they only repeat the weight reads per token tile
               *(HopperPath(f"hopper_w256{suffix}_partials{s}", schedule, s, max_m=max_m)
-                for suffix, schedule, max_m in (("", 8, 128), ("_t32", 9, 128), ("_t16", 10, 16)) for s in (2, 4, 8)),
+                for suffix, schedule, max_m in (("", 6, 128), ("_t32", 7, 128), ("_t16", 8, 16)) for s in (2, 4, 8)),
               # 160-token tiles (m64n160k16): no padding rows at M = 160 j, where on the H200 they beat every other
               # path by 4-18% (docs/kernel_notes.md step 30); measured at every M, the tune decides
-              HopperPath("hopper_160", 13),
+              HopperPath("hopper_160", 11),
               # M = 160..1280: 160-, 192- and 256-token tiles, which cover M in one or two passes and keep the tensor
               # pipe busier than 128-token tiles, split along K where a layer has too few weight tiles for the SMs
               *(HopperPath(f"hopper_{tile}_partials{s}", schedule, s, max_m=1280)
-                for tile, schedule in (("160", 14), ("192", 11), ("wide", 12)) for s in (2, 4)))
+                for tile, schedule in (("160", 12), ("192", 9), ("wide", 10)) for s in (2, 4)))
 }
 
 

@@ -132,11 +132,10 @@ def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torc
     """The Hopper kernel (CUTLASS, TMA + wgmma): N % 128 == 0, K % 64 == 0, groups >= 64; asymmetric weights (zero
     points) only with the schedules built for them (hf_int4.dispatch.ZERO_POINT_SCHEDULES).
 
-    schedule: which configuration (tile shape, scheduler, split-K into fp32 partials or not), an index into the list
-    in hf_int4/csrc/hopper/hopper_schedules.cuh (hf_int4.dispatch.PATHS names each). splits, the stream-K schedules
-    (1 and 3): 0 CUTLASS's heuristic (stream-K where tiles are fewer than SMs), 1 data-parallel, s > 1 split-K in s
-    parts (partials reduced in K order); the partial-sum schedules (hf_int4.dispatch.PARTIAL_SUM_SCHEDULES): 2..16
-    K-slices of whole 64-row tiles and groups. All deterministic.
+    schedule: which configuration (tile shape, cluster, split-K into fp32 partials or not), an index into the list
+    in hf_int4/csrc/hopper/hopper_schedules.cuh (hf_int4.dispatch.PATHS names each). splits: 0, except for the
+    partial-sum schedules (hf_int4.dispatch.PARTIAL_SUM_SCHEDULES): 2..16 K-slices of whole 64-row tiles and groups,
+    summed in K order. All deterministic.
     hf_int4.dispatch.HopperPath says which layers it takes; this checks again and raises otherwise."""
     _check_call("hopper_linear", x, packed, bias)
     if not _HAS_HOPPER:

@@ -82,7 +82,7 @@ why = [e._load(), e._load_hopper()]; print('load errors:', why); sys.exit(why !=
 }
 
 # the ncu stages' cases: scripts/kernel_case.py arguments, one call per line
-stall_cases="${STALL_CASES:-$'8192 8192 16 --hopper 10 --splits 4\n8192 8192 64 --hopper 8 --splits 4'}"
+stall_cases="${STALL_CASES:-$'8192 8192 16 --hopper hopper_w256_t16_partials4\n8192 8192 64 --hopper hopper_w256_partials4'}"
 
 for stage in $stages; do
   case $stage in

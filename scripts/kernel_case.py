@@ -2,7 +2,9 @@
 (kernel debugging; with --repeat, one kernel for a profiler such as ncu).
 
     python scripts/kernel_case.py K N M [--group-size 128] [--asym] [--act-order] [--bf16] [--tile TNxTK] [--sms S]
-                                  [--hopper SCHEDULE [--splits S]] [--repeat R]
+                                  [--hopper PATH] [--repeat R]
+
+--hopper names a Hopper path of hf_int4.dispatch.PATHS (e.g. hopper_w256_t16_partials4): its schedule and splits.
 """
 import argparse
 import sys
@@ -14,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from gptq_oracle import oracle  # noqa: E402
 
+from hf_int4.dispatch import PATHS, HopperPath  # noqa: E402
 from hf_int4.formats import GPTQConfig  # noqa: E402
 from hf_int4.formats.gptq_writer import random_gptq_layer  # noqa: E402
 from hf_int4.ops import hopper_linear, int4_gemm  # noqa: E402
@@ -31,8 +34,8 @@ def main():
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tile", default=None)
     p.add_argument("--sms", type=int, default=-1)
-    p.add_argument("--hopper", type=int, default=None, help="run this Hopper schedule instead (hf_int4.ops.hopper_linear)")
-    p.add_argument("--splits", type=int, default=0, help="the Hopper schedule's splits")
+    hopper_paths = sorted(name for name, path in PATHS.items() if isinstance(path, HopperPath))
+    p.add_argument("--hopper", choices=hopper_paths, default=None, metavar="PATH", help="run this Hopper path instead")
     p.add_argument("--repeat", type=int, default=1, help="launch the kernel this many times")
     a = p.parse_args()
     cfg = GPTQConfig(group_size=a.group_size, sym=not a.asym, desc_act=a.act_order)
@@ -45,12 +48,12 @@ def main():
         if a.hopper is None:
             out = int4_gemm(x, packed, thread_n=tn, thread_k=tk, sms=a.sms)
         else:
-            out = hopper_linear(x, packed, None, a.hopper, a.splits)
+            out = hopper_linear(x, packed, None, PATHS[a.hopper].schedule, PATHS[a.hopper].splits)
     torch.cuda.synchronize()
     ref = oracle(raw, x)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     bad_rows = ((out.double() - ref).abs().amax(1) > 0.05 * ref.abs().amax()).nonzero().flatten().tolist()
-    print(f"K={a.K} N={a.N} M={a.M} {cfg} {dtype} tile={a.tile} sms={a.sms} hopper={a.hopper}/{a.splits}: rel err {err:.3e} bad rows {bad_rows[:10]}{'...' if len(bad_rows) > 10 else ''}")
+    print(f"K={a.K} N={a.N} M={a.M} {cfg} {dtype} tile={a.tile} sms={a.sms} hopper={a.hopper}: rel err {err:.3e} bad rows {bad_rows[:10]}{'...' if len(bad_rows) > 10 else ''}")
 
 
 if __name__ == "__main__":

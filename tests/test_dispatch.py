@@ -219,8 +219,8 @@ def test_a_layer_takes_its_own_variants_entry_where_its_shape_has_one():
 
 def test_the_hopper_paths_match_the_schedules_the_op_knows():
     """dispatch's schedule numbers, partial-sum and zero-point sets against hopper_gemm.h (kHopperSchedules,
-    kPartialSchedules, kZeroPointSchedules, the stream-K schedules): a schedule the op reads as data-parallel while
-    dispatch passes splits would be refused on the GPU only."""
+    kPartialSchedules, kZeroPointSchedules): a schedule the op reads as data-parallel while dispatch passes splits
+    would be refused on the GPU only."""
     header = (Path(dispatch.__file__).parent / "csrc" / "hopper" / "hopper_gemm.h").read_text()
     count = int(re.search(r"kHopperSchedules = (\d+);", header).group(1))
 
@@ -229,8 +229,6 @@ def test_the_hopper_paths_match_the_schedules_the_op_knows():
 
     assert bits(r"kPartialSchedules = ([^;]+);") == sorted(dispatch.PARTIAL_SUM_SCHEDULES)
     assert bits(r"kZeroPointSchedules =\s*([^;]+);") == sorted(dispatch.ZERO_POINT_SCHEDULES)
-    stream_k = bits(r"#define HF_INT4_HOPPER_STREAM_K_SCHEDULES (.+)")
     hopper = [p for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
     assert {p.schedule for p in hopper} == set(range(count))  # every configuration reachable, none beyond the op's
-    split_k = [p for p in hopper if p.schedule not in stream_k]  # the stream-K schedules take splits too
-    assert all((p.splits >= 2) == (p.schedule in dispatch.PARTIAL_SUM_SCHEDULES) for p in split_k)
+    assert all((p.splits >= 2) == (p.schedule in dispatch.PARTIAL_SUM_SCHEDULES) for p in hopper)

@@ -99,7 +99,7 @@ def test_hopper_partials_every_k_range_and_group_count(dtype, K, gs, splits, sym
               f"K={K} gs={gs} M={M} schedule {schedule} splits {splits}")
 
 
-# 1024x384: three 128-row weight tiles, so a cluster of two (schedule 7) has a CTA past the last tile
+# 1024x384: three 128-row weight tiles, so a cluster of two (hopper_wide_cluster) has a CTA past the last tile
 @pytest.mark.parametrize("K,N,sym", [(4096, 6144, True), (4096, 14336, True), (14336, 4096, True), (8192, 8192, True),
                                      (1024, 384, True), (14336, 4096, False), (4096, 6144, False)])
 def test_hopper_matches_the_oracle_llama_shapes(K, N, sym):
@@ -214,21 +214,22 @@ def test_hopper_takes_any_leading_dimensions():
 def test_hopper_refuses_what_it_cannot_run():
     asym = get_packed(576, 1536, _cfg(sym=False, gs=128), F16)
     x = torch.randn(64, 576, device="cuda", dtype=F16)
-    with pytest.raises(RuntimeError, match="schedule 1 has no build with zero points"):
-        ops.hopper_linear(x, asym, None, 1)
+    no_zeros = next(p for p in HOPPER_PATHS if p.schedule not in dispatch.ZERO_POINT_SCHEDULES)
+    with pytest.raises(RuntimeError, match=f"schedule {no_zeros.schedule} has no build with zero points"):
+        ops.hopper_linear(x, asym, None, no_zeros.schedule, no_zeros.splits)
     odd = get_packed(200, 264, _cfg(gs=32), F16)
     with pytest.raises(RuntimeError, match="out_features % 128"):
         ops.hopper_linear(torch.randn(64, 200, device="cuda", dtype=F16), odd)
     sym = get_packed(576, 1536, _cfg(gs=128), F16)
-    with pytest.raises(RuntimeError, match="splits .* apply to the stream-K configurations"):
+    with pytest.raises(RuntimeError, match="splits apply to the split-K partial-sum schedules only"):
         ops.hopper_linear(x, sym, None, 0, 2)  # the data-parallel kernel cannot split K
     with pytest.raises(RuntimeError, match="slices of whole 64-row tiles"):
-        ops.hopper_linear(x, sym, None, 4, 2)  # K = 576: 288-row slices
+        ops.hopper_linear(x, sym, None, dispatch.PATHS["hopper_partials2"].schedule, 2)  # K = 576: 288-row slices
     with pytest.raises(RuntimeError, match="schedule must be"):  # one past the last configuration dispatch knows
         ops.hopper_linear(x, sym, None, max(p.schedule for p in HOPPER_PATHS) + 1)
     spec = dispatch.LinearSpec.of
     assert "slices" in dispatch.PATHS["hopper_partials2"].unsupported(spec(sym))
-    assert "asymmetric" in dispatch.PATHS["hopper_sk"].unsupported(spec(asym))
+    assert "asymmetric" in no_zeros.unsupported(spec(asym))
     assert dispatch.PATHS["hopper"].unsupported(spec(asym)) is None
     assert "% 128" in dispatch.PATHS["hopper"].unsupported(spec(odd))
     g32 = get_packed(576, 1536, _cfg(gs=32), F16)

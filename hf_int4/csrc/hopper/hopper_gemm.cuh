@@ -34,16 +34,10 @@ namespace hopper {
 using namespace cute;
 
 // A kernel launched early must wait for the one before it, which CUTLASS's kernels do when built with
-// CUTLASS_ENABLE_GDC_FOR_SM90 (hopper_schedules.cuh defines it, except for the stream-K configurations, which launch
-// normally).
-#ifdef CUTLASS_ENABLE_GDC_FOR_SM90
-constexpr bool kLaunchEarly = true;
-#else
-constexpr bool kLaunchEarly = false;
+// CUTLASS_ENABLE_GDC_FOR_SM90 (hopper_schedules.cuh defines it before any CUTLASS header).
+#ifndef CUTLASS_ENABLE_GDC_FOR_SM90
+#error "define CUTLASS_ENABLE_GDC_FOR_SM90 before including CUTLASS: the kernels launch early"
 #endif
-
-using DataParallel = void;  // CUTLASS's persistent data-parallel tile scheduler
-using StreamK = cutlass::gemm::StreamKScheduler;
 
 // out [m, n] = sum over the splits of partials [splits, m, n] (+ bias), in split order. Launched early (while the
 // GEMM that writes the partials finishes), it waits for that GEMM before reading them.
@@ -86,10 +80,9 @@ const char* reduce_partials(const HopperGemmArgs& a) {
 // partial tiles one CTA after the other). Zeros: asymmetric layers, HopperGemmArgs::zeros read beside the scales
 // (symmetric layers run the configurations without, which load no zeros).
 template <class Act, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
-          class TileScheduler, class Out = Act, bool Zeros = false>
+          class Out = Act, bool Zeros = false>
 struct Config {
   static constexpr bool kPartials = std::is_same_v<Out, float>;
-  static constexpr bool kStreamK = std::is_same_v<TileScheduler, StreamK>;
   static constexpr int kOutAlign = 16 / sizeof(Out);
   using Quant = cutlass::int4b_t;
   // CUTLASS's element tuple: the quantized type, its scale type and, in zero mode, its zero type
@@ -113,7 +106,8 @@ struct Config {
       cutlass::layout::ColumnMajor, 8, Accumulator, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp>;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, TileScheduler>;
+  // void: CUTLASS's persistent data-parallel tile scheduler
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, void>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Gemm::Arguments arguments(const HopperGemmArgs& a) {
@@ -138,13 +132,6 @@ struct Config {
     args.epilogue.thread.alpha = 1.f;
     args.epilogue.thread.beta = 0.f;
     if constexpr (!kPartials) args.epilogue.thread.bias_ptr = static_cast<const Act*>(a.bias);
-    if constexpr (kStreamK) {
-      // Partial tiles are reduced in K order (CUTLASS's default, deterministic "turnstile"): the same
-      // input gives the same bits whatever the timing.
-      using Mode = cutlass::gemm::kernel::detail::DecompositionMode;
-      args.scheduler.splits = a.splits > 1 ? a.splits : 1;
-      args.scheduler.decomposition_mode = a.splits == 0 ? Mode::Heuristic : a.splits == 1 ? Mode::DataParallel : Mode::SplitK;
-    }
     return args;
   }
 
@@ -159,7 +146,7 @@ struct Config {
       return "hf_int4::hopper_int4_gemm: CUTLASS kernel initialisation failed";
     // early: the kernel's prologue overlaps the previous kernel's tail, its loads wait for that kernel, and its last
     // tile lets the next kernel launch early
-    if (gemm.run(a.stream, nullptr, kLaunchEarly && a.early) != cutlass::Status::kSuccess)
+    if (gemm.run(a.stream, nullptr, a.early) != cutlass::Status::kSuccess)
       return "hf_int4::hopper_int4_gemm: CUTLASS launch failed";
     if constexpr (kPartials) return reduce_partials<Act>(a);
     return nullptr;
@@ -167,15 +154,14 @@ struct Config {
 };
 
 // Cooperative schedule, 128 weight rows x TokenTile tokens x 64 k per tile (CUTLASS's stock mixed-input
-// configuration at TokenTile = 128), with the persistent data-parallel or stream-K scheduler. ClusterWeights = 2:
+// configuration at TokenTile = 128), with the persistent data-parallel scheduler. ClusterWeights = 2:
 // clusters of two CTAs on neighbouring weight tiles, which share each activation tile by TMA multicast (half the
 // activation traffic from L2 per CTA; activations are 8x the int4 weight bytes of a 128 x 256 tile).
-// WeightTile = 256: each consumer warpgroup on 128 weight rows (hopper_schedules.cuh, schedules 8, 9 and 10).
-template <class Act, class TileScheduler, int TokenTile = 128, class Out = Act, int ClusterWeights = 1,
-          int WeightTile = 128>
+// WeightTile = 256: each consumer warpgroup on 128 weight rows (hopper_schedules.cuh, schedules 6, 7 and 8).
+template <class Act, int TokenTile = 128, class Out = Act, int ClusterWeights = 1, int WeightTile = 128>
 using Cooperative = Config<Act, Shape<Int<WeightTile>, Int<TokenTile>, _64>, Shape<Int<ClusterWeights>, _1, _1>,
                            cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                           cutlass::epilogue::TmaWarpSpecializedCooperative, TileScheduler, Out>;
+                           cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
 
 }  // namespace hopper
 }  // namespace hf_int4

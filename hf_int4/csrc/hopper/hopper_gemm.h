@@ -21,24 +21,21 @@ struct HopperGemmArgs {
   float* partials = nullptr;     // partial-sum schedules (kPartialSchedules): [splits, m, n] fp32
   int m = 0, n = 0, k = 0;       // n % 128 == 0, k % 64 == 0 (no padding on this path)
   int group_size = 0;            // >= 64, or k for per-channel
-  int splits = 0;                // stream-K configurations: 0 CUTLASS's heuristic, 1 data-parallel, s > 1 split-K;
-                                 // partial-sum configurations: s >= 2 K-slices
+  int splits = 0;                // partial-sum configurations: s >= 2 K-slices; 0 for the others
   bool early = false;            // launch early behind the previous kernel (early_launch.h)
   cudaStream_t stream = nullptr;
 };
 
 // The configurations, one per value of the op's `schedule`: hopper_schedules.cuh lists them and says what each is
 // for; each is built once per dtype (and variant) in its own translation unit, which setup.py writes.
-constexpr int kHopperSchedules = 15;
-// The split-K partial-sum schedules as a bit mask (dispatch.PARTIAL_SUM_SCHEDULES), and the stream-K ones (a macro:
-// the preprocessor reads it, hopper_schedules.cuh). hopper_schedules.cuh checks both against the configurations.
-constexpr unsigned kPartialSchedules = 1u << 4 | 1u << 5 | 1u << 8 | 1u << 9 | 1u << 10 | 1u << 11 | 1u << 12 | 1u << 14;
-#define HF_INT4_HOPPER_STREAM_K_SCHEDULES (1u << 1 | 1u << 3)
-constexpr unsigned kStreamKSchedules = HF_INT4_HOPPER_STREAM_K_SCHEDULES;
+constexpr int kHopperSchedules = 13;
+// The split-K partial-sum schedules as a bit mask (dispatch.PARTIAL_SUM_SCHEDULES); hopper_schedules.cuh checks it
+// against the configurations.
+constexpr unsigned kPartialSchedules = 1u << 2 | 1u << 3 | 1u << 6 | 1u << 7 | 1u << 8 | 1u << 9 | 1u << 10 | 1u << 12;
 // The schedules also built with zero points, for asymmetric layers (dispatch.ZERO_POINT_SCHEDULES): the ones the
 // symmetric layers run in each regime of M (256 x 16 / 32 / 64 partials up to 64 rows, 128 x 128 partials and
-// data-parallel tiles, 128 x 256 tiles at the largest M), not all fifteen, to bound the build.
-constexpr unsigned kZeroPointSchedules = 1u << 0 | 1u << 2 | 1u << 4 | 1u << 8 | 1u << 9 | 1u << 10;
+// data-parallel tiles, 128 x 256 tiles at the largest M), not all thirteen, to bound the build.
+constexpr unsigned kZeroPointSchedules = 1u << 0 | 1u << 1 | 1u << 2 | 1u << 6 | 1u << 7 | 1u << 8;
 // Whether a schedule mask above holds `schedule`.
 constexpr bool in_mask(unsigned mask, int schedule) { return (mask >> schedule) & 1u; }
 

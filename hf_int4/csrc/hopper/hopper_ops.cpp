@@ -62,11 +62,9 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
     TORCH_CHECK(false, op, ": schedule ", schedule, " has no build with zero points (asymmetric layers run schedules ",
                 built, ")");
   }
-  const bool stream_k = in_mask(kStreamKSchedules, schedule);
   const bool partials = in_mask(kPartialSchedules, schedule);  // dispatch.PARTIAL_SUM_SCHEDULES
-  TORCH_CHECK(splits == 0 || (stream_k && splits > 0 && splits <= 64) || partials, op,
-              ": splits (0 CUTLASS's heuristic, 1 data-parallel, 2..64 split-K) apply to the stream-K configurations "
-              "(schedule 1 or 3), got splits=", splits, " with schedule ", schedule);
+  TORCH_CHECK(splits == 0 || partials, op, ": splits apply to the split-K partial-sum schedules only, got splits=",
+              splits, " with schedule ", schedule);
   TORCH_CHECK(!partials || (splits >= 2 && splits <= 16 && group_size != -1 && size_k % (64 * splits) == 0 &&
                             (size_k / splits) % group_size == 0),
               op, ": the split-K partial-sum schedules need 2..16 splits that cut K into slices of whole 64-row tiles and "
@@ -94,7 +92,7 @@ at::Tensor hopper_int4_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_pac
   args.stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
   const HopperKernel& kernel =
       kKernels[a.scalar_type() == at::kHalf ? kFloat16 : kBfloat16][zeros.has_value() ? 1 : 0][schedule];
-  // The workspace (tile-scheduler state; stream-K's partial tiles) comes from torch's caching allocator:
+  // The workspace (tile-scheduler state) comes from torch's caching allocator:
   // the same block call after call, and a graph capture takes it from the graph's pool.
   const size_t ws_bytes = kernel.workspace(args);
   at::Tensor ws;

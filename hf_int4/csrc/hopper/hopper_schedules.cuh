@@ -10,11 +10,9 @@
 #error "define HF_INT4_HOPPER_DTYPE, _SCHEDULE and _ZEROS (setup.py writes the translation units that do)"
 #endif
 
-// Launch early wherever CUTLASS allows it: its grid dependency control must be compiled in before any CUTLASS header,
-// and CUTLASS 4.2's stream-K scheduler does not compile with it (PersistentTileSchedulerSm90StreamK::is_last_tile).
-#if !((HF_INT4_HOPPER_STREAM_K_SCHEDULES >> HF_INT4_HOPPER_SCHEDULE) & 1u)
+// Launch early: CUTLASS's grid dependency control must be compiled in before any CUTLASS header. (CUTLASS 4.2's
+// stream-K scheduler does not compile with it; no configuration here uses that scheduler.)
 #define CUTLASS_ENABLE_GDC_FOR_SM90
-#endif
 #include <tuple>
 
 #include "hopper_gemm.cuh"
@@ -22,45 +20,41 @@
 namespace hf_int4 {
 namespace hopper {
 
-// Tiles are weight rows x tokens (x 64 k); Cooperative's defaults: 128 x 128, output in the activation dtype.
+// Tiles are weight rows x tokens (x 64 k), persistent data-parallel; Cooperative's defaults: 128 x 128, output in the
+// activation dtype.
 // Partials (Out = float): split-K, every K-slice at once writing fp32 partials that a second kernel sums.
 template <class Act>
 using Schedules = std::tuple<
-    // 0: data-parallel 128 x 128 tiles, persistent
-    Cooperative<Act, DataParallel>,
-    // 1: the same tiles with the stream-K scheduler (CUTLASS's heuristic splits K across CTAs when there are too few
-    // tiles, or `splits` forces split-K)
-    Cooperative<Act, StreamK>,
-    // 2: data-parallel 128 x 256 tiles, which convert each int4 weight once per 256 tokens instead of 128
-    Cooperative<Act, DataParallel, 256>,
-    // 3: 128 x 64 tiles with the stream-K scheduler: at M <= 64 a 128-token tile would spend half its MMAs on padding
-    Cooperative<Act, StreamK, 64>,
-    // 4, 5: split-K partials with 128 x 128 and 128 x 64 tiles
-    Cooperative<Act, DataParallel, 128, float>,
-    Cooperative<Act, DataParallel, 64, float>,
-    // 6: data-parallel 128 x 192 tiles: at M = 192 j no padding rows, and a wave count between the 128- and 256-token
-    // tiles'
-    Cooperative<Act, DataParallel, 192>,
-    // 7: the 128 x 256 tiles of 2 in clusters of two CTAs along the weights that share the activation tiles (TMA
+    // 0: 128 x 128 tiles
+    Cooperative<Act>,
+    // 1: 128 x 256 tiles, which convert each int4 weight once per 256 tokens instead of 128
+    Cooperative<Act, 256>,
+    // 2, 3: split-K partials with 128 x 128 and 128 x 64 tiles
+    Cooperative<Act, 128, float>,
+    Cooperative<Act, 64, float>,
+    // 4: 128 x 192 tiles: at M = 192 j no padding rows, and a wave count between the 128- and 256-token tiles'
+    Cooperative<Act, 192>,
+    // 5: the 128 x 256 tiles of 1 in clusters of two CTAs along the weights that share the activation tiles (TMA
     // multicast)
-    Cooperative<Act, DataParallel, 256, Act, 2>,
-    // 8, 9, 10: split-K partials with 256 (weights) x 64, 256 x 32 and 256 x 16 (tokens) tiles. At M <= 64 the
+    Cooperative<Act, 256, Act, 2>,
+    // 6, 7, 8: split-K partials with 256 (weights) x 64, 256 x 32 and 256 x 16 (tokens) tiles. At M <= 64 the
     // mainloop is bound by the latency of each k-block's smem -> convert -> wgmma chain, not by the tensor cores: 256
     // weight rows (128 per warpgroup) carry twice the weights per chain of 128-row tiles (H200, M = 16-32: 1.06-1.47x
     // faster than the best 128-row configuration, docs/results/bench_hopper_w256_h200.txt)
-    Cooperative<Act, DataParallel, 64, float, 1, 256>,
-    Cooperative<Act, DataParallel, 32, float, 1, 256>,
-    Cooperative<Act, DataParallel, 16, float, 1, 256>,
-    // 11, 12: split-K partials with 128 x 192 and 128 x 256 tiles: at M = 160..1280 these keep the tensor pipe busiest
+    Cooperative<Act, 64, float, 1, 256>,
+    Cooperative<Act, 32, float, 1, 256>,
+    Cooperative<Act, 16, float, 1, 256>,
+    // 9, 10: split-K partials with 128 x 192 and 128 x 256 tiles: at M = 160..1280 these keep the tensor pipe busiest
     // (ncu, H200: 90% at 192 tokens, 76% at 128) and cover M in one or two passes, as long as the layer still has
     // enough CTAs (hence the K-slices)
-    Cooperative<Act, DataParallel, 192, float>,
-    Cooperative<Act, DataParallel, 256, float>,
-    // 13: data-parallel 128 x 160 tiles, 14: split-K partials with them: M = 160 j runs without padding rows
-    // (192-token tiles run 640 tokens as 768), issued as m64n160k16 wgmmas (CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED,
-    // hopper_gemm.cuh)
-    Cooperative<Act, DataParallel, 160>,
-    Cooperative<Act, DataParallel, 160, float>>;
+    Cooperative<Act, 192, float>,
+    Cooperative<Act, 256, float>,
+    // 11: 128 x 160 tiles, 12: split-K partials with them: M = 160 j runs without padding rows (192-token tiles run
+    // 640 tokens as 768), issued as m64n160k16 wgmmas (CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, hopper_gemm.cuh)
+    Cooperative<Act, 160>,
+    Cooperative<Act, 160, float>>;
+// (CUTLASS's stream-K scheduler, on 128 x 128 and 128 x 64 tiles, was measured here too until 2026-12-07: no layer's
+// fastest path at any M on the H100, two points within 2.5% on the H200; dropped to shorten the build.)
 
 static_assert(std::tuple_size_v<Schedules<cutlass::half_t>> == kHopperSchedules,
               "hopper_gemm.h's kHopperSchedules counts the configurations listed here");
@@ -68,10 +62,9 @@ static_assert(std::tuple_size_v<Schedules<cutlass::half_t>> == kHopperSchedules,
 // A configuration's build for asymmetric layers (zero points), which only the schedules in kZeroPointSchedules have.
 template <class Symmetric>
 struct WithZeros;
-template <class Act, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
-          class TileScheduler, class Out>
-struct WithZeros<Config<Act, TileShape, ClusterShape, KernelSchedule, EpilogueSchedule, TileScheduler, Out, false>> {
-  using type = Config<Act, TileShape, ClusterShape, KernelSchedule, EpilogueSchedule, TileScheduler, Out, true>;
+template <class Act, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule, class Out>
+struct WithZeros<Config<Act, TileShape, ClusterShape, KernelSchedule, EpilogueSchedule, Out, false>> {
+  using type = Config<Act, TileShape, ClusterShape, KernelSchedule, EpilogueSchedule, Out, true>;
 };
 
 template <int Dtype>
@@ -90,8 +83,6 @@ const char* HopperGemm<Dtype, Schedule, Zeros>::run(const HopperGemmArgs& args) 
   static_assert(!Zeros || in_mask(kZeroPointSchedules, Schedule), "kZeroPointSchedules lists the zero-point builds");
   static_assert(Gemm::kPartials == in_mask(kPartialSchedules, Schedule),
                 "kPartialSchedules must list exactly the configurations that write fp32 partials");
-  static_assert(Gemm::kStreamK == in_mask(kStreamKSchedules, Schedule),
-                "HF_INT4_HOPPER_STREAM_K_SCHEDULES must list exactly the stream-K configurations");
   return Gemm::run(args);
 }
 
