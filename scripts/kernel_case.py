@@ -19,7 +19,7 @@ from gptq_oracle import oracle  # noqa: E402
 from hf_int4.dispatch import PATHS, HopperPath  # noqa: E402
 from hf_int4.formats import GPTQConfig  # noqa: E402
 from hf_int4.formats.gptq_writer import random_gptq_layer  # noqa: E402
-from hf_int4.ops import hopper_linear, int4_gemm  # noqa: E402
+from hf_int4.ops import int4_gemm  # noqa: E402
 from hf_int4.packing import pack_gptq_layer  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main():
         if a.hopper is None:
             out = int4_gemm(x, packed, thread_n=tn, thread_k=tk, sms=a.sms)
         else:
-            out = hopper_linear(x, packed, None, PATHS[a.hopper].schedule, PATHS[a.hopper].splits)
+            out = PATHS[a.hopper].run(x, packed, None)
     torch.cuda.synchronize()
     ref = oracle(raw, x)
     err = ((out.double() - ref).norm() / ref.norm()).item()
