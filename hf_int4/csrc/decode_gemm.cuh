@@ -142,6 +142,12 @@ __device__ __forceinline__ uint32_t dequant2(uint32_t x, uint32_t zeros, uint32_
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
+// v[0..7] += the 8 floats of a and b (a reduction's step over 8 consecutive columns).
+__device__ __forceinline__ void add8(float (&v)[8], const float4 a, const float4 b) {
+  v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
+  v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+}
+
 // --------------------------------------------------------------------------------------- kernel
 
 struct KernelParams {
@@ -438,9 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
 #pragma unroll
             for (int kk = 0; kk < KW; ++kk) {
               const float4* src = reinterpret_cast<const float4*>(red + kk * 16 * RS + r * RS + c8 * 8);
-              const float4 x0 = src[0], x1 = src[1];
-              v[0] += x0.x; v[1] += x0.y; v[2] += x0.z; v[3] += x0.w;
-              v[4] += x1.x; v[5] += x1.y; v[6] += x1.z; v[7] += x1.w;
+              add8(v, src[0], src[1]);
             }
             if (split) {
               float4* dst = reinterpret_cast<float4*>(my_part + (16 * i + r) * TN + c8 * 8);
@@ -465,9 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1) int4_gemm_kernel(const KernelPara
         for (int q = 0; q < 8; ++q) v[q] = 0.f;
         for (int b = last_blk; b >= first_blk; --b) {  // bottom (last k-range) first, always the same order
           const float4* src = reinterpret_cast<const float4*>(part_slot(b, slice_col) + r * TN + c8 * 8);
-          const float4 x0 = __ldcg(src), x1 = __ldcg(src + 1);
-          v[0] += x0.x; v[1] += x0.y; v[2] += x0.z; v[3] += x0.w;
-          v[4] += x1.x; v[5] += x1.y; v[6] += x1.z; v[7] += x1.w;
+          add8(v, __ldcg(src), __ldcg(src + 1));
         }
         write_out(r, col, v);
       }
