@@ -9,6 +9,8 @@ from tqdm.auto import tqdm
 from hf_int4 import _extension
 from hf_int4.formats.files import ShardWriter, atomic_output_dir
 from hf_int4.formats.gptq import (
+    GPTQConfig,
+    GPTQFormatError,
     ModuleRules,
     iter_checkpoint,
     load_quantization_config,
@@ -67,17 +69,28 @@ def describe_checkpoint(checkpoint_dir) -> dict:
     """Format, settings, layer count and size of a GPTQ or packed hf_int4 checkpoint."""
     with open(os.path.join(checkpoint_dir, "config.json")) as f:
         model_config = json.load(f)
-    qc = model_config.get("quantization_config") or {}
+    try:  # where the loader reads it: config.json, else quantize_config.json (older AutoGPTQ, no quant_method)
+        qc = load_quantization_config(checkpoint_dir)
+    except GPTQFormatError:
+        qc = {}
     files = safetensors_files(checkpoint_dir)
     keys = tensor_shapes(files)
     tensors = len(keys)
     layers = len(quantized_layer_names(keys))
-    method = qc.get("quant_method", "none")
+    method = str(qc.get("quant_method", "gptq" if qc else "none")).lower()
+    if method == QUANT_METHOD:
+        fmt = f"hf_int4 packed ({qc.get('packed_layout')}, {qc.get('packed_dtype')})"
+    elif method == "gptq":
+        try:  # the loader's reading of the format (GPTQModel writes it as "format")
+            fmt = f"GPTQ ({GPTQConfig.from_dict(qc).checkpoint_format})"
+        except GPTQFormatError as exc:
+            fmt = f"GPTQ, not loadable: {exc}"
+    else:
+        fmt = method
     return {
         "path": os.path.abspath(checkpoint_dir),
         "architecture": (model_config.get("architectures") or ["?"])[0],
-        "format": f"hf_int4 packed ({qc.get('packed_layout')}, {qc.get('packed_dtype')})" if method == QUANT_METHOD
-        else f"GPTQ ({qc.get('checkpoint_format', 'gptq')})" if method == "gptq" else method,
+        "format": fmt,
         "bits": qc.get("bits"),
         "group_size": qc.get("group_size"),
         "sym": qc.get("sym"),

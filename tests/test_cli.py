@@ -88,3 +88,37 @@ def test_inspect(gptq_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "hf_int4 packed" in capsys.readouterr().out
+
+
+def _config_only_copy(gptq_dir, dst, quantization_config, in_config_json: bool):
+    """A copy of gptq_dir's tensors with the quantization config stated as other tools write it."""
+    os.makedirs(dst)
+    for name in os.listdir(gptq_dir):
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            os.link(os.path.join(gptq_dir, name), os.path.join(dst, name))
+    model_config = json.loads((gptq_dir / "config.json").read_text())
+    model_config.pop("quantization_config")
+    if in_config_json:
+        model_config["quantization_config"] = quantization_config
+    else:
+        (dst / "quantize_config.json").write_text(json.dumps(quantization_config))
+    (dst / "config.json").write_text(json.dumps(model_config))
+
+
+def test_inspect_reads_the_format_as_the_reader_does(gptq_dir, tmp_path, capsys):
+    # GPTQModel names the setting "format"
+    gptqmodel = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True, "format": "gptq_v2"}
+    _config_only_copy(gptq_dir, tmp_path / "gptqmodel", gptqmodel, in_config_json=True)
+    assert main(["inspect", str(tmp_path / "gptqmodel")]) == 0
+    assert "GPTQ (gptq_v2)" in capsys.readouterr().out
+    # older AutoGPTQ: no quantization_config in config.json, quantize_config.json without quant_method
+    autogptq = {"bits": 4, "group_size": 32, "sym": False, "desc_act": True, "checkpoint_format": "gptq_v2"}
+    _config_only_copy(gptq_dir, tmp_path / "autogptq", autogptq, in_config_json=False)
+    assert main(["inspect", str(tmp_path / "autogptq")]) == 0
+    text = capsys.readouterr().out
+    assert "GPTQ (gptq_v2)" in text and "group_size: 32" in text and "desc_act: True" in text, text
+    # a GPTQ checkpoint the loader refuses says why
+    eight_bit = dict(gptqmodel, bits=8)
+    _config_only_copy(gptq_dir, tmp_path / "eight_bit", eight_bit, in_config_json=True)
+    assert main(["inspect", str(tmp_path / "eight_bit")]) == 0
+    assert "not loadable" in (text := capsys.readouterr().out) and "bits=8" in text, text
