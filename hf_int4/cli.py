@@ -13,7 +13,8 @@ def main(argv=None):
     rp.add_argument("out_dir")
     rp.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="activation dtype to pack for")
     rp.add_argument("--device", help="where to pack (default: cuda when the kernels are available, else cpu)")
-    rp.add_argument("--max-shard-size", default="4GB")
+    rp.add_argument("--max-shard-size", default="4GB", type=lambda s: int(s) if s.isdigit() else s,
+                    help="bytes, or as save_pretrained takes it: 5GB (10^9 bytes), 5GiB (2^30), MB, KB")
     rp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     ins = sub.add_parser("inspect", help="print a checkpoint's format, variants, layer count and size")
     ins.add_argument("checkpoint_dir")

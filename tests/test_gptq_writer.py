@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from hf_int4.formats import GPTQConfig, GPTQFormatError, iter_gptq_layers, load_gptq_config, read_gptq_checkpoint
+from hf_int4.formats.files import ShardWriter
 from hf_int4.formats.gptq_writer import (
     make_gptq_layer,
     pack_gptq_tensors,
@@ -291,3 +292,15 @@ def test_write_tokenizer_and_exclusions(tmp_path):
     _, layers, others = read_gptq_checkpoint(out)
     assert not any(n.endswith("o_proj") for n in layers) and len(layers) == 12
     assert "model.layers.0.self_attn.o_proj.weight" in others
+
+
+@pytest.mark.parametrize("size, per_shard", [("1KB", 1), ("1KiB", 2), (1020, 2), (1019, 1)])
+def test_shard_size_reads_as_save_pretrained(tmp_path, size, per_shard):
+    # KB = 1000 bytes, KiB = 1024, as transformers' max_shard_size: two 510-byte tensors fit 1KiB, not 1KB
+    writer = ShardWriter(str(tmp_path), size)
+    for i in range(4):
+        writer.add(f"t{i}", torch.zeros(510, dtype=torch.uint8))
+    writer.finish()
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) == 4 // per_shard

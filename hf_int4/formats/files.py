@@ -4,9 +4,9 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Union
 
 import torch
+from transformers.utils.hub import convert_file_size_to_int
 
 
 @contextlib.contextmanager
@@ -36,17 +36,6 @@ def atomic_output_dir(out_dir, overwrite: bool = False):
         raise
 
 
-def parse_size(size: Union[int, str]) -> int:
-    """Bytes of 123, "40KB", "2GB", "1.5GiB"."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    if s and s[-1] in units:
-        return int(float(s[:-1]) * units[s[-1]])
-    return int(s)
-
-
 class ShardWriter:
     """Collects tensors and writes a safetensors shard whenever `max_shard_size` bytes are pending.
 
@@ -55,7 +44,8 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, max_shard_size=None):
         self.out_dir = out_dir
-        self.limit = None if max_shard_size is None else parse_size(max_shard_size)
+        # sizes as save_pretrained's max_shard_size reads them ("5GB" = 5e9 bytes, "5GiB" = 5 * 2**30)
+        self.limit = None if max_shard_size is None else convert_file_size_to_int(max_shard_size)
         self.pending, self.pending_bytes = {}, 0
         self.written = []  # (temporary file name, keys)
         self.total = 0
