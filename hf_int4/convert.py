@@ -30,8 +30,11 @@ def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=F
     stays bounded; packs on the GPU when one is available. `dst` appears only when complete; `src` is
     never written."""
     src, dst = os.path.abspath(src), os.path.abspath(dst)
-    if dst == src or dst.startswith(src + os.sep):
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src + os.sep):
         raise ValueError(f"the output {dst} must not be (inside) the input checkpoint {src}")
+    if real_src.startswith(real_dst + os.sep):  # replacing dst (--overwrite) would delete the input
+        raise ValueError(f"the output {dst} must not contain the input checkpoint {src}")
     quantization_config = load_quantization_config(src)
     rules = ModuleRules.from_dict(quantization_config)
     if device is None:

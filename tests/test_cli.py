@@ -122,3 +122,32 @@ def test_inspect_reads_the_format_as_the_reader_does(gptq_dir, tmp_path, capsys)
     _config_only_copy(gptq_dir, tmp_path / "eight_bit", eight_bit, in_config_json=True)
     assert main(["inspect", str(tmp_path / "eight_bit")]) == 0
     assert "not loadable" in (text := capsys.readouterr().out) and "bits=8" in text, text
+
+
+def test_repack_refuses_output_that_contains_the_input(gptq_dir, tmp_path, capsys):
+    """--overwrite of a directory holding the input (directly or through a link) would delete the input."""
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    src = outer / "gptq"
+    src.mkdir()
+    for name in os.listdir(gptq_dir):
+        (src / name).write_bytes((gptq_dir / name).read_bytes())
+    (tmp_path / "link").symlink_to(src)
+    before = _digest(src)
+    for given in (src, tmp_path / "link"):
+        assert main(["repack", str(given), str(outer), "--overwrite"]) == 2
+        assert "must not contain" in capsys.readouterr().err
+    assert os.listdir(outer) == ["gptq"] and _digest(src) == before
+
+
+def test_repack_output_replaces_a_file_and_has_ordinary_permissions(gptq_dir, tmp_path):
+    """Overwriting a file leaves no trace of it; the output directory gets the umask's permissions, as one
+    os.makedirs makes (not a temporary directory's 0700)."""
+    out = tmp_path / "out"
+    out.write_text("not a checkpoint")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    assert main(["repack", str(gptq_dir), str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["out", "probe"]
+    assert (out / "config.json").exists()
+    assert os.stat(out).st_mode & 0o777 == os.stat(probe).st_mode & 0o777

@@ -2,8 +2,8 @@
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 
 import torch
 from transformers.utils.hub import convert_file_size_to_int
@@ -21,19 +21,35 @@ def atomic_output_dir(out_dir, overwrite: bool = False):
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = _make_temporary_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
     try:
         yield tmp
         if exists:
             old = tmp + "-old"
             os.rename(out_dir, old)
             os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # a file (or link) in the output's place
+                os.remove(old)
         else:
             os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_temporary_dir(parent: str, prefix: str) -> str:
+    """A new directory in `parent` with the permissions of one made by os.makedirs (the umask's), not
+    tempfile.mkdtemp's 0700: it becomes the output directory."""
+    for _ in range(100):
+        path = os.path.join(parent, prefix + secrets.token_hex(6))
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused temporary directory name {prefix}* in {parent}")
 
 
 class ShardWriter:
