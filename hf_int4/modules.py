@@ -128,6 +128,13 @@ class HfInt4Linear(nn.Module):
                 self._buffers[name] = zeros_for_dtype(zeros, new_dtype)  # float32; fn converts it like the scales
             self.dtype = new_dtype
             self._dispatch = None  # the plan was made for the old dtype
+        elif scales is None and self._buffers.get("scales") is not None:
+            # GPTQ form (the CPU path): no buffer records the activation dtype, so it follows the conversion here;
+            # packed_state_dict packs for it and save_pretrained records it as the checkpoint's packed_dtype.
+            new_dtype = fn(self._buffers["scales"].new_empty(0, dtype=self.dtype)).dtype
+            if new_dtype != self.dtype:
+                self.dtype = new_dtype
+                self._dispatch = None
         return super()._apply(fn, recurse)
 
     def _register_packed(self, packed: PackedInt4Weight):

@@ -186,3 +186,39 @@ def test_dtype_conversion_keeps_asymmetric_packed_layers_right():
         layer.float()
     assert layer.int4_zeros.dtype == torch.float16 and torch.equal(layer.int4_zeros, zeros)
 
+
+def test_save_after_a_dtype_conversion_records_the_dtype_the_layers_were_packed_for_cpu(tmp_path):
+    """GPTQ-form layers (the CPU path) converted with .to(bfloat16) are saved packed for bfloat16, the dtype the
+    checkpoint records: the reloaded model computes the dequantized model (not zeros packed for float16 read back
+    as bfloat16)."""
+    checkpoint = _write_tiny(tmp_path, VARIANTS[1])  # asymmetric: the zeros depend on the packed dtype
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float16)
+    model.to(torch.bfloat16)
+    assert {m.dtype for m in model.modules() if isinstance(m, HfInt4Linear)} == {torch.bfloat16}
+    model.save_pretrained(tmp_path / "packed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    assert reloaded.dtype == torch.bfloat16
+    oracle, _ = dequantized_float_model(checkpoint)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = reloaded(ids).logits.float(), oracle(ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-2  # bfloat16 rounding only
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["gptq-form", "packed"])
+def test_save_of_a_float32_model_is_refused_before_anything_is_written(tmp_path, packed):
+    """Packed checkpoints hold float16 / bfloat16 scales: a model converted to float32 is refused at saving, not
+    written as a checkpoint whose packed_dtype no load accepts."""
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])  # symmetric: .to(float32) is allowed for packed layers too
+    if packed:
+        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(),
+                                             dtype=torch.float16).save_pretrained(tmp_path / "packed")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float16)
+    model.to(torch.float32)
+    before = model.config.quantization_config.to_dict()
+    with pytest.raises(ValueError, match=r"float16 or bfloat16 .*torch\.float32"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert model.config.quantization_config.to_dict() == before

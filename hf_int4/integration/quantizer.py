@@ -17,7 +17,8 @@ from hf_int4.formats.gptq import GPTQFormatError, ModuleRules, is_excluded_modul
 from hf_int4.formats.names import names_as_loaded
 from hf_int4.fusion import HfInt4FusedLinear, fuse_sibling_projections
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
-from hf_int4.modules import HfInt4Linear, quantized_layer_names, replace_linear_layers
+from hf_int4.modules import PACKED_PREFIX, HfInt4Linear, quantized_layer_names, replace_linear_layers
+from hf_int4.packing import SUPPORTED_DTYPES
 
 logger = logging.get_logger(__name__)
 
@@ -69,7 +70,13 @@ class HfInt4Quantizer(HfQuantizer):
         return True
 
     def get_state_dict_and_metadata(self, model):
-        """Every HfInt4Linear is saved in the packed layout, so the checkpoint loads without repacking."""
+        """Every HfInt4Linear is saved in the packed layout, so the checkpoint loads without repacking.
+
+        The config records the model's dtype as the scales' (packed_dtype), which loading takes as the layers' dtype:
+        a model of another dtype, or a layer whose packed scales are not in it, is refused before anything is written."""
+        dtype = model.dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"hf_int4: packed checkpoints hold float16 or bfloat16 scales; this model is {dtype}")
         state = model.state_dict()
         for name, module in model.named_modules():
             if isinstance(module, HfInt4Linear):
@@ -77,8 +84,13 @@ class HfInt4Quantizer(HfQuantizer):
                 for key in [k for k in state if k.startswith(prefix)]:
                     del state[key]
                 if not isinstance(module, HfInt4FusedLinear):  # its members save their own columns
-                    state.update(module.packed_state_dict(prefix))
-        self.quantization_config.mark_packed(model.dtype)
+                    packed = module.packed_state_dict(prefix)
+                    scales = packed[prefix + PACKED_PREFIX + "scales"]
+                    if scales.dtype != dtype:
+                        raise ValueError(f"layer {name}: its packed scales are {scales.dtype}, the model is {dtype}; "
+                                         "a packed checkpoint records one dtype for all its layers")
+                    state.update(packed)
+        self.quantization_config.mark_packed(dtype)
         return state, {}
 
     @property
