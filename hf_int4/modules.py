@@ -114,20 +114,24 @@ class HfInt4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """.to(dtype) / .half() / .bfloat16() convert the buffers. Packed zeros hold magic + z for the scales'
-        dtype (1024 + z in float16, 128 + z in bfloat16), so a dtype change re-expresses them for the new dtype
-        instead of rounding 1024 + z into bfloat16 (a silently wrong layer); the plan is made again for it."""
+        dtype (1024 + z in float16, 128 + z in bfloat16), so a change between the two re-expresses them for the new
+        dtype instead of rounding 1024 + z into bfloat16 (a silently wrong layer); the plan is made again for it.
+        To any other dtype (float32, float64) the packed scales and zeros keep the dtype they were packed for and only
+        follow the device: the layer then computes in that dtype on the reference path, exactly, and a whole model
+        converts instead of stopping half-way at its first asymmetric layer."""
         scales = self._buffers.get(PACKED_PREFIX + "scales")
         new_dtype = None if scales is None else fn(scales.new_empty(0)).dtype
+        kept = {}
         if new_dtype is not None and new_dtype != scales.dtype:
-            name = PACKED_PREFIX + "zeros"
-            zeros = self._buffers.get(name)
-            if zeros is not None:
-                if new_dtype not in SUPPORTED_DTYPES:  # before anything changes
-                    raise ValueError(f"layer {self.name}: asymmetric packed weights take float16 or bfloat16 "
-                                     f"(their zeros are stored for that dtype), not {new_dtype}")
-                self._buffers[name] = zeros_for_dtype(zeros, new_dtype)  # float32; fn converts it like the scales
-            self.dtype = new_dtype
-            self._dispatch = None  # the plan was made for the old dtype
+            names = (PACKED_PREFIX + "scales", PACKED_PREFIX + "zeros")
+            if new_dtype not in SUPPORTED_DTYPES:
+                kept = {name: self._buffers[name] for name in names if self._buffers.get(name) is not None}
+            else:
+                zeros = self._buffers.get(names[1])
+                if zeros is not None:
+                    self._buffers[names[1]] = zeros_for_dtype(zeros, new_dtype)  # float32; fn converts it like the scales
+                self.dtype = new_dtype
+                self._dispatch = None  # the plan was made for the old dtype
         elif scales is None and self._buffers.get("scales") is not None:
             # GPTQ form (the CPU path): no buffer records the activation dtype, so it follows the conversion here;
             # packed_state_dict packs for it and save_pretrained records it as the checkpoint's packed_dtype.
@@ -135,7 +139,10 @@ class HfInt4Linear(nn.Module):
             if new_dtype != self.dtype:
                 self.dtype = new_dtype
                 self._dispatch = None
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
 
     def _register_packed(self, packed: PackedInt4Weight):
         for tensor_name, tensor in packed.tensors().items():

@@ -1,4 +1,5 @@
 """transformers integration: a GPTQ checkpoint loaded with HfInt4Config computes the dequantized model."""
+import dataclasses
 import json
 import os
 
@@ -165,8 +166,8 @@ def test_packed_view_follows_replaced_buffers():
 
 
 def test_dtype_conversion_keeps_asymmetric_packed_layers_right():
-    """Packed zeros hold magic + z for the scales' dtype: .to(bfloat16) and back re-express them, and a
-    dtype they cannot take is refused before anything changes."""
+    """Packed zeros hold magic + z for the scales' dtype: .to(bfloat16) and back re-express them; to float32 the
+    packed scales and zeros stay as they are and the layer computes in float32 from them."""
     from hf_int4.formats.gptq_writer import random_gptq_layer
     from hf_int4.modules import pack_for_module, packed_state_dict
 
@@ -182,9 +183,14 @@ def test_dtype_conversion_keeps_asymmetric_packed_layers_right():
         assert layer.int4_scales.dtype == dtype == layer.int4_zeros.dtype == layer.dtype
         torch.testing.assert_close(layer(x.to(dtype)).double(), want, rtol=3e-2, atol=3e-2)
     assert torch.equal(layer.int4_zeros, zeros), "the zeros go fp16 -> bf16 -> fp16 exactly"
-    with pytest.raises(ValueError, match=r"layer blk\.proj: .*float16 or bfloat16.*torch\.float32"):
-        layer.float()
-    assert layer.int4_zeros.dtype == torch.float16 and torch.equal(layer.int4_zeros, zeros)
+    scales = layer.int4_scales.clone()
+    layer.float()
+    assert torch.equal(layer.int4_zeros, zeros) and torch.equal(layer.int4_scales, scales)
+    assert layer.int4_scales.dtype == layer.int4_zeros.dtype == torch.float16
+    # the GPTQ tensors with the scales rounded as the bfloat16 round trip above rounded them
+    rounded = dataclasses.replace(gptq, scales=gptq.scales.to(torch.bfloat16).to(torch.float16))
+    want = x.double() @ dequantize_gptq(rounded).double()
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_save_after_a_dtype_conversion_records_the_dtype_the_layers_were_packed_for_cpu(tmp_path):
@@ -222,3 +228,27 @@ def test_save_of_a_float32_model_is_refused_before_anything_is_written(tmp_path,
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out" / "config.json").exists()
     assert model.config.quantization_config.to_dict() == before
+
+
+def test_whole_model_to_float32_computes_the_dequantized_model(tmp_path):
+    """A packed asymmetric model moved to float32 converts every module (none is left behind in float16) and its
+    quantized layers compute in float32 from the packed weights, which the round trip back to float16 leaves as they
+    were loaded."""
+    checkpoint = _write_tiny(tmp_path, VARIANTS[1])
+    AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(),
+                                         dtype=torch.float16).save_pretrained(tmp_path / "packed")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(6))
+    packed = {k: v.clone() for k, v in model.state_dict().items() if ".int4_" in k}
+    with torch.no_grad():
+        model.to(torch.float32)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        got = model(ids).logits
+        oracle, layers = dequantized_float_model(checkpoint)
+        for name, param in oracle.named_parameters():  # the float tensors as the float16 model saved them
+            if name.removesuffix(".weight") not in layers:
+                param.data = param.data.half().float()
+        torch.testing.assert_close(got, oracle(ids).logits, rtol=1e-4, atol=1e-4)
+    model.to(torch.float16)
+    after = {k: v for k, v in model.state_dict().items() if ".int4_" in k}
+    assert packed.keys() == after.keys() and all(torch.equal(packed[k], after[k]) for k in packed)
