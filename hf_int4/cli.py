@@ -5,6 +5,17 @@ import sys
 import torch
 
 
+def device(name: str) -> torch.device:
+    """--device's value, checked where argparse reports a bad one as a usage error instead of a traceback."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name}: no CUDA device is available")
+    return dev
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="hf-int4", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -12,7 +23,7 @@ def main(argv=None):
     rp.add_argument("gptq_dir")
     rp.add_argument("out_dir")
     rp.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="activation dtype to pack for")
-    rp.add_argument("--device", help="where to pack (default: cuda when the kernels are available, else cpu)")
+    rp.add_argument("--device", type=device, help="where to pack (default: cuda when the kernels are available, else cpu)")
     rp.add_argument("--max-shard-size", default="4GB", type=lambda s: int(s) if s.isdigit() else s,
                     help="bytes, or as save_pretrained takes it: 5GB (10^9 bytes), 5GiB (2^30), MB, KB")
     rp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")

@@ -151,3 +151,13 @@ def test_repack_output_replaces_a_file_and_has_ordinary_permissions(gptq_dir, tm
     assert sorted(os.listdir(tmp_path)) == ["out", "probe"]
     assert (out / "config.json").exists()
     assert os.stat(out).st_mode & 0o777 == os.stat(probe).st_mode & 0o777
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:0"])
+def test_repack_bad_device_is_a_usage_error(gptq_dir, tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["repack", str(gptq_dir), str(tmp_path / "out"), "--device", device])
+    assert exit_info.value.code == 2 and "argument --device" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == [], "nothing written"
