@@ -231,6 +231,25 @@ def table_path_for(device_name: str) -> Optional[Path]:
     return None
 
 
+def load_table(path) -> dict:
+    """A dispatch table read from `path`; ValueError naming the file where it is not valid JSON or not a table (no
+    entries, an entry without k / n / dtype / m / us, times not one per M)."""
+    try:
+        table = json.loads(Path(path).read_text())
+        if not isinstance(table, dict) or not isinstance(table.get("entries"), list) or not table["entries"]:
+            raise ValueError("it holds no entries")
+        for e in table["entries"]:
+            missing = {"k", "n", "dtype", "m", "us"} - set(e)
+            if missing:
+                raise ValueError(f"an entry lacks {', '.join(sorted(missing))}")
+            if any(len(times) != len(e["m"]) for times in e["us"].values()):
+                raise ValueError(f"entry {e['k']}x{e['n']} {e['dtype']}: not one time per M")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"hf_int4 dispatch table {path} cannot be used ({type(exc).__name__}: {exc}); fix or delete "
+                         "it (`hf-int4 tune` writes a new one)") from exc
+    return table
+
+
 def _nearest_entry(entries: Sequence[dict], spec: LinearSpec) -> dict:
     dtype = str(spec.dtype).replace("torch.", "")
     same_dtype = [e for e in entries if e["dtype"] == dtype] or list(entries)
@@ -261,6 +280,12 @@ def plan_from_table(table: dict, spec: LinearSpec, source: str, usable_here: Seq
         if not steps or steps[-1][1] != best:
             steps.append((previous_m + 1, best))  # serves previous_m + 1 .. m (module docstring)
         previous_m = m
+    # beyond the last grid point the last point's path serves, unless it has a max_m (KernelPath.max_m: never
+    # planned beyond it): from there on the fastest path there without one
+    last_max_m = PATHS[steps[-1][1]].max_m
+    unbounded = [name for name in usable if PATHS[name].max_m is None and entry["us"][name][-1] is not None]
+    if last_max_m is not None and unbounded:
+        steps.append((max(last_max_m, previous_m) + 1, min(unbounded, key=lambda name: entry["us"][name][-1])))
     where = f"{source}, entry {entry['k']}x{entry['n']} {entry['dtype']}"
     return Plan(tuple(steps), where)
 
@@ -295,8 +320,7 @@ def plan_for(spec: LinearSpec, device: torch.device) -> Plan:
         raise ValueError(f"no hf_int4 GPU path can run this layer: {PATHS['decode'].unsupported(spec)}")
     path = table_path_for(props.name)
     if path is not None:
-        with open(path) as f:
-            return plan_from_table(json.load(f), spec, f"table {path}", usable)
+        return plan_from_table(load_table(path), spec, f"table {path}", usable)
     crossover = rule_crossover(props)
     large = "hopper" if "hopper" in usable else "dequant"
     steps = ((1, "decode"), (crossover, large))

@@ -70,7 +70,7 @@ def merge_entries(old: dict, new: dict) -> dict:
     """One key measured twice: `new`, plus `old`'s Ms that `new` did not measure if `new` timed every path `old`
     did (the plan compares paths at one M, all timed in one run; at old Ms a path new to `new` is null, not timed,
     so the plan never picks it there); else `new` alone."""
-    if not set(old["us"]) <= set(new["us"]):
+    if not set(old["us"]) & set(dispatch.PATHS) <= set(new["us"]):  # (paths removed since: no plan reads them)
         return new
     times = {m: {name: old["us"][name][i] if name in old["us"] else None for name in new["us"]}
              for i, m in enumerate(old["m"])}
@@ -128,8 +128,13 @@ def run(args) -> int:
     table = measure_table(shapes, ms, getattr(torch, args.dtype), args.group_size, sym=not args.asym)
     out = Path(args.out) if args.out else dispatch.user_table_dir() / f"{dispatch.device_slug(table['device'])}.json"
     previous = out if out.is_file() else dispatch.table_path_for(table["device"])
-    if previous is not None:
-        table = merge_tables(json.loads(Path(previous).read_text()), table)
+    try:
+        previous_table = dispatch.load_table(previous) if previous is not None else None
+    except ValueError as exc:  # do not lose the measurements: write them alone
+        print(f"hf-int4 tune: warning: {exc}; not merged", file=sys.stderr)
+        previous_table = None
+    if previous_table is not None:
+        table = merge_tables(previous_table, table)
         print(f"kept {len(table['entries']) - len(shapes)} entries of {previous} for other shapes, dtypes or "
               "variants, and the Ms not measured again of the shapes measured where every path timed before was timed "
               "again")

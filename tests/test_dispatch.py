@@ -232,3 +232,62 @@ def test_the_hopper_paths_match_the_schedules_the_op_knows():
     hopper = [p for p in dispatch.PATHS.values() if isinstance(p, dispatch.HopperPath)]
     assert {p.schedule for p in hopper} == set(range(count))  # every configuration reachable, none beyond the op's
     assert all((p.splits >= 2) == (p.schedule in dispatch.PARTIAL_SUM_SCHEDULES) for p in hopper)
+
+
+def test_beyond_the_last_grid_point_a_path_is_never_planned_past_its_max_m():
+    # a table tuned only at small M (`hf-int4 tune --ms 1,8,16`): the 16-token tiles win at 16, the last point, but
+    # have max_m = 16; from M = 17 on, the fastest path at 16 that has no max_m serves
+    bounded = "hopper_w256_t16_partials8"
+    assert dispatch.PATHS[bounded].max_m == 16
+    table = {"entries": [entry(4096, 4096, [1, 8, 16], [5, 6, 20], [50, 50, 40])]}
+    table["entries"][0]["us"][bounded] = [30, 30, 10]
+    plan = dispatch.plan_from_table(table, spec(), "t")
+    assert plan.path_name(16) == bounded
+    for m in (17, 64, 4096):
+        assert dispatch.PATHS[plan.path_name(m)].max_m is None or m <= dispatch.PATHS[plan.path_name(m)].max_m
+    assert plan.path_name(4096) == "decode"  # 20 us at M = 16, against dequant's 40
+
+
+@pytest.mark.parametrize("text", ['{"entries": [', "{}", '{"entries": []}', '{"entries": [{"k": 64}]}',
+                                  '{"entries": [{"k": 64, "n": 64, "dtype": "float16", "m": [1, 2], "us": {"decode": [1]}}]}'])
+def test_an_unusable_user_table_is_an_error_naming_the_file(tmp_path, monkeypatch, text):
+    monkeypatch.setenv("HF_INT4_CACHE", str(tmp_path))
+    props = SimpleNamespace(name="NVIDIA Test GPU", major=8, minor=0, multi_processor_count=108, clock_rate=1_410_000,
+                            memory_clock_rate=1_593_000, memory_bus_width=5120)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    path = dispatch.user_table_dir() / "nvidia_test_gpu.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        dispatch.plan_for(spec(), torch.device("cuda", 0))
+
+
+def test_tune_with_an_unreadable_user_table_still_writes_its_measurements(tmp_path, monkeypatch, capsys):
+    from hf_int4 import _extension, tune
+
+    monkeypatch.setenv("HF_INT4_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_extension, "extension_available", lambda: True)
+    measured = {"device": "NVIDIA Test GPU", "measured": "2026-01-01",
+                "entries": [dict(entry(64, 64, [1], [1.0], [2.0]), group_size=128, sym=True)]}
+    monkeypatch.setattr(tune, "measure_table", lambda *args, **kwargs: json.loads(json.dumps(measured)))
+    out = dispatch.user_table_dir() / "nvidia_test_gpu.json"
+    out.parent.mkdir(parents=True)
+    out.write_text('{"entries": [')
+    assert tune.main(["--shapes", "64x64", "--ms", "1"]) == 0
+    assert json.loads(out.read_text()) == measured
+    assert str(out) in capsys.readouterr().err
+
+
+def test_tune_merges_an_entry_whose_old_times_name_paths_removed_since():
+    from hf_int4.tune import merge_tables
+
+    removed = "hopper_sk"  # a stream-K path of older tables
+    assert removed not in dispatch.PATHS
+    old = dict(entry(4096, 4096, [1, 256], [1, 9], [5, 5]), group_size=128)
+    old["us"][removed] = [4, 4]
+    fresh = dict(entry(4096, 4096, [1, 64], [1, 2], [5, 5]), group_size=128)
+    merged = merge_tables({"device": "G", "entries": [old]}, {"device": "G", "entries": [fresh]})["entries"]
+    assert len(merged) == 1 and merged[0]["m"] == [1, 64, 256]
+    assert merged[0]["us"] == {"decode": [1, 2, 9], "dequant": [5, 5, 5]}
