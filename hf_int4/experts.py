@@ -126,11 +126,14 @@ def split_experts(model: nn.Module, name: str, names: Sequence[str]):
     model.get_submodule(parent).register_module(child, experts)
 
 
-def split_quantized_experts(model: nn.Module, quantized: set, stored: dict) -> None:
+def split_quantized_experts(model: nn.Module, quantized: set, stored: dict, renamed: set = frozenset()) -> None:
     """Before loading: put SequentialExperts (nn.Linear on the meta device) in the place of every fused experts
     module whose experts the checkpoint holds quantized (`quantized`: layer names; `stored`: every tensor name, as
-    transformers loads them); the quantizer then swaps the linears the checkpoint holds quantized. Refused, naming
-    the layer: layouts unsupported_layout refuses, expert linears under names not known."""
+    transformers loads them; `renamed`: those the checkpoint stores under another name); the quantizer then swaps the
+    linears the checkpoint holds quantized. Refused, naming the layer: layouts unsupported_layout refuses, expert
+    linears under names not known, and an expert kept in float beside quantized ones under a renamed name
+    (Mixtral's block_sparse_moe -> mlp): transformers' conversion mapping would merge its float weights into the
+    fused experts this block no longer has, leaving the expert's linears unloaded."""
     from hf_int4.formats.gptq import GPTQFormatError
 
     layers = {key.rpartition(".")[0] for key in stored}  # every layer the checkpoint holds, quantized or float
@@ -148,6 +151,14 @@ def split_quantized_experts(model: nn.Module, quantized: set, stored: dict) -> N
                 found = sorted({layer[len(name) + 1:].partition(".")[2] for layer in held})
                 why = (f"its checkpoint names each expert's linears {found}, not one of {candidates} "
                        f"for every one of its {len(experts)} experts")
+            else:
+                float_renamed = [f"{name}.{e}.{p}" for e in experts for p in names
+                                 if f"{name}.{e}.{p}" not in quantized and f"{name}.{e}.{p}.weight" in renamed]
+                if float_renamed:
+                    raise GPTQFormatError(
+                        f"layer {float_renamed[0]}: the checkpoint keeps this expert in float (a dynamic rule) beside "
+                        "quantized experts of its block, under a name transformers renames on load; its weights would "
+                        "not load into this expert (not supported: quantize it too, or keep the whole block in float)")
         if why is not None:
             raise GPTQFormatError(f"layer {held[0]}: the checkpoint holds quantized MoE experts, but this model "
                                   f"({type(model).__name__}) cannot hold them: {why}")

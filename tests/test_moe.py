@@ -194,3 +194,26 @@ def test_moe_experts_the_model_does_not_have_are_refused(tmp_path):
                                               r"quantized MoE experts, but no linear layer of this model "
                                               r"\(MixtralForCausalLM\) has that name"):
         _load(checkpoint)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_moe_dynamic_rules_keep_single_experts_float_cpu(tmp_path, kind):
+    """A "-:" rule on one expert of a quantized block: that expert's float weights load into its own linears where
+    the checkpoint names them as the model does (Qwen3-MoE); where transformers renames the block on load (Mixtral's
+    block_sparse_moe -> mlp), its conversion mapping would merge them into fused experts the split block no longer
+    has, so the load is refused naming the expert instead of leaving it at random weights."""
+    block = "block_sparse_moe" if kind == "mixtral" else "mlp"
+    gate = "w1" if kind == "mixtral" else "gate_proj"
+    checkpoint = _write(tmp_path, kind, VARIANTS["g64-sym-v1"], dynamic={rf"-:model\.layers\.0\.{block}\.experts\.1\.": {}})
+    if kind == "mixtral":
+        with pytest.raises(GPTQFormatError, match=r"layer model\.layers\.0\.mlp\.experts\.1\.w1: .*float"):
+            _load(checkpoint)
+        return
+    with safe_open(os.path.join(checkpoint, "model.safetensors"), "pt") as f:
+        stored = f.get_tensor(f"model.layers.0.{block}.experts.1.{gate}.weight")
+    model = _load(checkpoint)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, SequentialExperts) and isinstance(getattr(experts[0], gate), HfInt4Linear)
+    assert type(getattr(experts[1], gate)) is torch.nn.Linear
+    assert torch.equal(getattr(experts[1], gate).weight, stored.float())
+    _close(_logits(model), _logits(_oracle(tmp_path, checkpoint)))
