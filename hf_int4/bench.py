@@ -1,5 +1,5 @@
-"""Kernel benchmark: hf_int4 (dispatched, and each path forced) vs fp16 cuBLAS (F.linear) and torch's
-built-in int4, side by side.
+"""Kernel benchmark: hf_int4 (dispatched, and each path forced) vs cuBLAS (F.linear, in the run's dtype: fp16, or
+bf16 with --dtype bfloat16; its columns and keys are named fp16 either way) and torch's built-in int4, side by side.
 
     python -m hf_int4.bench [--shapes 4096x4096,...] [--ms 1,2,4,...] [--asym] [--json out.json]
 
@@ -56,9 +56,12 @@ def time_rotating(fn, copies: int, calls: int = 0, replays: int = 7) -> float:
 
 
 def capture_rotating(fn, copies: int, calls: int = 0):
-    """(graph, calls): a CUDA graph of `calls` (default max(2 copies, 20)) calls fn(i), i rotating over copies,
-    replayed once."""
+    """(graph, calls): a CUDA graph of `calls` (default max(2 copies, 20), rounded up to a multiple of copies) calls
+    fn(i), i rotating over copies, replayed once. A whole number of rotations: a timed replay right after another
+    one then re-reads each copy only after all the others, as within one replay (with 20 calls over 6 copies its
+    first two calls would re-read copies last read 1 copy earlier, e.g. 48 MiB for fp16 4096 x 6144, under the L2)."""
     calls = calls or max(copies * 2, 20)
+    calls = -(-calls // copies) * copies
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):
@@ -124,8 +127,9 @@ class Shape:
             )
             for _ in range(1, copies_for(self.int4_bytes))
         ]
-        w = torch.randn(N, K, device="cuda", dtype=torch.float16) / K**0.5
-        self.fp16 = [w] + [w.clone() for _ in range(1, copies_for(w.numel() * 2))]
+        # the cuBLAS baseline ("fp16" in names and keys) runs in the activations' dtype: bf16 cuBLAS for bfloat16
+        w = torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
+        self.fp16 = [w] + [w.clone() for _ in range(1, copies_for(w.numel() * w.element_size()))]
         self.tinygemm = self._tinygemm(w, group_size)
         # the path the dispatched column takes at each M (reads the table once per shape)
         self.plan = dispatch.plan_for(dispatch.LinearSpec.of(packed), packed.device)
@@ -140,8 +144,9 @@ class Shape:
             sz = torch.rand(self.K // gs, self.N, 2, device="cuda", dtype=torch.bfloat16)
             x = torch.randn(1, self.K, device="cuda", dtype=torch.bfloat16)
             torch.ops.aten._weight_int4pack_mm(x, wq, gs, sz)
-            n = copies_for(wq.numel() * wq.element_size())
-            return gs, [wq] + [wq.clone() for _ in range(1, n)], sz
+            # scales/zeros rotate with the weights, as ours do: one shared copy would stay in L2 for every call
+            n = copies_for(wq.numel() * wq.element_size() + sz.numel() * sz.element_size())
+            return gs, [wq] + [wq.clone() for _ in range(1, n)], [sz] + [sz.clone() for _ in range(1, n)]
         except (RuntimeError, AttributeError) as exc:
             print(f"torch int4 unavailable: {exc}", file=sys.stderr)
             return None
@@ -168,15 +173,14 @@ class Shape:
         row = {"K": self.K, "N": self.N, "M": M, "flops": 2 * M * self.K * self.N}
         fns = {}
         for name in paths:
-            if name == "fp16":
-                x16 = x.to(torch.float16)
-                fns[name] = (lambda i: F.linear(x16, self.fp16[i]), len(self.fp16))
+            if name == "fp16":  # cuBLAS in the run's dtype (the key keeps its historical name)
+                fns[name] = (lambda i: F.linear(x, self.fp16[i]), len(self.fp16))
             elif name == "torch_int4":
                 if self.tinygemm is None or M > TINYGEMM_MAX_M:  # it is far behind beyond; keep the run short
                     continue
-                gs, wqs, sz = self.tinygemm
+                gs, wqs, szs = self.tinygemm
                 xb = x.to(torch.bfloat16)
-                fns[name] = (lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, sz), len(wqs))
+                fns[name] = (lambda i: torch.ops.aten._weight_int4pack_mm(xb, wqs[i], gs, szs[i]), len(wqs))
             elif name == "read":
                 blocks = 4 * torch.cuda.get_device_properties(0).multi_processor_count
                 sink = torch.empty(blocks * READ_FLOOR_THREADS, dtype=torch.int32, device="cuda")
