@@ -48,8 +48,8 @@ class HfInt4Quantizer(HfQuantizer):
         default_skips = self.get_modules_to_not_convert(model, [], add_default_skips=True)  # the output head, ...
         tied = {key.removesuffix(".weight") for key in getattr(model, "all_tied_weights_keys", None) or {}}
         settings = LayerSettings(config.module_rules(), shapes, skipped, default_skips, tied, checkpoint_names)
-        self.renamed = [loaded for loaded, name in checkpoint_names.items() if loaded != name]
-        split_quantized_experts(model, settings.quantized, shapes, set(self.renamed))
+        self.renamed = {loaded for loaded, name in checkpoint_names.items() if loaded != name}
+        split_quantized_experts(model, settings.quantized, shapes, self.renamed)
         swapped = replace_linear_layers(model, settings, dtype=model.dtype, packed=config.weight_format == "packed")
         check_checkpoint_tensors(model, shapes)
         check_every_quantized_expert_taken(model, settings.quantized - set(swapped))
