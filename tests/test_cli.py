@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -129,9 +130,7 @@ def test_repack_refuses_output_that_contains_the_input(gptq_dir, tmp_path, capsy
     outer = tmp_path / "outer"
     outer.mkdir()
     src = outer / "gptq"
-    src.mkdir()
-    for name in os.listdir(gptq_dir):
-        (src / name).write_bytes((gptq_dir / name).read_bytes())
+    shutil.copytree(gptq_dir, src)
     (tmp_path / "link").symlink_to(src)
     before = _digest(src)
     for given in (src, tmp_path / "link"):
