@@ -40,6 +40,8 @@ def repack_checkpoint(src, dst, *, dtype=torch.float16, device=None, overwrite=F
     if device is None:
         device = "cuda" if torch.cuda.is_available() and _extension.extension_available() else "cpu"
     total = len(quantized_layer_names(tensor_shapes(safetensors_files(src))))
+    if total == 0:  # else the output would claim a packed checkpoint and hold the input's tensors unchanged
+        raise GPTQFormatError(f"{src} holds no GPTQ layers (no tensor named *.qweight): nothing to repack")
     with atomic_output_dir(dst, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         bar = tqdm(total=total, desc="hf-int4 repack", unit="layer", disable=not progress)

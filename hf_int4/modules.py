@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hf_int4 import _extension, dispatch
-from hf_int4.formats.gptq import GPTQConfig, GPTQLayer
+from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, as_int32_g_idx
 from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, pack_gptq_layer, zeros_for_dtype
 from hf_int4.reference import dequantize_packed, gptq_matmul_reference, matmul_reference
 
@@ -160,6 +160,8 @@ class HfInt4Linear(nn.Module):
             return
         if self.derive_g_idx:
             self.g_idx.copy_(self.config.group_of_rows(self.in_features, device=self.g_idx.device))
+        else:  # loading keeps a stored g_idx's dtype
+            self.g_idx = as_int32_g_idx(self.g_idx)
         layer = self.gptq_layer()
         layer.validate()
         if self._check_kernel_path():

@@ -296,6 +296,10 @@ def _group_params(layer, dtype: torch.dtype, device) -> Tuple[torch.Tensor, Opti
     scales = torch.zeros(g_pad, n_pad, dtype=torch.float32, device=device)
     scales[:, :N] = torch.where(valid[:, None], layer.scales.to(device).float()[src], 0.0)
     scales = scales.to(dtype).contiguous()
+    if not bool(torch.isfinite(scales).all()):  # finite as read (GPTQLayer.validate), so a bf16 / fp32 scale overflowed
+        g, n = (~torch.isfinite(scales)).nonzero()[0].tolist()
+        raise ValueError(f"layer {layer.name}: scale {layer.scales[src[g], n].item():g} (scales[{int(src[g])}, {n}], "
+                         f"{layer.scales.dtype}) overflows {dtype}; load the model in a dtype that holds it")
     zeros = None
     if not layer.config.sym:
         z = torch.full((g_pad, n_pad), 8.0, dtype=torch.float32, device=device)

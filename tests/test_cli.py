@@ -75,6 +75,20 @@ def test_repack_failure_leaves_nothing_behind(gptq_dir, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["bad"], "no output and no temporary directory left"
 
 
+def test_repack_of_a_checkpoint_without_gptq_layers_is_refused(gptq_dir, tmp_path, capsys):
+    """e.g. AutoGPTQ's Marlin-serialized tensors (B, s) under a config that does not say so: no output that claims
+    to be packed while it holds the input's tensors unchanged."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(gptq_dir / "config.json", src / "config.json")
+    save_file({"model.layers.0.mlp.down_proj.B": torch.zeros(8, 512, dtype=torch.int32)}, str(src / "model.safetensors"))
+    assert main(["repack", str(src), str(tmp_path / "out")]) == 2
+    assert "holds no GPTQ layers" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_repack_refuses_output_inside_input(gptq_dir, capsys):
     assert main(["repack", str(gptq_dir), str(gptq_dir / "sub")]) == 2
     assert "must not be" in capsys.readouterr().err

@@ -306,7 +306,7 @@ def test_from_tensors_derives_g_idx_and_converts_dtypes():
     packed = pack_gptq_tensors(raw["intweight"], raw["zeros"], raw["scales"], raw["g_idx"], cfg)
     layer = GPTQLayer.from_tensors("l", {"qweight": packed["qweight"], "qzeros": packed["qzeros"], "scales": raw["scales"].float()}, cfg)
     assert layer.g_idx.dtype == torch.int32 and layer.g_idx.tolist() == [k // 32 for k in range(96)]
-    assert layer.scales.dtype == torch.float16
+    assert layer.scales.dtype == torch.float32  # kept: packing rounds it once, into the activation dtype
     assert torch.equal(dequantize_gptq(layer), weight_from_ints(raw, torch.float32))
     layer = GPTQLayer.from_tensors("l", {**packed, "g_idx": packed["g_idx"].long()}, cfg)
     assert layer.g_idx.dtype == torch.int32
@@ -454,3 +454,11 @@ def test_validate_on_meta_checks_shapes_only():
     layer.scales = torch.empty(2, 64, dtype=torch.float16, device="meta")
     with pytest.raises(GPTQFormatError, match="layer m: scales"):
         layer.validate()
+
+
+def test_marlin_serialized_checkpoint_is_refused():
+    """AutoGPTQ <= 0.7 wrote Marlin-layout tensors (B, s) under quant_method "gptq"; read as GPTQ they would be no
+    layers at all."""
+    with pytest.raises(GPTQFormatError, match="is_marlin_format=true"):
+        GPTQConfig.from_dict({"quant_method": "gptq", "bits": 4, "group_size": 128, "is_marlin_format": True})
+    assert GPTQConfig.from_dict({"quant_method": "gptq", "is_marlin_format": False}).group_size == 128

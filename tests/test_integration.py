@@ -142,6 +142,27 @@ def test_missing_g_idx_is_derived(tmp_path):
         torch.testing.assert_close(model(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_stored_bf16_scales_and_int64_g_idx_load_as_stored(tmp_path):
+    """Checkpoints with bf16 scales (some writers) and int64 g_idx: the layers compute with the scales as stored (not
+    through fp16, which flushes scales below 6e-5), and the g_idx loads as the reader takes it."""
+    from safetensors.torch import load_file
+
+    checkpoint = _write_tiny(tmp_path, VARIANTS[1])  # act-order: a g_idx that matters
+    small = lambda t: (t.float() * 1e-3).to(torch.bfloat16)  # noqa: E731
+    _rewrite_checkpoint(checkpoint, lambda t: t.update(
+        {k: small(v) if k.endswith(".scales") else v.long() for k, v in t.items() if k.endswith((".scales", ".g_idx"))}))
+    stored = load_file(os.path.join(checkpoint, "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
+    _, layers = dequantized_float_model(checkpoint)
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(5))
+    modules = dict(model.named_modules())
+    for name, layer in layers.items():
+        assert torch.equal(modules[name].scales, stored[name + ".scales"]), name
+        want = x[:, :layer.in_features].double() @ dequantize_gptq(layer).double()
+        with torch.no_grad():
+            torch.testing.assert_close(modules[name](x[:, :layer.in_features]).double(), want, rtol=1e-5, atol=1e-9)
+
+
 def test_corrupt_sym_zeros_name_the_layer(tmp_path):
     checkpoint = _write_tiny(tmp_path, VARIANTS[0])
     key = "model.layers.0.mlp.down_proj.qzeros"

@@ -212,6 +212,29 @@ def test_validate_rejects_wrong_shapes():
         PackedInt4Weight.from_tensors(t, in_features=256, out_features=128, group_size=128)
 
 
+def test_bf16_scales_outside_fp16_range_pack_exactly_for_bf16_and_are_refused_for_fp16():
+    """Some writers store bf16 scales; read as stored, they reach a bf16 layer unrounded (an fp16 detour would flush
+    1e-6 and turn 7e4 into inf), and packing for fp16 names the layer whose scale overflows instead of packing inf."""
+    from hf_int4.formats.gptq import GPTQLayer
+    from hf_int4.formats.gptq_writer import pack_gptq_tensors
+
+    K, N = 64, 32
+    cfg = GPTQConfig(group_size=32, sym=False, checkpoint_format="gptq_v2")
+    gen = torch.Generator().manual_seed(7)
+    raw = {"intweight": torch.randint(0, 16, (K, N), generator=gen), "zeros": torch.randint(0, 16, (2, N), generator=gen),
+           "g_idx": torch.arange(K) // 32}
+    raw["scales"] = torch.empty(2, N).uniform_(1.0, 2.0, generator=gen).to(torch.bfloat16)
+    raw["scales"][0, :8] *= 1e-6  # below fp16's normal range
+    raw["scales"][1, 8:16] *= 7e4  # above fp16's largest value
+    tensors = pack_gptq_tensors(raw["intweight"], raw["zeros"], raw["scales"], raw["g_idx"], cfg)
+    layer = GPTQLayer.from_tensors("model.layers.0.mlp.up_proj", {**tensors, "scales": raw["scales"]}, cfg)
+    packed = pack_gptq_layer_cpu(layer, torch.bfloat16)
+    # |q - z| <= 15 times a bf16 scale, rounded once to bf16: the float64 product rounded the same way
+    assert torch.equal(dequantize_like_kernel(packed), weight_from_ints(raw).to(torch.bfloat16).float())
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj: scale .*scales\[1, 8\].*overflows torch.float16"):
+        pack_gptq_layer_cpu(layer, torch.float16)
+
+
 def test_pack_gptq_layer_on_cpu_equals_cpu_packer():
     layer, _ = _layer(256, 192, group_size=64, sym=False, desc_act=True, seed=4)
     a, b = pack_gptq_layer(layer, torch.float16), pack_gptq_layer_cpu(layer, torch.float16)

@@ -4,7 +4,7 @@ Layout of one quantized linear (K = in_features, N = out_features, G = number of
 
     qweight int32 [K/8, N]  nibble j (bits 4j..4j+3, LSB first) of word [r, n] is q[8r + j, n]
     qzeros  int32 [G, N/8]  nibble j of word [g, c] is the stored zero of (group g, column 8c + j)
-    scales  fp16  [G, N]
+    scales  fp16  [G, N]   (some writers store bf16 or fp32: read as stored)
     g_idx   int32 [K]       group of input row k
     bias    [N] (optional)
 
@@ -25,6 +25,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales")  # the three tensors every quantized layer must have
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # scales as checkpoints store them
 LAYER_SUFFIXES = QUANT_SUFFIXES + ("g_idx", "bias")
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble j lives at bits 4j..4j+3
@@ -78,6 +79,9 @@ class GPTQConfig:
         method = d.get("quant_method", "gptq")
         if str(method).lower() != "gptq":
             raise GPTQFormatError(f"hf_int4 reads GPTQ checkpoints only; quantization_config has quant_method={method!r}")
+        if d.get("is_marlin_format"):  # AutoGPTQ <= 0.7 wrote Marlin-layout tensors (B, s) under quant_method gptq
+            raise GPTQFormatError("hf_int4 reads GPTQ checkpoints (qweight, qzeros, scales); this one is serialized in "
+                                  "AutoGPTQ's Marlin layout (quantization_config is_marlin_format=true)")
         pack_dtype = d.get("pack_dtype")  # GPTQModel: the word qweight / qzeros are packed into
         if pack_dtype is not None and str(pack_dtype).removeprefix("torch.") != "int32":
             raise GPTQFormatError(f"hf_int4 reads GPTQ tensors packed into int32 words; quantization_config has "
@@ -225,12 +229,19 @@ def unpack_int4_cols(packed: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ layer
 
 
+def as_int32_g_idx(g_idx: torch.Tensor) -> torch.Tensor:
+    """An integer g_idx as int32 (checkpoints also store int64); anything else as it is, for validate() to refuse."""
+    if g_idx.is_floating_point() or g_idx.dtype in (torch.int32, torch.bool):
+        return g_idx
+    return g_idx.to(torch.int32)
+
+
 @dataclass(eq=False)  # tensors have no boolean ==; layers compare by identity
 class GPTQLayer:
     name: str
     qweight: torch.Tensor  # int32 [K/8, N]
     qzeros: torch.Tensor  # int32 [G, N/8]
-    scales: torch.Tensor  # fp16 [G, N]
+    scales: torch.Tensor  # SCALE_DTYPES [G, N]
     g_idx: torch.Tensor  # int32 [K]
     bias: Optional[torch.Tensor] = None  # [N]
     config: GPTQConfig = GPTQConfig()
@@ -263,22 +274,22 @@ class GPTQLayer:
     def from_tensors(cls, name: str, tensors: Dict[str, torch.Tensor], config: GPTQConfig) -> "GPTQLayer":
         """Build and validate a layer from its checkpoint tensors {qweight, qzeros, scales[, g_idx][, bias]}.
 
-        Float scales of another dtype are converted to fp16 (the format's dtype); integer g_idx to int32;
+        Scales keep their dtype (fp16, or bf16 / fp32 as some writers store them: packing rounds them once, into the
+        activation dtype; converting to fp16 here would flush small bf16 scales and overflow large ones); integer
+        g_idx becomes int32;
         a missing g_idx is derived as k // group_size."""
         for key in QUANT_SUFFIXES:
             if key not in tensors:
                 present = ", ".join(sorted(tensors)) or "nothing"
                 _fail(name, f"the checkpoint has no {name}.{key} (found {present}); a GPTQ layer needs qweight, qzeros and scales")
         qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-        if scales.is_floating_point() and scales.dtype != torch.float16:
-            scales = scales.to(torch.float16)
         g_idx = tensors.get("g_idx")
         if g_idx is None:
             if qweight.dim() != 2:
                 _fail(name, f"qweight must be 2-D [K/8, N], got shape {tuple(qweight.shape)}")
             g_idx = config.group_of_rows(qweight.shape[0] * 8, device=qweight.device)
-        elif not g_idx.is_floating_point() and g_idx.dtype not in (torch.int32, torch.bool):
-            g_idx = g_idx.to(torch.int32)
+        else:
+            g_idx = as_int32_g_idx(g_idx)
         layer = cls(name, qweight, qzeros, scales, g_idx, tensors.get("bias"), config)
         layer.validate()
         return layer
@@ -286,12 +297,13 @@ class GPTQLayer:
     def validate(self) -> "GPTQLayer":
         """Raise GPTQFormatError unless the tensors are a well-formed layer of `config`; returns self."""
         name, cfg = self.name, self.config
-        for key, dtype in (("qweight", torch.int32), ("qzeros", torch.int32), ("scales", torch.float16), ("g_idx", torch.int32)):
+        for key, dtypes in (("qweight", (torch.int32,)), ("qzeros", (torch.int32,)), ("scales", SCALE_DTYPES),
+                            ("g_idx", (torch.int32,))):
             t = getattr(self, key)
             if not isinstance(t, torch.Tensor):
                 _fail(name, f"{key} is missing")
-            if t.dtype != dtype:
-                _fail(name, f"{key} must be {dtype}, got {t.dtype}")
+            if t.dtype not in dtypes:
+                _fail(name, f"{key} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
         if self.qweight.dim() != 2:
             _fail(name, f"qweight must be 2-D [K/8, N], got shape {tuple(self.qweight.shape)}")
         K, N = self.in_features, self.out_features
@@ -368,15 +380,26 @@ def safetensors_files(checkpoint_dir) -> list:
     return [os.path.join(checkpoint_dir, n) for n in names]
 
 
-def tensor_shapes(paths) -> Dict[str, Tuple[int, ...]]:
-    """{tensor name: shape} of safetensors files, from their headers only (no tensor data is read)."""
+SAFETENSORS_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def tensor_headers(paths) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """{tensor name: (shape, safetensors dtype name such as "F16")} of safetensors files, from their headers only (no
+    tensor data is read)."""
     from safetensors import safe_open
 
-    shapes = {}
+    headers = {}
     for path in paths:
         with safe_open(path, framework="pt") as f:
-            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-    return shapes
+            for key in f.keys():
+                info = f.get_slice(key)
+                headers[key] = (tuple(info.get_shape()), info.get_dtype())
+    return headers
+
+
+def tensor_shapes(paths) -> Dict[str, Tuple[int, ...]]:
+    """{tensor name: shape} of safetensors files, from their headers only."""
+    return {key: shape for key, (shape, _) in tensor_headers(paths).items()}
 
 
 def _split(key: str) -> Tuple[str, str]:
