@@ -10,7 +10,9 @@ the members keep none of their own.
 
 The first member called computes the fused GEMM and keeps it with its input; a member called with that
 same input tensor (not modified in place since) takes its columns from it, and the last member to do so
-drops it. Any other input recomputes, so an unusual call order costs time, never a wrong answer. Under
+drops it. Any other input, or a member asking twice, recomputes, so an unusual call order costs time, never a wrong
+answer (under torch.inference_mode, whose tensors have no version counter, an input changed in place between two
+different members' calls is not seen: transformers' models call them back to back). Under
 torch.compile the whole exchange is traced into one GEMM and three views.
 
 A gated MLP, down(silu(gate(x)) * up(x)), then runs as two GEMMs and nothing between: its forward hands the fused
@@ -64,7 +66,8 @@ class HfInt4FusedLinear(HfInt4Linear):
 
     def member_output(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         pending = self._pending
-        if pending is None or pending[0] is not x or pending[2] != _version(x):
+        # a member asking again is a new call: inference tensors have no version counter to tell a changed input by
+        if pending is None or pending[0] is not x or pending[2] != _version(x) or pending[3] >> slot & 1:
             pending = (x, self(x), _version(x), 0)
         taken = pending[3] | 1 << slot
         self._pending = None if taken == (1 << len(self.member_columns)) - 1 else pending[:3] + (taken,)

@@ -108,6 +108,9 @@ def test_a_member_called_with_another_input_recomputes():
         z = torch.randn(2, K, generator=gen).to(F16)
         for member, oracle in zip(members, oracles):
             _close(member(z), _oracle(oracle, z))
+        _close(attn.q_proj(z), _oracle(oracles[0], z))
+        z.mul_(2)  # a member asking again is a new call, changed input or not
+        _close(attn.q_proj(z), _oracle(oracles[0], z))
 
 
 def test_layers_that_cannot_share_a_weight_stay_apart():

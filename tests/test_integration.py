@@ -73,7 +73,7 @@ def test_checkpoint_with_unsupported_bits_names_the_setting(tmp_path):
 def test_float_checkpoint_is_refused(tmp_path):
     model = LlamaForCausalLM(tiny_llama_config())
     model.save_pretrained(tmp_path / "float")
-    with pytest.raises(ValueError, match="pre-quantized"):
+    with pytest.raises(ValueError, match="no quantization_config.*a float checkpoint must be quantized with GPTQ first"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=HfInt4Config())
 
 
@@ -161,6 +161,48 @@ def test_stored_bf16_scales_and_int64_g_idx_load_as_stored(tmp_path):
         want = x[:, :layer.in_features].double() @ dequantize_gptq(layer).double()
         with torch.no_grad():
             torch.testing.assert_close(modules[name](x[:, :layer.in_features]).double(), want, rtol=1e-5, atol=1e-9)
+
+
+def test_a_layer_missing_from_the_checkpoint_names_the_layer(tmp_path):
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])
+    prefix = "model.layers.1.self_attn.k_proj."
+    _rewrite_checkpoint(checkpoint, lambda t: [t.pop(k) for k in [k for k in t if k.startswith(prefix)]])
+    with pytest.raises(GPTQFormatError, match=r"layer model\.layers\.1\.self_attn\.k_proj: the checkpoint has none of "
+                                              r"its tensors \(no model\.layers\.1\.self_attn\.k_proj\.qweight\)"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())
+
+
+def test_a_checkpoint_with_only_quantize_config_json_is_explained(tmp_path):
+    """Older AutoGPTQ checkpoints: the settings in quantize_config.json, none in config.json (transformers then takes
+    the model for unquantized and would blame a pre_quantized argument nobody passed)."""
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(checkpoint, "quantize_config.json"), "w") as f:
+        json.dump(config.pop("quantization_config"), f)
+    with open(os.path.join(checkpoint, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=r"config\.json has no quantization_config.*hf-int4 repack"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config())
+
+
+def test_config_options_are_checked():
+    assert HfInt4Config(modules_to_not_convert="down_proj").modules_to_not_convert == ["down_proj"]
+    for bad in ({"fuse_projections": "false"}, {"lm_head": 1}, {"modules_to_not_convert": [3]}):
+        with pytest.raises(ValueError, match="HfInt4Config: "):
+            HfInt4Config(**bad)
+    from transformers.utils import logging
+
+    logger = logging.get_logger("hf_int4.integration.config")
+    seen = []
+    handler = type("H", (__import__("logging").Handler,), {"emit": lambda self, record: seen.append(record.getMessage())})()
+    logger.addHandler(handler)
+    try:
+        assert HfInt4Config(fuse_projection=False).fuse_projections is True  # misspelt: ignored, but said
+        HfInt4Config(quant_method="hf_int4")  # what from_dict passes back: not unknown
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["HfInt4Config: ignoring unknown argument(s) fuse_projection"], seen
 
 
 def test_corrupt_sym_zeros_name_the_layer(tmp_path):

@@ -34,6 +34,14 @@ logger = logging.get_logger(__name__)
 class HfInt4Quantizer(HfQuantizer):
     requires_calibration = True  # we load GPTQ checkpoints; we do not quantize float weights
 
+    def __init__(self, quantization_config, **kwargs):
+        if not kwargs.get("pre_quantized", True):  # transformers' own message would blame an argument nobody passed
+            raise ValueError(
+                "hf_int4 loads GPTQ checkpoints, and this checkpoint's config.json has no quantization_config. Older "
+                "AutoGPTQ checkpoints keep it in quantize_config.json: `hf-int4 repack CHECKPOINT OUT` reads it there and "
+                "writes a checkpoint that loads; a float checkpoint must be quantized with GPTQ first.")
+        super().__init__(quantization_config, **kwargs)
+
     def update_dtype(self, dtype):
         config = self.quantization_config
         if config.weight_format == "packed":
@@ -173,10 +181,9 @@ def check_checkpoint_tensors(model, shapes):
     """Before loading: every tensor each HfInt4Linear expects is in the checkpoint (`shapes`, from the safetensors
     headers) with its shape.
 
-    transformers would otherwise leave a missing tensor uninitialised (a warning, then garbage output).
-    A layer none of whose tensors appear under its name is left to transformers (its weight-renaming rules
-    may map other names onto it). A missing g_idx is allowed: finalize() derives it as k // group_size, as GPTQ
-    readers do."""
+    transformers would otherwise leave a missing tensor uninitialised (a warning, then garbage output). The names are
+    as transformers loads them (its renaming applied), so a layer none of whose tensors appear is missing too. A
+    missing g_idx is allowed: finalize() derives it as k // group_size, as GPTQ readers do."""
     if not shapes:
         return
     for name, module in model.named_modules():
@@ -184,7 +191,9 @@ def check_checkpoint_tensors(model, shapes):
             continue
         expected = {f"{name}.{buf}": tuple(t.shape) for buf, t in module.named_buffers(recurse=False)}
         if not any(key in shapes for key in expected):
-            continue
+            qweight = next(key for key in expected if key.endswith("qweight"))
+            raise GPTQFormatError(f"layer {name}: the checkpoint has none of its tensors (no {qweight}), yet the "
+                                  "quantization config quantizes it")
         for key, shape in expected.items():
             if key not in shapes:
                 if key.endswith(".g_idx"):
