@@ -73,8 +73,9 @@ def silu_mul(h: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
     """A gated MLP's input to its down projection, silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k]. On the
     GPU one kernel reads both slices where they lie and forms it as the streaming kernel forms a gated input (so the
     bits do not depend on M); torch's silu and multiply would make two passes, and a prefill's gate/up output is the
-    largest activation of the model. Elsewhere (the CPU reference path) as the model's own MLP computes it."""
-    if h.is_cuda and _HAS_EXTENSION:
+    largest activation of the model. Elsewhere (the CPU reference path, and inputs that autograd follows: the kernel
+    has no backward) as the model's own MLP computes it."""
+    if h.is_cuda and _HAS_EXTENSION and not (h.requires_grad and torch.is_grad_enabled()):
         return torch.ops.hf_int4.silu_mul(h, size_k, up_offset)
     return F.silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k]
 

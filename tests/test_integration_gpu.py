@@ -54,6 +54,23 @@ def test_gpu_logits_match_cpu_reference(checkpoint, dtype):
     assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3), rel
 
 
+def test_gradients_reach_the_input_through_every_layer(checkpoint):
+    """Adapters trained on top (LoRA) need the gradient with respect to each quantized layer's input: on the GPU it
+    must flow as on the CPU reference (the GEMM kernels have no backward; such inputs take dequantize-then-cuBLAS)."""
+    gpu = _load(checkpoint, "cuda", torch.float16)
+    cpu = _load(checkpoint, "cpu", torch.float32)
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))
+    grads = []
+    for model, device in ((gpu, "cuda"), (cpu, "cpu")):
+        embeds = model.get_input_embeddings()(ids.to(device)).detach().float().requires_grad_()
+        logits = model(inputs_embeds=embeds.to(model.dtype)).logits
+        logits.float().logsumexp(-1).sum().backward()
+        grads.append(embeds.grad.cpu())
+    got, want = grads
+    assert want.norm() > 0
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
 def test_model_converted_to_bfloat16_after_loading(checkpoint):
     gpu = _load(checkpoint, "cuda", torch.float16).to(torch.bfloat16)  # asymmetric zeros are re-expressed
     cpu = _load(checkpoint, "cpu", torch.float32)
