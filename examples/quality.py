@@ -79,6 +79,13 @@ def greedy_agreement(a, b, tokenizer, device, new_tokens=32):
     return same / total, prefix
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def calibration_batches(tokenizer, tokens, window):
     """The calibration texts (their first `tokens` tokens, or all) as sequences of `window` tokens."""
     text = "\n\n".join(open(path).read() for path in CALIBRATION_TEXTS)
@@ -92,14 +99,15 @@ def main():
     parser.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric, gptq_v2)")
     parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="GPTQ with calibration (default) or round-to-nearest")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="desc_act: GPTQ quantizes the most active inputs first (GPTQ only: RTN has no Hessian to order by)")
-    parser.add_argument("--calibration-tokens", type=int, help="GPTQ calibration tokens (default: all the texts hold)")
+    parser.add_argument("--calibration-tokens", type=positive, help="GPTQ calibration tokens (default: all the texts hold)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens of the text to score")
-    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--tokens", type=positive, default=4096, help="tokens of the text to score")
+    parser.add_argument("--window", type=positive, default=512)
     parser.add_argument("--workdir", default="out")
     parser.add_argument("--json")
     args = parser.parse_args()
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    on_gpu = torch.device(args.device).type == "cuda"  # cuda, cuda:1, ...: the kernels, in float16
+    dtype = torch.float16 if on_gpu else torch.float32
 
     float_model, tokenizer = load_smollm2_float()
     variant = "sym" if args.sym else "asym"
@@ -125,7 +133,7 @@ def main():
     ppl_int4, _ = perplexity(int4_model, ids, args.window, args.device)
     agreement, prefixes = greedy_agreement(float_model, int4_model, tokenizer, args.device)
     result = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(args.device) if on_gpu else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "text": TEXT,

@@ -17,6 +17,7 @@ replayed in turn, in a fresh random order each round, several rounds, and the me
 reported. Ratios are fp16_us / path_us from the same run.
 """
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -131,8 +132,12 @@ class Shape:
         w = torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
         self.fp16 = [w] + [w.clone() for _ in range(1, copies_for(w.numel() * w.element_size()))]
         self.tinygemm = self._tinygemm(w, group_size)
-        # the path the dispatched column takes at each M (reads the table once per shape)
-        self.plan = dispatch.plan_for(dispatch.LinearSpec.of(packed), packed.device)
+
+    @functools.cached_property
+    def plan(self) -> dispatch.Plan:
+        """The path the dispatched column takes at each M (reads the table once per shape; only when asked: `tune`
+        times the paths to replace a table that may not load)."""
+        return dispatch.plan_for(dispatch.LinearSpec.of(self.packed[0]), self.packed[0].device)
 
     def _tinygemm(self, w, group_size):
         """torch's built-in int4 (bf16): weights from a random fp16 matrix; None where this torch lacks it."""

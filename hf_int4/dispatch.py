@@ -336,7 +336,11 @@ class Choice:
 
 
 def explain(layer, m: int) -> Choice:
-    """Which path an HfInt4Linear (packed, on a GPU) takes for an input of m rows, and why."""
+    """Which path an HfInt4Linear takes for an input of m rows (in the model's dtype, not followed by autograd), and
+    why: "reference" where no GPU path serves it."""
+    why = layer.reference_path_reason()
+    if why is not None:
+        return Choice("reference", f"{layer.name}: {why}")
     plan = layer.dispatch_plan()
     fused = f" (as part of {layer._fused_into[0].name}, one GEMM)" if layer._fused_into is not None else ""
     return Choice(plan.path_name(m), f"M={m}{fused}: {plan.describe()}")

@@ -113,16 +113,18 @@ class HfInt4Linear(nn.Module):
         return cached
 
     def _apply(self, fn, recurse=True):
-        """.to(dtype) / .half() / .bfloat16() convert the buffers. Packed zeros hold magic + z for the scales'
-        dtype (1024 + z in float16, 128 + z in bfloat16), so a change between the two re-expresses them for the new
-        dtype instead of rounding 1024 + z into bfloat16 (a silently wrong layer); the plan is made again for it.
-        To any other dtype (float32, float64) the packed scales and zeros keep the dtype they were packed for and only
-        follow the device: the layer then computes in that dtype on the reference path, exactly, and a whole model
-        converts instead of stopping half-way at its first asymmetric layer."""
+        """.to(dtype) / .half() / .bfloat16() convert the buffers, and `dtype` (what the layer computes in) follows.
+        Packed zeros hold magic + z for the scales' dtype (1024 + z in float16, 128 + z in bfloat16), so a change
+        between the two re-expresses them for the new dtype instead of rounding 1024 + z into bfloat16 (a silently
+        wrong layer); the plan is made again for it. To any other dtype (float32, float64) the packed scales and zeros
+        keep the dtype they were packed for and only follow the device: the layer then computes in that dtype on the
+        reference path, exactly, and a whole model converts instead of stopping half-way at its first asymmetric
+        layer. In GPTQ form (the CPU path) no buffer records the activation dtype: packed_state_dict packs for
+        `dtype` and save_pretrained records it as the checkpoint's packed_dtype."""
+        new_dtype = _converted_dtype(fn, self.bias.device if self.bias is not None else None)
         scales = self._buffers.get(PACKED_PREFIX + "scales")
-        new_dtype = None if scales is None else fn(scales.new_empty(0)).dtype
         kept = {}
-        if new_dtype is not None and new_dtype != scales.dtype:
+        if new_dtype is not None and scales is not None and new_dtype != scales.dtype:
             names = (PACKED_PREFIX + "scales", PACKED_PREFIX + "zeros")
             if new_dtype not in SUPPORTED_DTYPES:
                 kept = {name: self._buffers[name] for name in names if self._buffers.get(name) is not None}
@@ -130,19 +132,28 @@ class HfInt4Linear(nn.Module):
                 zeros = self._buffers.get(names[1])
                 if zeros is not None:
                     self._buffers[names[1]] = zeros_for_dtype(zeros, new_dtype)  # float32; fn converts it like the scales
-                self.dtype = new_dtype
-                self._dispatch = None  # the plan was made for the old dtype
-        elif scales is None and self._buffers.get("scales") is not None:
-            # GPTQ form (the CPU path): no buffer records the activation dtype, so it follows the conversion here;
-            # packed_state_dict packs for it and save_pretrained records it as the checkpoint's packed_dtype.
-            new_dtype = fn(self._buffers["scales"].new_empty(0, dtype=self.dtype)).dtype
-            if new_dtype != self.dtype:
-                self.dtype = new_dtype
-                self._dispatch = None
+        if new_dtype is not None and new_dtype != self.dtype:
+            self.dtype = new_dtype
+            self._dispatch = None  # the plan was made for the old dtype
         super()._apply(fn, recurse)
         for name, tensor in kept.items():
             self._buffers[name] = tensor.to(self._buffers[name].device)
         return self
+
+    def reference_path_reason(self) -> Optional[str]:
+        """Why this layer's calls take the exact reference path (torch on the dequantized weight), or None where the
+        GPU kernels serve them."""
+        holder = self._fused_into[0] if self._fused_into is not None else self
+        if not holder.is_packed:
+            return "its weights are in GPTQ form: no GPU held it at load"
+        if self.dtype not in SUPPORTED_DTYPES:
+            return f"it computes in {self.dtype}; the kernels take float16 and bfloat16"
+        device = getattr(holder, PACKED_PREFIX + "qweight").device
+        if device.type != "cuda":
+            return f"its weights are on {device}"
+        if not _extension.extension_available():
+            return "the CUDA extension hf_int4._C is not built"
+        return None
 
     def _register_packed(self, packed: PackedInt4Weight):
         for tensor_name, tensor in packed.tensors().items():
@@ -250,6 +261,13 @@ class HfInt4Linear(nn.Module):
             f"group_size={cfg.group_size}, sym={cfg.sym}, desc_act={cfg.desc_act}, "
             f"weights={'gptq' if not self.is_packed else 'packed' if self._fused_into is None else 'fused'}"
         )
+
+
+def _converted_dtype(fn, device) -> Optional[torch.dtype]:
+    """The floating dtype that a Module._apply function converts tensors to, None where it keeps each tensor's
+    (a device move): probed on two empty tensors of different dtypes."""
+    a, b = (fn(torch.empty(0, dtype=dtype, device=device)).dtype for dtype in (torch.float32, torch.float16))
+    return None if (a, b) == (torch.float32, torch.float16) else a
 
 
 def replace_linear_layers(

@@ -75,6 +75,9 @@ def silu_mul(h: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
     bits do not depend on M); torch's silu and multiply would make two passes, and a prefill's gate/up output is the
     largest activation of the model. Elsewhere (the CPU reference path, and inputs that autograd follows: the kernel
     has no backward) as the model's own MLP computes it."""
+    if h.dim() < 1 or not 0 < size_k <= up_offset or h.shape[-1] < up_offset + size_k:  # as the CUDA op checks
+        raise ValueError(f"hf_int4.silu_mul: h of shape {tuple(h.shape)} does not hold size_k={size_k} columns at 0 "
+                         f"and at up_offset={up_offset} without overlap")
     if h.is_cuda and _HAS_EXTENSION and not (h.requires_grad and torch.is_grad_enabled()):
         return torch.ops.hf_int4.silu_mul(h, size_k, up_offset)
     return F.silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k]

@@ -280,6 +280,30 @@ def test_tune_with_an_unreadable_user_table_still_writes_its_measurements(tmp_pa
     assert str(out) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--shapes", "4096X4096"], "--shapes: expected KxN"), (["--shapes", "64x0"], "--shapes: expected KxN"),
+    (["--ms", "1,,8"], "--ms: expected positive row counts"), (["--ms", "0"], "--ms: expected positive row counts"),
+    (["--group-size", "100"], "--group-size: expected -1"),
+])
+def test_tune_arguments_are_usage_errors_before_any_gpu_work(monkeypatch, capsys, args, message):
+    from hf_int4 import tune
+
+    monkeypatch.setattr(tune, "measure_table", lambda *a, **k: pytest.fail("measured despite bad arguments"))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["tune", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tune_out_directory_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    from hf_int4 import _extension, tune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_extension, "extension_available", lambda: True)
+    monkeypatch.setattr(tune, "measure_table", lambda *a, **k: pytest.fail("measured for an output it cannot write"))
+    assert tune.main(["--shapes", "64x64", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 def test_tune_merges_an_entry_whose_old_times_name_paths_removed_since():
     from hf_int4.tune import merge_tables
 

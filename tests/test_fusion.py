@@ -87,6 +87,7 @@ def test_fused_members_match_the_oracle_with_one_gemm(name, monkeypatch):
             assert torch.equal(after[key], before[n][key]), (n, key)
     assert "weights=fused" in members[1].extra_repr()
     fused._dispatch = (torch.device("cpu"), dispatch.Plan(((1, "decode"), (64, "dequant")), "test plan"))
+    monkeypatch.setattr(HfInt4Linear, "reference_path_reason", lambda self: None)  # as on a GPU
     choice = dispatch.explain(members[1], 100)  # a member's path is its fused module's
     assert choice.path == "dequant" and "attn.{q_proj,k_proj,v_proj}" in choice.reason, choice
 
@@ -299,3 +300,14 @@ def test_the_callers_fuse_choice_holds_for_packed_checkpoints(packed_llama):
                                                      dtype=F16)
         qc = model.config.quantization_config
         assert qc.fuse_projections is fuse and qc.weight_format == "packed"
+
+
+@pytest.mark.parametrize("width,size_k,up_offset", [(17, 8, 16), (24, 16, 8), (32, 0, 16)])
+def test_silu_mul_refuses_slices_that_do_not_fit_on_every_device(width, size_k, up_offset):
+    """The CPU path checks what the CUDA op checks: no broadcast of a short up slice, no overlapping gate and up."""
+    from hf_int4.ops import silu_mul
+
+    with pytest.raises(ValueError, match="does not hold"):
+        silu_mul(torch.randn(2, width), size_k, up_offset)
+    h = torch.randn(2, 40)
+    torch.testing.assert_close(silu_mul(h, 16, 20), torch.nn.functional.silu(h[:, :16]) * h[:, 20:36])

@@ -254,6 +254,24 @@ def test_dtype_conversion_keeps_asymmetric_packed_layers_right():
     rounded = dataclasses.replace(gptq, scales=gptq.scales.to(torch.bfloat16).to(torch.float16))
     want = x.double() @ dequantize_gptq(rounded).double()
     torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+    # the layer says what it computes in (explain reports the reference path from it), through device moves too
+    assert layer.dtype == torch.float32 and layer.to("cpu").dtype == torch.float32
+    assert layer.reference_path_reason() == "it computes in torch.float32; the kernels take float16 and bfloat16"
+    assert layer.to(torch.float16).dtype == torch.float16 and layer.int4_scales.dtype == torch.float16
+
+
+def test_explain_names_the_reference_path_and_why(tmp_path):
+    from hf_int4 import dispatch
+
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float16)
+    layer = model.model.layers[0].mlp.up_proj
+    choice = dispatch.explain(layer, 1)
+    assert choice.path == "reference" and "model.layers.0.mlp.up_proj: its weights are in GPTQ form" in choice.reason
+    model.save_pretrained(tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", quantization_config=HfInt4Config())
+    choice = dispatch.explain(packed.model.layers[0].mlp.up_proj, 1)
+    assert choice.path == "reference" and "its weights are on cpu" in choice.reason, choice
 
 
 def test_save_after_a_dtype_conversion_records_the_dtype_the_layers_were_packed_for_cpu(tmp_path):
