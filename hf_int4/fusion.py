@@ -41,6 +41,8 @@ FUSED_PREFIX = "int4_fused_"
 class HfInt4FusedLinear(HfInt4Linear):
     """The packed weights of sibling HfInt4Linear layers side by side; the members call it (member_output)."""
 
+    holds_fused_members = True
+
     def __init__(self, members: Sequence[HfInt4Linear], name: str):
         first = members[0]
         packed = [m.packed_weight() for m in members]

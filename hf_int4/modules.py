@@ -17,7 +17,7 @@ from torch import nn
 from hf_int4 import _extension, dispatch
 from hf_int4.formats.gptq import GPTQConfig, GPTQLayer, as_int32_g_idx
 from hf_int4.packing import SUPPORTED_DTYPES, PackedInt4Weight, kernel_group_size, pack_gptq_layer, zeros_for_dtype
-from hf_int4.reference import dequantize_packed, gptq_matmul_reference, matmul_reference
+from hf_int4.reference import dequantize_gptq, dequantize_packed, gptq_matmul_reference, matmul_reference
 
 GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 PACKED_PREFIX = "int4_"
@@ -47,6 +47,8 @@ def packed_state_dict(packed: PackedInt4Weight, bias, prefix: str = "") -> dict:
 
 
 class HfInt4Linear(nn.Module):
+    holds_fused_members = False  # hf_int4.fusion.HfInt4FusedLinear: the weights of sibling layers side by side
+
     def __init__(
         self,
         in_features: int,
@@ -221,6 +223,26 @@ class HfInt4Linear(nn.Module):
             packed = pack_for_module(self.gptq_layer(), self.dtype)
         return packed_state_dict(packed, self.bias, prefix)
 
+    @torch.no_grad()
+    def dequantized_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """The float nn.Linear this layer stands for (model.dequantize()): weight (q - z) * s, computed exactly in
+        fp32 and rounded once to `dtype` (default: the layer's), on the weights' device."""
+        if self._fused_into is not None:
+            packed, bias = self._fused_into[0].member_weights(self._fused_into[1])
+            weight = dequantize_packed(packed)
+        elif self.is_packed:
+            packed, bias = self.packed_weight(), self.bias
+            weight = dequantize_packed(packed)
+        else:
+            layer = self.gptq_layer()
+            weight, bias = dequantize_gptq(layer), self.bias
+        dtype = dtype or self.dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias is not None, device=weight.device, dtype=dtype)
+        linear.weight.copy_(weight.t())
+        if bias is not None:
+            linear.bias.copy_(bias)
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_into is not None:
             holder, slot = self._fused_into
@@ -268,6 +290,24 @@ def _converted_dtype(fn, device) -> Optional[torch.dtype]:
     (a device move): probed on two empty tensors of different dtypes."""
     a, b = (fn(torch.empty(0, dtype=dtype, device=device)).dtype for dtype in (torch.float32, torch.float16))
     return None if (a, b) == (torch.float32, torch.float16) else a
+
+
+def dequantize_layers(model: nn.Module, dtype: Optional[torch.dtype] = None) -> list:
+    """Every HfInt4Linear back to the float nn.Linear it stands for (dequantized_linear), the fused GEMMs and gated MLP
+    forwards (hf_int4.fusion) undone; returns the names replaced."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "_hf_int4_gated"):  # back to the MLP's own forward
+            del module.forward, module._hf_int4_gated
+        if isinstance(module, HfInt4Linear) and not module.holds_fused_members:  # (removed below)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.dequantized_linear(dtype))
+            replaced.append(name)
+    for name, module in list(model.named_modules()):
+        for child, sub in list(module.named_children()):
+            if isinstance(sub, HfInt4Linear) and sub.holds_fused_members:  # its members hold their own weights now
+                delattr(module, child)
+    return replaced
 
 
 def replace_linear_layers(

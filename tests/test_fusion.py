@@ -258,6 +258,24 @@ def test_a_fused_model_saves_the_checkpoint_it_loaded(packed_llama, tmp_path):
         assert torch.equal(got[key], want[key]), key
 
 
+def test_a_fused_model_dequantizes_to_the_float_model_it_stands_for(packed_llama, tmp_path):
+    """model.dequantize() on fused projections and gated MLPs: plain nn.Linear layers holding (q - z) * s, the MLPs on
+    their own forward, no fused module left; the float model computes what the quantized one did."""
+    from transformers import AutoModelForCausalLM
+
+    model, ids, apart = _load_and_fuse(packed_llama)
+    dense = model.dequantize()
+    assert not [n for n, m in dense.named_modules() if isinstance(m, HfInt4Linear) or FUSED_PREFIX in n]
+    assert not any(hasattr(m, "_hf_int4_gated") for m in dense.modules())
+    assert not hasattr(dense.config, "quantization_config")
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, apart, rtol=1e-2, atol=1e-2)
+    dense.save_pretrained(tmp_path / "float")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=F16).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, dense(ids).logits)
+
+
 def _traced_matmuls(model, ids):
     """Compile model.forward (fullgraph) with a recording backend; the logits of two compiled calls and the one
     traced graph's number of matmul nodes."""

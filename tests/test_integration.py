@@ -205,6 +205,21 @@ def test_config_options_are_checked():
     assert seen == ["HfInt4Config: ignoring unknown argument(s) fuse_projection"], seen
 
 
+@pytest.mark.parametrize("config", VARIANTS[:2], ids=["g128-sym", "g32-asym-act"])
+def test_dequantize_gives_the_float_model_of_the_gptq_weights(tmp_path, config):
+    checkpoint = _write_tiny(tmp_path, config)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
+    oracle, layers = dequantized_float_model(checkpoint)
+    model = model.dequantize()
+    modules = dict(model.named_modules())
+    for name, layer in layers.items():
+        assert type(modules[name]) is torch.nn.Linear, name
+        assert torch.equal(modules[name].weight, dequantize_gptq(layer).t()), name
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, oracle(ids).logits)
+
+
 def test_corrupt_sym_zeros_name_the_layer(tmp_path):
     checkpoint = _write_tiny(tmp_path, VARIANTS[0])
     key = "model.layers.0.mlp.down_proj.qzeros"

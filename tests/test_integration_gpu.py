@@ -71,6 +71,18 @@ def test_gradients_reach_the_input_through_every_layer(checkpoint):
     assert ((got - want).norm() / want.norm()).item() < 2e-2
 
 
+def test_dequantize_on_the_gpu_gives_the_float_model(checkpoint):
+    gpu = _load(checkpoint, "cuda", torch.float16)
+    cpu = _load(checkpoint, "cpu", torch.float32)
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(8))
+    dense = gpu.dequantize()
+    assert not any(isinstance(m, HfInt4Linear) for m in dense.modules())
+    with torch.no_grad():
+        got = dense(ids.cuda()).logits.float().cpu()
+        want = cpu(ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 5e-3
+
+
 def test_model_converted_to_bfloat16_after_loading(checkpoint):
     gpu = _load(checkpoint, "cuda", torch.float16).to(torch.bfloat16)  # asymmetric zeros are re-expressed
     cpu = _load(checkpoint, "cpu", torch.float32)

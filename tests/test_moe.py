@@ -97,6 +97,19 @@ def test_moe_checkpoint_matches_dequantized_float_model_cpu(tmp_path, kind, vari
     _close(_logits(model), _logits(_oracle(tmp_path, checkpoint)))
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_moe_dequantize_saves_a_float_checkpoint_that_transformers_loads_cpu(tmp_path, kind):
+    """model.dequantize() leaves one float linear per expert, named as the original checkpoints name them, so the
+    float checkpoint it saves loads into transformers' fused experts by its own conversion mapping."""
+    checkpoint = _write(tmp_path, kind, VARIANTS["g64-sym-v1"])
+    model = _load(checkpoint).dequantize()
+    assert not any(isinstance(m, HfInt4Linear) for m in model.modules())
+    want = _logits(_oracle(tmp_path, checkpoint))
+    _close(_logits(model), want)
+    model.save_pretrained(tmp_path / "dense")
+    _close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()), want)
+
+
 def test_moe_packed_checkpoints_reload_cpu(tmp_path):
     """save_pretrained and hf-int4 repack write the experts packed under the checkpoint's names; both reload and
     compute what the GPTQ-form model computes (each layer in fp32 from the same fp16 scales: identical logits)."""

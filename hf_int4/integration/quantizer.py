@@ -24,7 +24,13 @@ from hf_int4.formats.gptq import (
 from hf_int4.formats.names import names_as_loaded
 from hf_int4.fusion import HfInt4FusedLinear, fuse_sibling_projections
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
-from hf_int4.modules import PACKED_PREFIX, HfInt4Linear, quantized_layer_names, replace_linear_layers
+from hf_int4.modules import (
+    PACKED_PREFIX,
+    HfInt4Linear,
+    dequantize_layers,
+    quantized_layer_names,
+    replace_linear_layers,
+)
 from hf_int4.packing import SUPPORTED_DTYPES
 
 logger = logging.get_logger(__name__)
@@ -80,6 +86,11 @@ class HfInt4Quantizer(HfQuantizer):
             gated = sum(hasattr(m, "_hf_int4_gated") for m in model.modules())
             logger.info(f"hf_int4: fused {len(fused)} groups of sibling projections (q/k/v, gate/up) into one GEMM each; "
                         f"{gated} gated MLPs pass their gate/up output to the down projection as it is")
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """model.dequantize(): every quantized layer as the float nn.Linear its weights stand for."""
+        dequantize_layers(model, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model
 
     def is_serializable(self, **kwargs):
