@@ -266,13 +266,9 @@ class HfInt4Linear(nn.Module):
 
     def _kernel_path(self, x: torch.Tensor, width: int):
         """The dispatched kernel path for an input whose rows are `width` wide, or None where it takes the reference
-        path (CPU, no extension, another dtype, weights still in GPTQ form). An input that autograd follows (training
-        adapters on top, e.g. LoRA) takes dequantize-then-cuBLAS, whose F.linear gives its gradient: the GEMM kernels
-        have no backward, and autograd would pass no gradient through them."""
+        path (CPU, no extension, another dtype, weights still in GPTQ form)."""
         if not (self.is_packed and x.is_cuda and _extension.extension_available() and x.dtype in SUPPORTED_DTYPES):
             return None
-        if x.requires_grad and torch.is_grad_enabled():
-            return dispatch.PATHS["dequant"]
         rows = x.numel() // width if width else 0
         return self.dispatch_plan(x.device).path(rows)
 

@@ -73,12 +73,11 @@ def silu_mul(h: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
     """A gated MLP's input to its down projection, silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k]. On the
     GPU one kernel reads both slices where they lie and forms it as the streaming kernel forms a gated input (so the
     bits do not depend on M); torch's silu and multiply would make two passes, and a prefill's gate/up output is the
-    largest activation of the model. Elsewhere (the CPU reference path, and inputs that autograd follows: the kernel
-    has no backward) as the model's own MLP computes it."""
+    largest activation of the model. Elsewhere (the CPU reference path) as the model's own MLP computes it."""
     if h.dim() < 1 or not 0 < size_k <= up_offset or h.shape[-1] < up_offset + size_k:  # as the CUDA op checks
         raise ValueError(f"hf_int4.silu_mul: h of shape {tuple(h.shape)} does not hold size_k={size_k} columns at 0 "
                          f"and at up_offset={up_offset} without overlap")
-    if h.is_cuda and _HAS_EXTENSION and not (h.requires_grad and torch.is_grad_enabled()):
+    if h.is_cuda and _HAS_EXTENSION:
         return torch.ops.hf_int4.silu_mul(h, size_k, up_offset)
     return F.silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k]
 
@@ -170,6 +169,78 @@ def read_floor(buffers, sink: torch.Tensor, key: int = READ_FLOOR_TIMED_KEY) -> 
     if not _HAS_EXTENSION:
         raise RuntimeError("hf_int4.read_floor needs the CUDA extension hf_int4._C, which is not built")
     torch.ops.hf_int4.read_floor(list(buffers), sink, key)
+
+
+# ---------------------------------------------------------------------------------------- backward
+
+# The weights are frozen buffers: the ops' gradients are those of their activations (and of a bias that requires one),
+# so that adapters trained on top (LoRA) get theirs through every quantized layer. The weight is dequantized into a
+# temporary for each backward call (W^T [N, K] in packed row order, the order the ops' activations are in).
+
+
+def _silu_mul_backward(h: torch.Tensor, grad_in: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
+    """d(silu(gate) * up)/dh for h = [gate .. up ..], given the gradient of silu(gate) * up; in float32."""
+    gate, up = h[..., :size_k].float(), h[..., up_offset:up_offset + size_k].float()
+    sig, g = torch.sigmoid(gate), grad_in.float()
+    grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    grad[..., :size_k] = g * up * sig * (1 + gate * (1 - sig))  # silu'(x) = s (1 + x (1 - s))
+    grad[..., up_offset:up_offset + size_k] = g * gate * sig
+    return grad.to(h.dtype)
+
+
+def _gemm_setup_context(ctx, a, b_packed, scales, zeros, bias, size_n, size_k, group_size, up_offset):
+    ctx.save_for_backward(a if up_offset > 0 else None, b_packed, scales, zeros)
+    ctx.shape = size_n, size_k, group_size, up_offset
+    ctx.bias_grad = bias is not None and bias.requires_grad
+
+
+def _gemm_backward(ctx, grad):
+    a, b_packed, scales, zeros = ctx.saved_tensors
+    size_n, size_k, group_size, up_offset = ctx.shape
+    grad_a = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight_t = torch.ops.hf_int4.dequantize_int4(b_packed, scales, zeros, size_n, size_k, group_size)
+        grad_a = grad.to(weight_t.dtype) @ weight_t
+        if up_offset > 0:
+            grad_a = _silu_mul_backward(a, grad_a, size_k, up_offset)
+    if ctx.bias_grad:
+        grad_bias = grad.reshape(-1, size_n).sum(0)
+    return grad_a, grad_bias
+
+
+if _HAS_EXTENSION:
+
+    def _int4_gemm_setup(ctx, inputs, output):
+        a, b_packed, scales, zeros, _, size_n, size_k, group_size, bias, *_, up_offset = inputs
+        _gemm_setup_context(ctx, a, b_packed, scales, zeros, bias, size_n, size_k, group_size, up_offset)
+
+    def _int4_gemm_backward(ctx, grad):
+        grad_a, grad_bias = _gemm_backward(ctx, grad)
+        return grad_a, None, None, None, None, None, None, None, grad_bias, None, None, None, None
+
+    torch.library.register_autograd("hf_int4::int4_gemm", _int4_gemm_backward, setup_context=_int4_gemm_setup)
+
+    def _silu_mul_setup(ctx, inputs, output):
+        h, ctx.size_k, ctx.up_offset = inputs
+        ctx.save_for_backward(h)
+
+    def _silu_mul_op_backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return _silu_mul_backward(h, grad, ctx.size_k, ctx.up_offset), None, None
+
+    torch.library.register_autograd("hf_int4::silu_mul", _silu_mul_op_backward, setup_context=_silu_mul_setup)
+
+    if _HAS_HOPPER:
+
+        def _hopper_setup(ctx, inputs, output):
+            a, b_packed, scales, zeros, bias, size_n, size_k, group_size, *_ = inputs
+            _gemm_setup_context(ctx, a, b_packed, scales, zeros, bias, size_n, size_k, group_size, 0)
+
+        def _hopper_backward(ctx, grad):
+            grad_a, grad_bias = _gemm_backward(ctx, grad)
+            return grad_a, None, None, None, grad_bias, None, None, None, None, None
+
+        torch.library.register_autograd("hf_int4::hopper_int4_gemm", _hopper_backward, setup_context=_hopper_setup)
 
 
 # ------------------------------------------------------------------------------------------ fake impls

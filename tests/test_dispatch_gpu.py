@@ -216,3 +216,36 @@ def test_tune_replaces_an_unreadable_user_table(monkeypatch, tmp_path, capsys):
     assert "not merged" in capsys.readouterr().err
     entries = dispatch.load_table(table)["entries"]
     assert [(e["k"], e["n"], e["m"]) for e in entries] == [(256, 256, [1, 16])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sym,desc_act", [(True, False), (False, True)])
+def test_every_path_passes_the_gradient_to_its_input(dtype, sym, desc_act):
+    """Adapters trained on top (LoRA) need d(loss)/dx through each quantized layer: every path, forced, gives
+    dx = dy W^T of the GPTQ weight (and the bias its gradient), the gated input silu(gate) * up's too."""
+    K, N = 512, 384
+    cfg = _cfg(sym=sym, desc_act=desc_act, gs=128)
+    layer, raw = get_layer(K, N, cfg, bias=True)
+    packed = get_packed(K, N, cfg, dtype, bias=True)
+    W = weight_from_ints(raw)  # float64 [K, N]
+    props = torch.cuda.get_device_properties(0)
+    spec = dispatch.LinearSpec.of(packed)
+    paths = [name for name, path in dispatch.PATHS.items()
+             if path.unsupported(spec) is None and path.device_unsupported(props) is None]
+    assert "decode" in paths and "dequant" in paths
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for name in paths:
+        for M in (1, 5, 33):
+            x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+            bias = layer.bias.to(dtype).clone().requires_grad_()
+            dy = torch.randn(M, N, device="cuda", dtype=dtype, generator=gen)
+            dispatch.PATHS[name].run(x, packed, bias).backward(dy)
+            check(x.grad, dy.double() @ W.t(), dtype, f"{name} dx at M={M}")
+            check(bias.grad[None], dy.double().sum(0, keepdim=True), dtype, f"{name} dbias at M={M}")
+    for M in (3, 20):  # the streaming kernel's gated input, and silu_mul + the tiled kernel
+        h = torch.randn(M, 2 * K + 64, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+        dy = torch.randn(M, N, device="cuda", dtype=dtype, generator=gen)
+        dispatch.PATHS["decode"].run_gated(h, K + 64, packed, None).backward(dy)
+        h64 = h.detach().double().requires_grad_()
+        (torch.nn.functional.silu(h64[:, :K]) * h64[:, K + 64:] @ W).backward(dy.double())
+        check(h.grad, h64.grad, dtype, f"gated dh at M={M}")
