@@ -75,7 +75,9 @@ class HfInt4Linear(nn.Module):
             groups = config.num_groups(in_features)
             self.register_buffer("qweight", torch.empty(in_features // 8, out_features, dtype=torch.int32, device=device))
             self.register_buffer("qzeros", torch.empty(groups, out_features // 8, dtype=torch.int32, device=device))
-            self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
+            # float32 holds fp16, bf16 and fp32 scales exactly: loading casts a stored tensor into its buffer's dtype,
+            # and fp16 would flush small bf16 scales and overflow large ones; packing rounds them once
+            self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float32, device=device))
             self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.derive_g_idx = False  # set when the checkpoint has no g_idx for this layer

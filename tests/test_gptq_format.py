@@ -307,6 +307,8 @@ def test_from_tensors_derives_g_idx_and_converts_dtypes():
     layer = GPTQLayer.from_tensors("l", {"qweight": packed["qweight"], "qzeros": packed["qzeros"], "scales": raw["scales"].float()}, cfg)
     assert layer.g_idx.dtype == torch.int32 and layer.g_idx.tolist() == [k // 32 for k in range(96)]
     assert layer.scales.dtype == torch.float32  # kept: packing rounds it once, into the activation dtype
+    scales64 = {**packed, "scales": raw["scales"].double()}
+    assert GPTQLayer.from_tensors("l", scales64, cfg).scales.dtype == torch.float32  # a dtype packing does not take
     assert torch.equal(dequantize_gptq(layer), weight_from_ints(raw, torch.float32))
     layer = GPTQLayer.from_tensors("l", {**packed, "g_idx": packed["g_idx"].long()}, cfg)
     assert layer.g_idx.dtype == torch.int32

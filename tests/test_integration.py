@@ -142,7 +142,8 @@ def test_missing_g_idx_is_derived(tmp_path):
         torch.testing.assert_close(model(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_stored_bf16_scales_and_int64_g_idx_load_as_stored(tmp_path):
+@pytest.mark.parametrize("weights_file", ["safetensors", "bin"])
+def test_stored_bf16_scales_and_int64_g_idx_load_as_stored(tmp_path, weights_file):
     """Checkpoints with bf16 scales (some writers) and int64 g_idx: the layers compute with the scales as stored (not
     through fp16, which flushes scales below 6e-5), and the g_idx loads as the reader takes it."""
     from safetensors.torch import load_file
@@ -152,12 +153,15 @@ def test_stored_bf16_scales_and_int64_g_idx_load_as_stored(tmp_path):
     _rewrite_checkpoint(checkpoint, lambda t: t.update(
         {k: small(v) if k.endswith(".scales") else v.long() for k, v in t.items() if k.endswith((".scales", ".g_idx"))}))
     stored = load_file(os.path.join(checkpoint, "model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
     _, layers = dequantized_float_model(checkpoint)
+    if weights_file == "bin":  # no header to read dtypes from
+        torch.save(stored, os.path.join(checkpoint, "pytorch_model.bin"))
+        os.remove(os.path.join(checkpoint, "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(5))
     modules = dict(model.named_modules())
     for name, layer in layers.items():
-        assert torch.equal(modules[name].scales, stored[name + ".scales"]), name
+        assert torch.equal(modules[name].scales.float(), stored[name + ".scales"].float()), name
         want = x[:, :layer.in_features].double() @ dequantize_gptq(layer).double()
         with torch.no_grad():
             torch.testing.assert_close(modules[name](x[:, :layer.in_features]).double(), want, rtol=1e-5, atol=1e-9)
@@ -218,6 +222,27 @@ def test_dequantize_gives_the_float_model_of_the_gptq_weights(tmp_path, config):
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, oracle(ids).logits)
+
+
+def test_base_model_loads_from_a_checkpoint_of_the_model_with_its_head(tmp_path):
+    """AutoModel on a ...ForCausalLM checkpoint: transformers strips the "model." prefix itself; every layer loads."""
+    from transformers import AutoModel
+
+    checkpoint = _write_tiny(tmp_path, VARIANTS[0])
+    full = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
+    base = AutoModel.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, full.model(ids).last_hidden_state)
+
+
+def test_dequantize_follows_the_dtype_the_model_was_converted_to(tmp_path):
+    checkpoint = _write_tiny(tmp_path, VARIANTS[1])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=HfInt4Config(), dtype=torch.float32)
+    model = model.to(torch.bfloat16).dequantize()
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
 
 
 def test_corrupt_sym_zeros_name_the_layer(tmp_path):

@@ -275,14 +275,16 @@ class GPTQLayer:
         """Build and validate a layer from its checkpoint tensors {qweight, qzeros, scales[, g_idx][, bias]}.
 
         Scales keep their dtype (fp16, or bf16 / fp32 as some writers store them: packing rounds them once, into the
-        activation dtype; converting to fp16 here would flush small bf16 scales and overflow large ones); integer
-        g_idx becomes int32;
+        activation dtype; converting to fp16 here would flush small bf16 scales and overflow large ones), other float
+        scales become fp32; integer g_idx becomes int32;
         a missing g_idx is derived as k // group_size."""
         for key in QUANT_SUFFIXES:
             if key not in tensors:
                 present = ", ".join(sorted(tensors)) or "nothing"
                 _fail(name, f"the checkpoint has no {name}.{key} (found {present}); a GPTQ layer needs qweight, qzeros and scales")
         qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+        if scales.is_floating_point() and scales.dtype not in SCALE_DTYPES:  # e.g. float64
+            scales = scales.float()
         g_idx = tensors.get("g_idx")
         if g_idx is None:
             if qweight.dim() != 2:
@@ -380,26 +382,15 @@ def safetensors_files(checkpoint_dir) -> list:
     return [os.path.join(checkpoint_dir, n) for n in names]
 
 
-SAFETENSORS_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-def tensor_headers(paths) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    """{tensor name: (shape, safetensors dtype name such as "F16")} of safetensors files, from their headers only (no
-    tensor data is read)."""
+def tensor_shapes(paths) -> Dict[str, Tuple[int, ...]]:
+    """{tensor name: shape} of safetensors files, from their headers only (no tensor data is read)."""
     from safetensors import safe_open
 
-    headers = {}
+    shapes = {}
     for path in paths:
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                info = f.get_slice(key)
-                headers[key] = (tuple(info.get_shape()), info.get_dtype())
-    return headers
-
-
-def tensor_shapes(paths) -> Dict[str, Tuple[int, ...]]:
-    """{tensor name: shape} of safetensors files, from their headers only."""
-    return {key: shape for key, (shape, _) in tensor_headers(paths).items()}
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
 
 
 def _split(key: str) -> Tuple[str, str]:

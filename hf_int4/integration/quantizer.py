@@ -13,14 +13,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 
 from hf_int4.experts import split_quantized_experts
-from hf_int4.formats.gptq import (
-    SAFETENSORS_FLOAT_DTYPES,
-    SCALE_DTYPES,
-    GPTQFormatError,
-    ModuleRules,
-    is_excluded_module,
-    tensor_headers,
-)
+from hf_int4.formats.gptq import GPTQFormatError, ModuleRules, is_excluded_module, tensor_shapes
 from hf_int4.formats.names import names_as_loaded
 from hf_int4.fusion import HfInt4FusedLinear, fuse_sibling_projections
 from hf_int4.integration.config import QUANT_METHOD, HfInt4Config
@@ -62,9 +55,9 @@ class HfInt4Quantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
         files = kwargs.get("checkpoint_files") or ()
-        stored = tensor_headers([p for p in files if str(p).endswith(".safetensors")])
+        stored = tensor_shapes([p for p in files if str(p).endswith(".safetensors")])
         checkpoint_names = names_as_loaded(model, stored, self)
-        shapes = {loaded: stored[name][0] for loaded, name in checkpoint_names.items()}
+        shapes = {loaded: stored[name] for loaded, name in checkpoint_names.items()}
         skipped = self.get_modules_to_not_convert(model, config.modules_to_not_convert or [], keep_in_fp32_modules)
         default_skips = self.get_modules_to_not_convert(model, [], add_default_skips=True)  # the output head, ...
         tied = {key.removesuffix(".weight") for key in getattr(model, "all_tied_weights_keys", None) or {}}
@@ -73,7 +66,6 @@ class HfInt4Quantizer(HfQuantizer):
         split_quantized_experts(model, settings.quantized, shapes, self.renamed)
         swapped = replace_linear_layers(model, settings, dtype=model.dtype, packed=config.weight_format == "packed")
         check_checkpoint_tensors(model, shapes)
-        keep_stored_scale_dtypes(model, {loaded: stored[name][1] for loaded, name in checkpoint_names.items()})
         check_every_quantized_expert_taken(model, settings.quantized - set(swapped))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -88,9 +80,11 @@ class HfInt4Quantizer(HfQuantizer):
                         f"{gated} gated MLPs pass their gate/up output to the down projection as it is")
         return model
 
-    def _dequantize(self, model, dtype=None):
-        """model.dequantize(): every quantized layer as the float nn.Linear its weights stand for."""
+    def dequantize(self, model, dtype=None):
+        """model.dequantize(): every quantized layer as the float nn.Linear its weights stand for, in `dtype` or else
+        the dtype the layer computes in (transformers' default, config.dtype, does not follow model.to())."""
         dequantize_layers(model, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        self.remove_quantization_config(model)
         return model
 
     def is_serializable(self, **kwargs):
@@ -197,11 +191,16 @@ def check_checkpoint_tensors(model, shapes):
     missing g_idx is allowed: finalize() derives it as k // group_size, as GPTQ readers do."""
     if not shapes:
         return
-    for name, module in model.named_modules():
-        if not isinstance(module, HfInt4Linear):
-            continue
-        expected = {f"{name}.{buf}": tuple(t.shape) for buf, t in module.named_buffers(recurse=False)}
+    layers = {name: {f"{name}.{buf}": tuple(t.shape) for buf, t in module.named_buffers(recurse=False)}
+              for name, module in model.named_modules() if isinstance(module, HfInt4Linear)}
+    # Where no layer's tensors appear under its name, transformers maps the names itself (a base model loaded from a
+    # checkpoint of the model with a head, a key_mapping): its loading report then names what is missing.
+    names_line_up = any(key in shapes for expected in layers.values() for key in expected)
+    for name, expected in layers.items():
+        module = model.get_submodule(name)
         if not any(key in shapes for key in expected):
+            if not names_line_up:
+                continue
             qweight = next(key for key in expected if key.endswith("qweight"))
             raise GPTQFormatError(f"layer {name}: the checkpoint has none of its tensors (no {qweight}), yet the "
                                   "quantization config quantizes it")
@@ -218,18 +217,6 @@ def check_checkpoint_tensors(model, shapes):
                     f"in_features={module.in_features}, out_features={module.out_features}, "
                     f"group_size={cfg.group_size}"
                 )
-
-
-def keep_stored_scale_dtypes(model, dtypes):
-    """Before loading: the scales buffer of each layer in GPTQ form in the dtype its checkpoint stores (`dtypes`:
-    loaded name -> safetensors dtype name), so that loading, which casts a tensor into its buffer's dtype, keeps bf16
-    or fp32 scales as they are (fp16 would flush small bf16 scales and overflow large ones); packing rounds them
-    once, into the activation dtype."""
-    for name, module in model.named_modules():
-        scales = module._buffers.get("scales") if isinstance(module, HfInt4Linear) and not module.is_packed else None
-        stored = SAFETENSORS_FLOAT_DTYPES.get(dtypes.get(f"{name}.scales"))
-        if scales is not None and stored in SCALE_DTYPES and stored != scales.dtype:
-            module.scales = torch.empty_like(scales, dtype=stored)
 
 
 def check_every_quantized_expert_taken(model, untaken):
