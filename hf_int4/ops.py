@@ -78,7 +78,7 @@ def silu_mul(h: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
         raise ValueError(f"hf_int4.silu_mul: h of shape {tuple(h.shape)} does not hold size_k={size_k} columns at 0 "
                          f"and at up_offset={up_offset} without overlap")
     if h.is_cuda and _HAS_EXTENSION:
-        return torch.ops.hf_int4.silu_mul(h, size_k, up_offset)
+        return _SiluMul.apply(h, size_k, up_offset) if _needs_grad(h) else torch.ops.hf_int4.silu_mul(h, size_k, up_offset)
     return F.silu(h[..., :size_k]) * h[..., up_offset:up_offset + size_k]
 
 
@@ -104,9 +104,13 @@ def int4_gemm(
     K, N = packed.in_features, packed.out_features
     if up_offset > 0 and (packed.perm is not None or x.numel() > GATED_MAX_ROWS * x.shape[-1]):
         x, up_offset = silu_mul(x, K, up_offset), 0
+    a = _in_packed_order(x, packed)
+    if _needs_grad(a, bias):
+        return _Int4Gemm.apply(a, packed.qweight, packed.scales, packed.zeros, N, K, packed.group_size, bias, thread_n,
+                               thread_k, sms, up_offset)
     return torch.ops.hf_int4.int4_gemm(
-        _in_packed_order(x, packed), packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size,
-        bias, thread_n, thread_k, sms, up_offset,
+        a, packed.qweight, packed.scales, packed.zeros, None, N, K, packed.group_size, bias, thread_n, thread_k, sms,
+        up_offset,
     )
 
 
@@ -143,10 +147,10 @@ def hopper_linear(x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torc
     _check_call("hopper_linear", x, packed, bias)
     if not _HAS_HOPPER:
         raise RuntimeError("hf_int4.hopper_linear needs hf_int4._hopper (built for sm_90a with the CUTLASS headers)")
-    return torch.ops.hf_int4.hopper_int4_gemm(
-        _in_packed_order(x, packed), packed.qweight, packed.scales, packed.zeros, bias, packed.out_features,
-        packed.in_features, packed.group_size, schedule, splits,
-    )
+    a = _in_packed_order(x, packed)
+    gemm = _HopperGemm.apply if _needs_grad(a, bias) else torch.ops.hf_int4.hopper_int4_gemm
+    return gemm(a, packed.qweight, packed.scales, packed.zeros, bias, packed.out_features, packed.in_features,
+                packed.group_size, schedule, splits)
 
 
 def repack_gptq(qweight: torch.Tensor, perm: Optional[torch.Tensor], size_k: int, size_n: int) -> torch.Tensor:
@@ -175,7 +179,13 @@ def read_floor(buffers, sink: torch.Tensor, key: int = READ_FLOOR_TIMED_KEY) -> 
 
 # The weights are frozen buffers: the ops' gradients are those of their activations (and of a bias that requires one),
 # so that adapters trained on top (LoRA) get theirs through every quantized layer. The weight is dequantized into a
-# temporary for each backward call (W^T [N, K] in packed row order, the order the ops' activations are in).
+# temporary for each backward call (W^T [N, K] in packed row order, the order the ops' activations are in). Only calls
+# whose inputs autograd follows go through these Functions: an autograd kernel on the ops themselves would cost every
+# eager call a round trip through Python (a decode step makes ~130 of them).
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _silu_mul_backward(h: torch.Tensor, grad_in: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
@@ -188,59 +198,69 @@ def _silu_mul_backward(h: torch.Tensor, grad_in: torch.Tensor, size_k: int, up_o
     return grad.to(h.dtype)
 
 
-def _gemm_setup_context(ctx, a, b_packed, scales, zeros, bias, size_n, size_k, group_size, up_offset):
+def _save_gemm(ctx, a, b_packed, scales, zeros, size_n, size_k, group_size, up_offset):
     ctx.save_for_backward(a if up_offset > 0 else None, b_packed, scales, zeros)
     ctx.shape = size_n, size_k, group_size, up_offset
-    ctx.bias_grad = bias is not None and bias.requires_grad
 
 
-def _gemm_backward(ctx, grad):
+def _gemm_backward(ctx, grad, a_needs_grad: bool, bias_needs_grad: bool):
+    """(d a, d bias) of a GEMM saved by _save_gemm."""
     a, b_packed, scales, zeros = ctx.saved_tensors
     size_n, size_k, group_size, up_offset = ctx.shape
     grad_a = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if a_needs_grad:
         weight_t = torch.ops.hf_int4.dequantize_int4(b_packed, scales, zeros, size_n, size_k, group_size)
         grad_a = grad.to(weight_t.dtype) @ weight_t
         if up_offset > 0:
             grad_a = _silu_mul_backward(a, grad_a, size_k, up_offset)
-    if ctx.bias_grad:
+    if bias_needs_grad:
         grad_bias = grad.reshape(-1, size_n).sum(0)
     return grad_a, grad_bias
 
 
-if _HAS_EXTENSION:
+class _Int4Gemm(torch.autograd.Function):
+    """torch.ops.hf_int4.int4_gemm with the gradients of its activations and bias."""
 
-    def _int4_gemm_setup(ctx, inputs, output):
-        a, b_packed, scales, zeros, _, size_n, size_k, group_size, bias, *_, up_offset = inputs
-        _gemm_setup_context(ctx, a, b_packed, scales, zeros, bias, size_n, size_k, group_size, up_offset)
+    @staticmethod
+    def forward(ctx, a, b_packed, scales, zeros, size_n, size_k, group_size, bias, thread_n, thread_k, sms, up_offset):
+        _save_gemm(ctx, a, b_packed, scales, zeros, size_n, size_k, group_size, up_offset)
+        return torch.ops.hf_int4.int4_gemm(a, b_packed, scales, zeros, None, size_n, size_k, group_size, bias,
+                                           thread_n, thread_k, sms, up_offset)
 
-    def _int4_gemm_backward(ctx, grad):
-        grad_a, grad_bias = _gemm_backward(ctx, grad)
-        return grad_a, None, None, None, None, None, None, None, grad_bias, None, None, None, None
+    @staticmethod
+    def backward(ctx, grad):
+        grad_a, grad_bias = _gemm_backward(ctx, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[7])
+        return grad_a, None, None, None, None, None, None, grad_bias, None, None, None, None
 
-    torch.library.register_autograd("hf_int4::int4_gemm", _int4_gemm_backward, setup_context=_int4_gemm_setup)
 
-    def _silu_mul_setup(ctx, inputs, output):
-        h, ctx.size_k, ctx.up_offset = inputs
+class _HopperGemm(torch.autograd.Function):
+    """torch.ops.hf_int4.hopper_int4_gemm with the gradients of its activations and bias."""
+
+    @staticmethod
+    def forward(ctx, a, b_packed, scales, zeros, bias, size_n, size_k, group_size, schedule, splits):
+        _save_gemm(ctx, a, b_packed, scales, zeros, size_n, size_k, group_size, 0)
+        return torch.ops.hf_int4.hopper_int4_gemm(a, b_packed, scales, zeros, bias, size_n, size_k, group_size,
+                                                  schedule, splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_a, grad_bias = _gemm_backward(ctx, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[4])
+        return grad_a, None, None, None, grad_bias, None, None, None, None, None
+
+
+class _SiluMul(torch.autograd.Function):
+    """torch.ops.hf_int4.silu_mul with the gradient of its input."""
+
+    @staticmethod
+    def forward(ctx, h, size_k, up_offset):
         ctx.save_for_backward(h)
+        ctx.size_k, ctx.up_offset = size_k, up_offset
+        return torch.ops.hf_int4.silu_mul(h, size_k, up_offset)
 
-    def _silu_mul_op_backward(ctx, grad):
+    @staticmethod
+    def backward(ctx, grad):
         (h,) = ctx.saved_tensors
         return _silu_mul_backward(h, grad, ctx.size_k, ctx.up_offset), None, None
-
-    torch.library.register_autograd("hf_int4::silu_mul", _silu_mul_op_backward, setup_context=_silu_mul_setup)
-
-    if _HAS_HOPPER:
-
-        def _hopper_setup(ctx, inputs, output):
-            a, b_packed, scales, zeros, bias, size_n, size_k, group_size, *_ = inputs
-            _gemm_setup_context(ctx, a, b_packed, scales, zeros, bias, size_n, size_k, group_size, 0)
-
-        def _hopper_backward(ctx, grad):
-            grad_a, grad_bias = _gemm_backward(ctx, grad)
-            return grad_a, None, None, None, grad_bias, None, None, None, None, None
-
-        torch.library.register_autograd("hf_int4::hopper_int4_gemm", _hopper_backward, setup_context=_hopper_setup)
 
 
 # ------------------------------------------------------------------------------------------ fake impls
