@@ -184,8 +184,8 @@ def read_floor(buffers, sink: torch.Tensor, key: int = READ_FLOOR_TIMED_KEY) -> 
 # eager call a round trip through Python (a decode step makes ~130 of them).
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(a: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    return torch.is_grad_enabled() and (a.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _silu_mul_backward(h: torch.Tensor, grad_in: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
