@@ -187,14 +187,15 @@ def check_checkpoint_tensors(model, shapes):
     headers) with its shape.
 
     transformers would otherwise leave a missing tensor uninitialised (a warning, then garbage output). The names are
-    as transformers loads them (its renaming applied), so a layer none of whose tensors appear is missing too. A
-    missing g_idx is allowed: finalize() derives it as k // group_size, as GPTQ readers do."""
+    as transformers loads them (its renaming applied), so where they line up with the model's, a layer none of whose
+    tensors appear is missing too. A missing g_idx is allowed: finalize() derives it as k // group_size, as GPTQ
+    readers do."""
     if not shapes:
         return
     layers = {name: {f"{name}.{buf}": tuple(t.shape) for buf, t in module.named_buffers(recurse=False)}
               for name, module in model.named_modules() if isinstance(module, HfInt4Linear)}
     # Where no layer's tensors appear under its name, transformers maps the names itself (a base model loaded from a
-    # checkpoint of the model with a head, a key_mapping): its loading report then names what is missing.
+    # checkpoint of the model with a head, a key_mapping), and its loading report names what it does not find.
     names_line_up = any(key in shapes for expected in layers.values() for key in expected)
     for name, expected in layers.items():
         module = model.get_submodule(name)
