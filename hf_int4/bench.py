@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_int4 import dispatch
+from hf_int4.formats import GPTQConfig, GPTQFormatError
 from hf_int4.ops import READ_FLOOR_THREADS, read_floor
 
 LLAMA3_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 8192)]
@@ -114,7 +115,6 @@ class Shape:
     """One layer shape with its weight copies for every path; built once, timed at every M."""
 
     def __init__(self, K: int, N: int, group_size: int, dtype: torch.dtype, sym: bool = True):
-        from hf_int4.formats import GPTQConfig
         from hf_int4.formats.gptq_writer import random_gptq_layer
         from hf_int4.packing import PackedInt4Weight, pack_gptq_layer
 
@@ -204,11 +204,50 @@ class Shape:
         return row
 
 
+# argparse types of the benchmark's and `hf-int4 tune`'s arguments: a bad value is a usage error before any GPU work
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def shape_list(text: str) -> list:
+    """'4096x4096,4096x1024' -> [(4096, 4096), (4096, 1024)]"""
+    shapes = []
+    for item in text.split(","):
+        k, _, n = item.partition("x")
+        try:
+            shapes.append((_positive(k), _positive(n)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected KxN[,KxN...] with positive K and N, got {text!r}") from None
+    return shapes
+
+
+def m_list(text: str) -> list:
+    """'1,16,512' -> [1, 16, 512], in the order given"""
+    try:
+        return [_positive(m) for m in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive row counts M[,M...], got {text!r}") from None
+
+
+def group_size(text: str) -> int:
+    value = int(text)
+    try:
+        GPTQConfig(group_size=value)  # the format's rule
+    except GPTQFormatError:
+        raise argparse.ArgumentTypeError(f"expected -1 (per channel) or a positive multiple of 16, got {value}") from None
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in LLAMA3_8B_SHAPES), help="KxN,...")
-    parser.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--shapes", type=shape_list, default=LLAMA3_8B_SHAPES, help="KxN,...")
+    parser.add_argument("--ms", type=m_list, default=DEFAULT_MS)
+    parser.add_argument("--group-size", type=group_size, default=128)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--asym", action="store_true", help="asymmetric weights (zero points), not symmetric")
     parser.add_argument("--json", help="write all rows here")
@@ -229,8 +268,7 @@ def main(argv=None):
     print(f"{'K':>6} {'N':>6} {'M':>5} {'fp16_us':>9} {'ours_us':>9} {'ours_x':>7} {'path':>8} {'decode_x':>8} "
           f"{'dequant_x':>9} {'hopper_x':>8} {'tiny_x':>7} {'read_x':>6} {'%bw':>5} {'TFLOP/s':>8} {'fp16_TF':>7}")
     rows, passes = [], []
-    for spec in args.shapes.split(","):
-        K, N = map(int, spec.split("x"))
+    for K, N in args.shapes:
         shape = Shape(K, N, args.group_size, dtype, sym=not args.asym)
         paths = shape.runnable_paths()
         pass_us = shape.time_dequantize()
@@ -238,7 +276,7 @@ def main(argv=None):
         passes.append({"K": K, "N": N, "dequantize_us": pass_us, "pct_copy_bw": pass_pct})
         print(f"# {K}x{N}: dequantize pass {pass_us:.1f} us = {pass_pct:.0f}% of copy bandwidth "
               f"(reads the int4 weight, writes {2 * K * N / 2**20:.0f} MiB)")
-        for M in map(int, args.ms.split(",")):
+        for M in args.ms:
             r = shape.time_paths(M, ["fp16", "read", "dispatched", *paths, "torch_int4"])
             for name in ("read", "dispatched", *paths, "torch_int4"):
                 r[f"{name}_x"] = r["fp16_us"] / r[f"{name}_us"] if f"{name}_us" in r else None

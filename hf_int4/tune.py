@@ -103,45 +103,12 @@ def main(argv=None):
     return run(parser.parse_args(argv))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def _shape_list(text: str) -> list:
-    """'4096x4096,4096x1024' -> [(4096, 4096), (4096, 1024)]"""
-    shapes = []
-    for item in text.split(","):
-        k, _, n = item.partition("x")
-        try:
-            shapes.append((_positive(k), _positive(n)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected KxN[,KxN...] with positive K and N, got {text!r}") from None
-    return shapes
-
-
-def _m_list(text: str) -> list:
-    try:
-        return sorted({_positive(m) for m in text.split(",")})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected positive row counts M[,M...], got {text!r}") from None
-
-
-def _group_size(text: str) -> int:
-    value = int(text)
-    if value != -1 and (value < 16 or value % 16):
-        raise argparse.ArgumentTypeError(f"expected -1 (per channel) or a positive multiple of 16, got {value}")
-    return value
-
-
 def add_arguments(parser):
-    parser.add_argument("--shapes", type=_shape_list, default=TUNE_SHAPES,
+    parser.add_argument("--shapes", type=bench.shape_list, default=TUNE_SHAPES,
                         help="layer shapes KxN (in_features x out_features), comma separated")
-    parser.add_argument("--ms", type=_m_list, default=TUNE_MS, help="row counts M to measure, comma separated")
+    parser.add_argument("--ms", type=bench.m_list, default=TUNE_MS, help="row counts M to measure, comma separated")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--group-size", type=_group_size, default=128)
+    parser.add_argument("--group-size", type=bench.group_size, default=128)
     parser.add_argument("--asym", action="store_true", help="asymmetric weights (zero points), not symmetric")
     parser.add_argument("--out", help="table path (default: the user cache, used automatically)")
 
@@ -158,7 +125,7 @@ def run(args) -> int:
     if args.out and Path(args.out).is_dir():  # found out now, not after the measurements
         print(f"hf-int4 tune: error: --out {args.out} is a directory; give the table's file path", file=sys.stderr)
         return 2
-    shapes, ms = args.shapes, args.ms
+    shapes, ms = args.shapes, sorted(set(args.ms))
     torch.manual_seed(0)
     table = measure_table(shapes, ms, getattr(torch, args.dtype), args.group_size, sym=not args.asym)
     out = Path(args.out) if args.out else dispatch.user_table_dir() / f"{dispatch.device_slug(table['device'])}.json"
