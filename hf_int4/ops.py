@@ -29,6 +29,12 @@ def _packed_shape(size_k: int, size_n: int):
     return PackedInt4Weight.shapes(size_k, size_n, -1)["qweight"]
 
 
+def _holds_gate_and_up(h: torch.Tensor, size_k: int, up_offset: int) -> bool:
+    """Whether h [..., width] holds a gated MLP's gate in columns [0, size_k) and its up projection in
+    [up_offset, up_offset + size_k), apart (what silu_mul and a gated int4_gemm read; the CUDA ops check the same)."""
+    return h.dim() >= 1 and 0 < size_k <= up_offset and h.shape[-1] >= up_offset + size_k
+
+
 def _check_call(op: str, x: torch.Tensor, packed: PackedInt4Weight, bias: Optional[torch.Tensor], up_offset: int = 0):
     """The checks every linear path makes on its inputs, with errors naming the offending setting (up_offset > 0: x is
     a gated input, see silu_mul)."""
@@ -49,7 +55,7 @@ def _check_call(op: str, x: torch.Tensor, packed: PackedInt4Weight, bias: Option
     if x.dtype != packed.dtype:
         fail(f"x is {x.dtype} but the weight was packed for {packed.dtype} activations (scales dtype)")
     if up_offset > 0:
-        if x.dim() < 1 or up_offset < K or x.shape[-1] < up_offset + K:
+        if not _holds_gate_and_up(x, K, up_offset):
             fail(f"a gated input holds the gate in columns [0, {K}) and the up projection in [up_offset, up_offset + "
                  f"{K}), up_offset >= {K}; got up_offset={up_offset} and x of shape {tuple(x.shape)}")
     elif x.dim() < 1 or x.shape[-1] != K:
@@ -74,7 +80,7 @@ def silu_mul(h: torch.Tensor, size_k: int, up_offset: int) -> torch.Tensor:
     GPU one kernel reads both slices where they lie and forms it as the streaming kernel forms a gated input (so the
     bits do not depend on M); torch's silu and multiply would make two passes, and a prefill's gate/up output is the
     largest activation of the model. Elsewhere (the CPU reference path) as the model's own MLP computes it."""
-    if h.dim() < 1 or not 0 < size_k <= up_offset or h.shape[-1] < up_offset + size_k:  # as the CUDA op checks
+    if not _holds_gate_and_up(h, size_k, up_offset):
         raise ValueError(f"hf_int4.silu_mul: h of shape {tuple(h.shape)} does not hold size_k={size_k} columns at 0 "
                          f"and at up_offset={up_offset} without overlap")
     if h.is_cuda and _HAS_EXTENSION:
@@ -273,7 +279,7 @@ if _HAS_EXTENSION:
         torch._check(a.dim() >= 1, lambda: "hf_int4::int4_gemm: the activation must be [..., K]")
         torch._check(a.dtype in SUPPORTED_DTYPES, lambda: f"hf_int4::int4_gemm: bad activation dtype {a.dtype}")
         if up_offset > 0:
-            torch._check(up_offset >= size_k and a.shape[-1] >= up_offset + size_k,
+            torch._check(_holds_gate_and_up(a, size_k, up_offset),
                          lambda: f"hf_int4::int4_gemm: a gated input of {a.shape[-1]} columns, up_offset={up_offset}")
             torch._check(a.numel() <= GATED_MAX_ROWS * a.shape[-1],
                          lambda: f"hf_int4::int4_gemm: a gated input takes at most {GATED_MAX_ROWS} rows")
@@ -305,7 +311,7 @@ if _HAS_EXTENSION:
 
     @torch.library.register_fake("hf_int4::silu_mul")
     def _silu_mul_fake(h, size_k, up_offset):
-        torch._check(h.dim() >= 1 and 0 < size_k <= up_offset and h.shape[-1] >= up_offset + size_k,
+        torch._check(_holds_gate_and_up(h, size_k, up_offset),
                      lambda: f"hf_int4::silu_mul: h of shape {tuple(h.shape)} does not hold size_k={size_k} columns "
                              f"at 0 and at up_offset={up_offset}")
         return h.new_empty(h.shape[:-1] + (size_k,))

@@ -296,7 +296,10 @@ def _group_params(layer, dtype: torch.dtype, device) -> Tuple[torch.Tensor, Opti
     scales = torch.zeros(g_pad, n_pad, dtype=torch.float32, device=device)
     scales[:, :N] = torch.where(valid[:, None], layer.scales.to(device).float()[src], 0.0)
     scales = scales.to(dtype).contiguous()
-    if not bool(torch.isfinite(scales).all()):  # finite as read (GPTQLayer.validate), so a bf16 / fp32 scale overflowed
+    # finite as read (GPTQLayer.validate): only a wider-ranged dtype (bf16 / fp32 into fp16) can overflow, and the
+    # common fp16 checkpoint pays no device sync per layer for the check
+    wider = torch.finfo(layer.scales.dtype).max > torch.finfo(dtype).max
+    if wider and not bool(torch.isfinite(scales).all()):
         g, n = (~torch.isfinite(scales)).nonzero()[0].tolist()
         raise ValueError(f"layer {layer.name}: scale {layer.scales[src[g], n].item():g} (scales[{int(src[g])}, {n}], "
                          f"{layer.scales.dtype}) overflows {dtype}; load the model in a dtype that holds it")

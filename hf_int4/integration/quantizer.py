@@ -192,13 +192,12 @@ def check_checkpoint_tensors(model, shapes):
     readers do."""
     if not shapes:
         return
-    layers = {name: {f"{name}.{buf}": tuple(t.shape) for buf, t in module.named_buffers(recurse=False)}
-              for name, module in model.named_modules() if isinstance(module, HfInt4Linear)}
+    layers = [(name, module, {f"{name}.{buf}": tuple(t.shape) for buf, t in module.named_buffers(recurse=False)})
+              for name, module in model.named_modules() if isinstance(module, HfInt4Linear)]
     # Where no layer's tensors appear under its name, transformers maps the names itself (a base model loaded from a
     # checkpoint of the model with a head, a key_mapping), and its loading report names what it does not find.
-    names_line_up = any(key in shapes for expected in layers.values() for key in expected)
-    for name, expected in layers.items():
-        module = model.get_submodule(name)
+    names_line_up = any(key in shapes for _, _, expected in layers for key in expected)
+    for name, module, expected in layers:
         if not any(key in shapes for key in expected):
             if not names_line_up:
                 continue
